@@ -1,0 +1,88 @@
+"""Per-step latency of the ComNeck path against the reconstruction baseline, in one run.
+
+ComNeck (cloud): entropy decode -> neck -> CLIP tail (blocks k+1..).
+Baseline "reconstruction": entropy decode -> g_s -> resize to CLIP's input -> full CLIP.
+Both start from the same bitstream of the same photo. Median of --runs after a warm-up.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--preset tiny] [--runs 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from comneck.image import sample_photo
+from comneck.models import RANDOM_WEIGHTS_NOTE, build_cloud_models
+from comneck.presets import PRESETS
+from comneck_edge import EdgeEncoder
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def median_ms(fn: Callable[[], object], runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (CI machines have 2 cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    preset = PRESETS[args.preset]
+    encoder = EdgeEncoder(preset)
+    models = build_cloud_models(preset)
+    photo = sample_photo()
+    encoded = encoder.encode_file(photo)
+    latents = encoded.latents
+    codec, neck, clip = models.codec, models.neck, models.clip
+    y_hat = codec.entropy_decode(latents)
+    clip_px = preset.clip.image_size
+
+    def to_clip_input(x_hat: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x_hat, size=(clip_px, clip_px), mode="bicubic", align_corners=False, antialias=True)
+        return (x - CLIP_MEAN) / CLIP_STD
+
+    with torch.inference_mode():
+        x_hat = codec.synthesize(y_hat)
+        tokens = neck(y_hat)
+        steps = {
+            "edge: analysis + entropy coding": median_ms(lambda: encoder.encode_file(photo), args.runs),
+            "entropy decode": median_ms(lambda: codec.entropy_decode(latents), args.runs),
+            "neck": median_ms(lambda: neck(y_hat), args.runs),
+            "CLIP tail": median_ms(lambda: clip.tail(tokens), args.runs),
+            "g_s (baseline)": median_ms(lambda: codec.synthesize(y_hat), args.runs),
+            "full CLIP on x_hat (baseline)": median_ms(lambda: clip(to_clip_input(x_hat)), args.runs),
+        }
+    ours = steps["entropy decode"] + steps["neck"] + steps["CLIP tail"]
+    base = steps["entropy decode"] + steps["g_s (baseline)"] + steps["full CLIP on x_hat (baseline)"]
+
+    edge = steps["edge: analysis + entropy coding"]
+    print(f"preset {preset.name}, {args.threads} threads, median of {args.runs} runs; {RANDOM_WEIGHTS_NOTE}")
+    print(f"photo {photo.name}: {latents.num_bytes} bytes, {encoded.bpp:.4f} bpp")
+    rows = [(f"  {name}", ms) for name, ms in steps.items()] + [
+        ("cloud, ComNeck: decode + neck + tail", ours),
+        ("cloud, baseline: decode + g_s + full CLIP", base),
+        (f"edge + cloud, {preset.name} preset, ComNeck", edge + ours),
+    ]
+    for label, ms in rows:
+        print(f"{label:<46} {ms:9.2f} ms")
+    print(f"baseline / ComNeck cloud time: {base / ours:.2f}x")
+
+if __name__ == "__main__":
+    main()

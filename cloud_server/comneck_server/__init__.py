@@ -1,0 +1,1 @@
+"""ComNeck cloud gateway: bitstream -> y_hat -> neck -> CLIP tail -> backend."""

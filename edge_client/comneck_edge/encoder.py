@@ -1,0 +1,61 @@
+"""Edge side of the data path: photo -> preprocessed tensor -> entropy-coded latents."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from comneck.codec import EncodedLatents
+from comneck.image import Padding, ResizePolicy, check_image_tensor, load_image, pad_to_stride, resize_for_codec, to_tensor
+from comneck.models import build_codec
+from comneck.presets import Preset, check_rate, get_preset
+
+
+@dataclass
+class EncodedImage:
+    """One image's bitstream content and what is needed to interpret it."""
+
+    latents: EncodedLatents
+    image_size: tuple[int, int]  # (H, W) the codec saw, before padding
+    padding: Padding
+    rate: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bpp(self) -> float:
+        """Bits per pixel of the image the codec saw, from the real byte count."""
+        h, w = self.image_size
+        return 8.0 * self.latents.num_bytes / (h * w)
+
+
+class EdgeEncoder:
+    """Runs ELIC's analysis half and the entropy coder for one preset and rate point."""
+
+    def __init__(self, preset: str | Preset = "tiny", rate: int = 1, resize: ResizePolicy = "paper") -> None:
+        self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        self.rate = check_rate(rate)
+        self.resize = resize
+        self.codec = build_codec(self.preset)
+        self.random_weights = True
+
+    def encode_file(self, source: str | Path | bytes) -> EncodedImage:
+        """Decode a photo, apply the resize policy, encode."""
+        start = time.perf_counter()
+        img = resize_for_codec(load_image(source), self.resize, self.preset.image_size)
+        x = to_tensor(img)
+        prep_ms = (time.perf_counter() - start) * 1e3
+        encoded = self.encode_tensor(x)
+        encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
+        return encoded
+
+    def encode_tensor(self, x: torch.Tensor) -> EncodedImage:
+        """Encode one image [1, 3, H, W] in [0, 1]; it is padded to multiples of 64 first."""
+        check_image_tensor(x)
+        start = time.perf_counter()
+        padded, padding = pad_to_stride(x)
+        latents, _ = self.codec.analyze(padded)
+        elapsed = (time.perf_counter() - start) * 1e3
+        return EncodedImage(latents, (x.shape[-2], x.shape[-1]), padding, self.rate, {"analysis_entropy_coding": elapsed})

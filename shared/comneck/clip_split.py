@@ -1,0 +1,101 @@
+"""CLIP's vision tower cut in two at block k: the head (pixels -> input of block k+1) and
+the tail C' (block k+1 .. last -> features), so the neck's tokens can enter in the middle.
+
+The split reuses open_clip's own modules and steps (``_embeds``, ``resblocks``,
+``_pool``, ``proj``), so head-then-tail equals ``CLIP.encode_image`` exactly.
+Blocks are numbered from 1 as in the paper ("the third transformer block").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from .errors import ComneckInputError
+from .presets import ClipConfig
+
+
+def build_clip(config: ClipConfig) -> open_clip.CLIP:
+    """An open_clip CLIP with random weights built from the preset's config."""
+    return open_clip.CLIP(**config.model_cfg, quick_gelu=config.quick_gelu)
+
+
+@dataclass
+class ClipFeatures:
+    """What the tail computes; each backend reads the tap it declares.
+
+    * ``hidden[j]``: output of block j (1-based), all tokens, before ``ln_post``
+      (e.g. Shikra reads block 23, Honeybee block 24 with the class token dropped).
+    * ``post_ln``: last block after ``ln_post``, all tokens.
+    * ``projected``: ``post_ln @ proj`` for all tokens (LLaMA-Adapter).
+    * ``embedding``: the pooled image embedding, exactly ``CLIP.encode_image`` (V2L, distillation).
+    """
+
+    embedding: torch.Tensor
+    post_ln: torch.Tensor
+    projected: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class ClipSplit(nn.Module):
+    """open_clip ViT cut after ``split_block`` blocks (0..layers-1)."""
+
+    def __init__(self, visual: VisionTransformer, split_block: int = 2) -> None:
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError(f"ClipSplit needs an open_clip VisionTransformer, got {type(visual).__name__}")
+        layers = len(visual.transformer.resblocks)
+        if not 0 <= split_block < layers:
+            raise ComneckInputError(f"split block must be in 0..{layers - 1} for a {layers}-block ViT, got {split_block}")
+        self.visual = visual
+        self.split_block = split_block
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    def head(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels -> tokens entering block ``split_block + 1`` (what the neck replaces)."""
+        x = self.visual._embeds(images)
+        for block in self.visual.transformer.resblocks[: self.split_block]:
+            x = block(x)
+        return x
+
+    def tail(self, tokens: torch.Tensor, hidden_blocks: Iterable[int] = ()) -> ClipFeatures:
+        """Tokens entering block ``split_block + 1`` -> :class:`ClipFeatures`.
+
+        ``hidden_blocks`` lists the 1-based blocks whose outputs to keep; each must lie
+        in the tail (``split_block + 1 .. num_blocks``).
+        """
+        wanted = set(hidden_blocks)
+        bad = sorted(j for j in wanted if not self.split_block < j <= self.num_blocks)
+        if bad:
+            raise ComneckInputError(
+                f"blocks {bad} are not in the CLIP tail (blocks {self.split_block + 1}..{self.num_blocks})"
+            )
+        hidden: dict[int, torch.Tensor] = {}
+        x = tokens
+        for j, block in enumerate(self.visual.transformer.resblocks[self.split_block :], start=self.split_block + 1):
+            x = block(x)
+            if j in wanted:
+                hidden[j] = x
+        visual = self.visual
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        post_ln = visual.ln_post(x)
+        projected = post_ln @ visual.proj if visual.proj is not None else post_ln
+        return ClipFeatures(embedding=pooled, post_ln=post_ln, projected=projected, hidden=hidden)
+
+    def forward(self, images: torch.Tensor) -> ClipFeatures:
+        """Full CLIP from pixels (head then tail): the uncompressed reference path."""
+        return self.tail(self.head(images))

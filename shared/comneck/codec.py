@@ -1,0 +1,100 @@
+"""The learned image codec (ELIC, from CompressAI), split the way ComNeck uses it.
+
+* :meth:`ElicCodec.analyze` (edge): g_a, h_a, quantisation and rANS entropy coding -> strings.
+* :meth:`ElicCodec.entropy_decode` (cloud): strings -> y_hat, *without* the synthesis g_s.
+* :meth:`ElicCodec.synthesize`: g_s, only for people who want to look at the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from compressai.models import Elic2022Chandelier, Elic2022Official
+from torch import nn
+
+from .errors import ComneckInputError
+from .image import CODEC_STRIDE, check_image_tensor
+from .presets import CodecConfig
+
+_ARCHS: dict[str, type[nn.Module]] = {
+    "elic2022-chandelier": Elic2022Chandelier,  # the official ComNeck code's ELIC_LLM architecture
+    "elic2022-official": Elic2022Official,
+}
+
+#: g_a downsamples by 16: y has H/16 x W/16 positions; z (after h_a) H/64 x W/64.
+LATENT_STRIDE = 16
+
+
+@dataclass(frozen=True)
+class EncodedLatents:
+    """Entropy-coded latents of a batch: CompressAI's strings, indexed [stream][batch item].
+
+    ELIC writes ``2 * groups + 1`` streams: an anchor and a non-anchor (checkerboard)
+    pass per channel group, then the hyper-latent z.
+    """
+
+    strings: list[list[bytes]]
+    padded_size: tuple[int, int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.strings[0])
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(s) for stream in self.strings for s in stream)
+
+    def item(self, index: int) -> "EncodedLatents":
+        """The latents of one image of the batch."""
+        return EncodedLatents([[stream[index]] for stream in self.strings], self.padded_size)
+
+
+class ElicCodec(nn.Module):
+    """ELIC with the encoder, entropy decoder and synthesis exposed separately."""
+
+    def __init__(self, config: CodecConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or CodecConfig()
+        cfg = self.config
+        self.model = _ARCHS[cfg.arch](N=cfg.N, M=cfg.M, groups=list(cfg.groups))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.M
+
+    @property
+    def num_streams(self) -> int:
+        return 2 * len(self.config.groups) + 1
+
+    def update_entropy_tables(self) -> None:
+        """Rebuild the rANS CDF tables from the current weights (after init, loading or training)."""
+        self.model.update(force=True)
+
+    @torch.inference_mode()
+    def analyze(self, x: torch.Tensor) -> tuple[EncodedLatents, torch.Tensor]:
+        """Encode a padded batch [B, 3, H, W] (H, W multiples of 64) -> (strings, y_hat as coded)."""
+        check_image_tensor(x)
+        h, w = x.shape[-2:]
+        if h % CODEC_STRIDE or w % CODEC_STRIDE:
+            raise ComneckInputError(f"codec input must be padded to multiples of {CODEC_STRIDE}, got {h}x{w}")
+        out = self.model.compress(x)
+        return EncodedLatents(out["strings"], (int(h), int(w))), out["y_hat"]
+
+    @torch.inference_mode()
+    def entropy_decode(self, latents: EncodedLatents) -> torch.Tensor:
+        """Strings -> y_hat [B, M, H/16, W/16]; g_s is never run here."""
+        if len(latents.strings) != self.num_streams:
+            raise ComneckInputError(f"expected {self.num_streams} entropy-coded streams, got {len(latents.strings)}")
+        h, w = latents.padded_size
+        yh, yw = h // LATENT_STRIDE, w // LATENT_STRIDE
+        shape = {
+            "y": [(c, yh, yw) for c in self.config.groups],
+            "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE),
+        }
+        return self.model.latent_codec.decompress(latents.strings, shape)["y_hat"]
+
+    @torch.inference_mode()
+    def synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """g_s: y_hat -> reconstructed image in [0, 1] (padded size)."""
+        return self.model.g_s(y_hat).clamp_(0, 1)

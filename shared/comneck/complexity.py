@@ -1,0 +1,161 @@
+"""Parameters and multiply-accumulates (MACs) per pixel of every network on the data path.
+
+Counter: PyTorch's own ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2).
+It counts matrix products and convolutions from the shapes of the aten ops that
+really run, so attention projections, the attention matmuls and transposed
+convolutions are counted in full; element-wise work (norms, activations,
+softmax, additions) is not. ``nn.MultiheadAttention``'s inference fast path runs
+one fused op the counter has no formula for, so it is switched off while counting.
+Pure-torch modules are run on shape-only "meta" tensors; the codec's entropy
+models need real values, so the codec parts run on real CPU tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from .clip_split import ClipSplit, build_clip
+from .codec import LATENT_STRIDE, ElicCodec
+from .errors import ComneckInputError
+from .image import CODEC_STRIDE
+from .neck import TransformNeck
+from .presets import Preset
+from .unet import UNet
+
+#: Paper Table 3 (params in millions, kMAC per pixel at 256x256).
+PAPER_TABLE3: dict[str, tuple[float, float]] = {
+    "neck": (13.19, 52.795),
+    "g_s": (7.34, 112.00),
+    "unet": (31.04, 835.72),
+    "clip_head": (25.78, 70.24),
+}
+
+#: What each component's numbers include.
+COMPONENT_SCOPE: dict[str, str] = {
+    "neck": "transform-neck: linear 320->1024, class/pos embeddings, ln_pre, 1 attention block",
+    "g_a": "ELIC analysis transform",
+    "h_a": "ELIC hyper-analysis",
+    "h_s_ctx": "hyper-synthesis + channel/spatial context + parameter aggregation (both checkerboard passes)",
+    "g_s": "ELIC synthesis transform (the decoder, for human viewing)",
+    "unet": "post-processing U-Net on x_hat (baseline)",
+    "clip_embed": "CLIP class + positional embeddings and ln_pre (adds only, no MACs)",
+    "clip_head": "CLIP patch-embedding conv (the stem) + blocks 1..k, what the neck replaces",
+    "clip_tail": "CLIP blocks k+1..24 + ln_post + proj, run on the neck's tokens",
+}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Size and compute of one component."""
+
+    params: int
+    macs: int
+    pixels: int
+
+    @property
+    def kmac_per_pixel(self) -> float:
+        return self.macs / self.pixels / 1e3
+
+
+def count_macs(fn: Callable[[], object]) -> int:
+    """MACs of everything ``fn`` runs (see the module docstring for what counts)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops() // 2
+
+
+def count_params(*modules: nn.Module | nn.Parameter | torch.Tensor) -> int:
+    """Number of parameters of modules and loose parameter tensors together."""
+    total = 0
+    for m in modules:
+        total += sum(p.numel() for p in m.parameters()) if isinstance(m, nn.Module) else m.numel()
+    return total
+
+
+def complexity_report(preset: Preset, size: int = 256, split_block: int | None = None) -> dict[str, Cost]:
+    """Cost of each component for a ``size`` x ``size`` codec input (random weights suffice)."""
+    if size <= 0 or size % CODEC_STRIDE:
+        raise ComneckInputError(f"--size must be a positive multiple of {CODEC_STRIDE}, got {size}")
+    k = preset.split_block if split_block is None else split_block
+    pixels = size * size
+    grid = size // LATENT_STRIDE
+    report: dict[str, Cost] = {}
+    steps = tqdm(total=4, desc="counting", unit="part", leave=False)
+
+    codec = ElicCodec(preset.codec).eval()
+    elic, lc = codec.model, codec.model.latent_codec
+    hyper = lc["hyper"]
+    x = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        y = elic.g_a(x)
+        z = hyper.h_a(y)
+        side = hyper.h_s(torch.round(z))
+    report["g_a"] = Cost(count_params(elic.g_a), count_macs(lambda: elic.g_a(x)), pixels)
+    report["h_a"] = Cost(count_params(hyper.h_a), count_macs(lambda: hyper.h_a(y)), pixels)
+    report["h_s_ctx"] = Cost(
+        count_params(hyper.h_s, lc["y"]),
+        count_macs(lambda: (hyper.h_s(torch.round(z)), lc["y"](y, side))),
+        pixels,
+    )
+    report["g_s"] = Cost(count_params(elic.g_s), count_macs(lambda: elic.g_s(y)), pixels)
+    steps.update()
+
+    with torch.device("meta"):
+        neck = TransformNeck(replace(preset.neck, grid=grid))
+        unet = UNet()
+    y_meta = torch.empty(1, preset.codec.M, grid, grid, device="meta")
+    report["neck"] = Cost(count_params(neck), count_macs(lambda: neck(y_meta)), pixels)
+    steps.update()
+    x_meta = torch.empty(1, 3, size, size, device="meta")
+    report["unet"] = Cost(count_params(unet), count_macs(lambda: unet(x_meta)), pixels)
+    steps.update()
+
+    with torch.device("meta"):
+        visual = build_clip(preset.clip).visual
+    split = ClipSplit(visual, k)
+    blocks = visual.transformer.resblocks
+    clip_px = preset.clip.image_size
+    images = torch.empty(1, 3, clip_px, clip_px, device="meta")
+    tokens = torch.empty(1, preset.clip.grid**2 + 1, preset.clip.width, device="meta")
+    report["clip_embed"] = Cost(count_params(visual.class_embedding, visual.positional_embedding, visual.ln_pre), 0, pixels)
+    report["clip_head"] = Cost(count_params(visual.conv1, *blocks[:k]), count_macs(lambda: split.head(images)), pixels)
+    tail_params = count_params(*blocks[k:], visual.ln_post) + (visual.proj.numel() if visual.proj is not None else 0)
+    report["clip_tail"] = Cost(tail_params, count_macs(lambda: split.tail(tokens)), pixels)
+    steps.update()
+    steps.close()
+    return report
+
+
+def format_report(report: dict[str, Cost], size: int, split_block: int) -> str:
+    """A fixed-width table with the paper's Table 3 figures beside ours (where they apply)."""
+    comparable = size == 256 and split_block == 2  # the setting of Table 3
+    lines = [
+        f"Complexity at {size}x{size}, split k={split_block} (kMAC per pixel of the codec input;"
+        " the CLIP head runs at CLIP's own input size)",
+        f"{'component':<11} {'params':>12} {'paper':>7} {'kMAC/px':>9} {'paper':>8}  includes",
+    ]
+    for name, cost in report.items():
+        paper = PAPER_TABLE3.get(name) if comparable else None
+        paper_params = f"{paper[0]:.2f}M" if paper else ""
+        paper_kmac = f"{paper[1]:.2f}" if paper else ""
+        lines.append(
+            f"{name:<11} {cost.params:>12,} {paper_params:>7} {cost.kmac_per_pixel:>9.2f} {paper_kmac:>8}  "
+            f"{COMPONENT_SCOPE[name]}"
+        )
+    return "\n".join(lines)
+
+
+def report_json(report: dict[str, Cost]) -> dict[str, dict[str, float | int]]:
+    """``{component: {"params": int, "kmac_per_pixel": float}}``."""
+    return {name: {"params": c.params, "kmac_per_pixel": round(c.kmac_per_pixel, 4)} for name, c in report.items()}

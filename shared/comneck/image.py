@@ -1,0 +1,109 @@
+"""Image in: decode a file, fix orientation, make RGB, resize for the codec, pad to the codec's stride.
+
+Everything a user can get wrong here (a missing file, a file that is no image, an
+empty image, a tensor with the wrong channel count) raises :class:`ComneckInputError`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from compressai.ops import compute_padding
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .errors import ComneckInputError
+
+ResizePolicy = Literal["paper", "none"]
+RESIZE_POLICIES: tuple[str, ...] = ("paper", "none")
+
+#: ELIC downsamples by 16 (g_a) and 4 more (h_a): inputs must be multiples of 64.
+CODEC_STRIDE = 64
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Decode an image file (path or bytes) to an RGB PIL image, EXIF orientation applied."""
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img.load()
+    except FileNotFoundError:
+        raise ComneckInputError(f"no such file: {source}") from None
+    except IsADirectoryError:
+        raise ComneckInputError(f"{source} is a directory, not an image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        name = "the given bytes" if isinstance(source, bytes) else str(source)
+        raise ComneckInputError(f"{name} is not a readable image ({type(exc).__name__})") from None
+    if img.width == 0 or img.height == 0:
+        raise ComneckInputError(f"image has zero size ({img.width}x{img.height})")
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int = 256) -> Image.Image:
+    """Apply the resize policy: ``paper`` = bicubic resize of the short side to ``size``
+    then centre crop ``size`` x ``size`` (the official code's codec input); ``none`` keeps the image."""
+    if policy == "paper":
+        img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
+        return TF.center_crop(img, size)
+    if policy == "none":
+        return img
+    raise ComneckInputError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor [1, 3, H, W] in [0, 1]."""
+    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def check_image_tensor(x: torch.Tensor) -> None:
+    """Refuse anything but a non-empty float batch [B, 3, H, W]."""
+    if not isinstance(x, torch.Tensor):
+        raise ComneckInputError(f"expected an image tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ComneckInputError(f"expected an image batch [B, 3, H, W], got shape {list(x.shape)}")
+    if x.shape[1] != 3:
+        raise ComneckInputError(f"expected 3 colour channels (RGB), got {x.shape[1]}")
+    if 0 in x.shape:
+        raise ComneckInputError(f"image batch is empty: shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise ComneckInputError(f"expected a float image in [0, 1], got dtype {x.dtype}")
+
+
+@dataclass(frozen=True)
+class Padding:
+    """Where an image was padded, so the original size can be restored exactly."""
+
+    left: int
+    right: int
+    top: int
+    bottom: int
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        return height + self.top + self.bottom, width + self.left + self.right
+
+
+def pad_to_stride(x: torch.Tensor, stride: int = CODEC_STRIDE) -> tuple[torch.Tensor, Padding]:
+    """Zero-pad [B, C, H, W] symmetrically to multiples of ``stride`` (CompressAI's convention)."""
+    pad, _ = compute_padding(x.shape[-2], x.shape[-1], min_div=stride)
+    return F.pad(x, pad, mode="constant", value=0.0), Padding(*pad)
+
+
+def unpad(x: torch.Tensor, padding: Padding) -> torch.Tensor:
+    """Crop a padded [B, C, H, W] back to the original size."""
+    h, w = x.shape[-2], x.shape[-1]
+    return x[..., padding.top : h - padding.bottom, padding.left : w - padding.right]
+
+
+def sample_photo(name: str = "cow_beach.png") -> Path:
+    """Path of a photo bundled with the package (``cow_beach.png``, ``chicken_on_money.png``)."""
+    path = Path(__file__).parent / "assets" / name
+    if not path.is_file():
+        raise ComneckInputError(f"no bundled photo called {name!r}")
+    return path

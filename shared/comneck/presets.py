@@ -1,0 +1,128 @@
+"""Named model sizes: ``paper`` (the published architecture) and ``tiny`` (same code, small widths).
+
+A preset fixes the codec, the neck and the CLIP tower together, because their
+widths must agree (the neck reads M latent channels and writes CLIP's width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ComneckInputError
+
+#: Rate index (1..4) -> lambda of the rate-distortion trade-off the weights were trained at.
+RATE_LAMBDAS: dict[int, float] = {1: 0.004, 2: 0.008, 3: 0.016, 4: 0.032}
+
+CODEC_ARCHS = ("elic2022-chandelier", "elic2022-official")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """ELIC hyper-parameters (CompressAI naming): N main channels, M latent channels."""
+
+    arch: str = "elic2022-chandelier"
+    N: int = 192
+    M: int = 320
+    groups: tuple[int, ...] = (16, 16, 32, 64, 192)
+
+    def __post_init__(self) -> None:
+        if self.arch not in CODEC_ARCHS:
+            raise ComneckInputError(f"unknown codec {self.arch!r}; choose one of {', '.join(CODEC_ARCHS)}")
+        if sum(self.groups) != self.M:
+            raise ValueError(f"channel groups {self.groups} must sum to M={self.M}")
+
+
+@dataclass(frozen=True)
+class NeckConfig:
+    """Transform-neck sizes: latent channels in, CLIP width out, token grid."""
+
+    latent_channels: int = 320
+    width: int = 1024
+    heads: int = 16
+    grid: int = 16
+    layers: int = 1
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
+
+    name: str
+    model_cfg: dict[str, Any] = field(hash=False)
+    quick_gelu: bool = True  # OpenAI's CLIP weights were trained with QuickGELU
+
+    @property
+    def width(self) -> int:
+        return int(self.model_cfg["vision_cfg"]["width"])
+
+    @property
+    def layers(self) -> int:
+        return int(self.model_cfg["vision_cfg"]["layers"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model_cfg["vision_cfg"]["image_size"])
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // int(self.model_cfg["vision_cfg"]["patch_size"])
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything needed to build one consistent codec + neck + CLIP stack."""
+
+    name: str
+    codec: CodecConfig
+    neck: NeckConfig
+    clip: ClipConfig
+    split_block: int = 2  # the neck feeds CLIP block split_block + 1 (1-based)
+    image_size: int = 256  # codec input side (resize + centre crop)
+    seed: int = 0  # random initialisation is seeded so edge and cloud build identical weights
+
+
+# ViT-L/14 at 224 px as in open_clip's "ViT-L-14" config; written out so building it
+# needs no file lookup and the numbers are visible here.
+_VIT_L_14 = {
+    "embed_dim": 768,
+    "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
+}
+
+# Same geometry as ViT-L/14 at 224 px (16x16 patch grid, 257 tokens), small widths.
+_TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 16, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        name="paper",
+        codec=CodecConfig(),
+        neck=NeckConfig(),
+        clip=ClipConfig("ViT-L-14", _VIT_L_14),
+    ),
+    "tiny": Preset(
+        name="tiny",
+        codec=CodecConfig(N=32, M=40, groups=(2, 2, 4, 8, 24)),
+        neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=16),
+        clip=ClipConfig("tiny-ViT-14", _TINY_CLIP),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Return the preset called ``name`` or raise a one-line error listing the choices."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ComneckInputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def check_rate(rate: int) -> int:
+    """Validate a rate index (1..4, lambda 0.004..0.032)."""
+    if rate not in RATE_LAMBDAS:
+        raise ComneckInputError(f"rate index must be one of 1..4 (lambda 0.004..0.032), got {rate!r}")
+    return rate

@@ -1,0 +1,18 @@
+"""Shared fixtures: tiny-preset models are built once per session (seeded, random weights)."""
+
+from __future__ import annotations
+
+import pytest
+
+from comneck.models import ComneckModels, build_cloud_models
+from comneck.presets import PRESETS, Preset
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Preset:
+    return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny: Preset) -> ComneckModels:
+    return build_cloud_models(tiny)

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comneck.complexity import PAPER_TABLE3, complexity_report, count_macs
+from comneck.presets import PRESETS
+
+L, W, M, E = 257, 1024, 320, 768  # tokens, CLIP-L width, latent channels, embedding size
+
+
+def block_macs(tokens: int, width: int) -> int:
+    """One pre-LN ViT block: qkv, QK^T, AV, out projection, 4x MLP."""
+    return tokens * width * 3 * width + 2 * tokens * tokens * width + tokens * width * width + 2 * tokens * width * 4 * width
+
+
+@pytest.fixture(scope="module")
+def paper_report():
+    return complexity_report(PRESETS["paper"], size=256)
+
+
+def test_parameters_match_paper_table3(paper_report):
+    assert paper_report["neck"].params == 13_191_168
+    assert paper_report["g_s"].params == 7_337_475
+    assert paper_report["unet"].params == 31_037_763
+    assert paper_report["clip_head"].params == 602_112 + 2 * 12_596_224  # patch conv + 2 blocks
+    for name, (paper_m, _) in PAPER_TABLE3.items():
+        assert abs(paper_report[name].params / 1e6 - paper_m) / paper_m < 0.005, name
+
+
+def test_macs_equal_hand_counts(paper_report):
+    assert paper_report["neck"].macs == 256 * M * W + block_macs(L, W)
+    assert paper_report["clip_head"].macs == 256 * (3 * 14 * 14) * W + 2 * block_macs(L, W)
+    assert paper_report["clip_tail"].macs == 22 * block_macs(L, W) + L * W * E + W * E
+    # transposed convolutions count at their input resolution: g_s's last layer, 192 -> 3, 5x5, 128x128 in
+    assert paper_report["g_s"].macs > 192 * 3 * 25 * 128 * 128
+    assert paper_report["neck"].kmac_per_pixel == pytest.approx(paper_report["neck"].macs / 65536 / 1e3)
+
+
+def test_counter_sees_attention_and_restores_the_fast_path():
+    attn = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(1, 10, 64)
+    before = torch.backends.mha.get_fastpath_enabled()
+    macs = count_macs(lambda: attn(x, x, x, need_weights=False))
+    assert macs == 10 * 64 * 3 * 64 + 2 * 10 * 10 * 64 + 10 * 64 * 64
+    assert torch.backends.mha.get_fastpath_enabled() == before
+
+
+def test_cli_json_and_errors():
+    run = subprocess.run(
+        [sys.executable, "-m", "comneck.cli", "complexity", "--json", "--preset", "tiny"],
+        capture_output=True, text=True, check=True,
+    )
+    report = json.loads(run.stdout)
+    assert {"neck", "g_a", "g_s", "unet", "clip_head", "clip_tail"} <= report.keys()
+    assert all(isinstance(v["params"], int) and isinstance(v["kmac_per_pixel"], float) for v in report.values())
+    bad = subprocess.run(
+        [sys.executable, "-m", "comneck.cli", "complexity", "--size", "100"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "multiple of 64" in bad.stderr and "Traceback" not in bad.stderr

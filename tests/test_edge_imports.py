@@ -1,0 +1,18 @@
+import subprocess
+import sys
+
+SERVER_ONLY = ["fastapi", "uvicorn", "transformers", "open_clip", "pydantic_settings", "comneck_server"]
+
+
+def test_edge_client_works_without_server_dependencies():
+    code = (
+        "import sys\n"
+        f"for name in {SERVER_ONLY!r}: sys.modules[name] = None  # any import of them now fails\n"
+        "import torch, comneck_edge\n"
+        "enc = comneck_edge.EdgeEncoder('tiny', rate=2).encode_tensor(torch.rand(1, 3, 64, 96))\n"
+        "print(enc.latents.num_bytes, enc.latents.padded_size)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    num_bytes, _ = run.stdout.split(" ", 1)
+    assert int(num_bytes) > 0 and "(64, 128)" in run.stdout

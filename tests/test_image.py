@@ -1,0 +1,89 @@
+import io
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from comneck.errors import ComneckInputError
+from comneck.image import check_image_tensor, load_image, resize_for_codec, sample_photo, to_tensor
+
+
+def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def zero_width_png() -> bytes:
+    """A PNG whose header declares a 0 x 4 image."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 0, 4, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_any_mode_becomes_rgb(mode):
+    img = load_image(png_bytes(mode, (5, 7)))
+    assert img.mode == "RGB" and img.size == (5, 7)
+    assert to_tensor(img).shape == (1, 3, 7, 5)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert load_image(buf.getvalue()).size == (20, 40)
+
+
+def test_bundled_photo_and_paper_resize():
+    img = load_image(sample_photo("chicken_on_money.png"))
+    assert img.size == (640, 640)
+    assert resize_for_codec(Image.new("RGB", (640, 480)), "paper").size == (256, 256)
+    assert resize_for_codec(img, "none").size == (640, 640)
+    with pytest.raises(ComneckInputError, match="resize policy"):
+        resize_for_codec(img, "stretch")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (b"this is not an image", "not a readable image"),
+        (b"", "not a readable image"),
+        (zero_width_png(), "image"),
+    ],
+    ids=["text", "empty-bytes", "zero-size"],
+)
+def test_bad_image_bytes_are_refused(source, message):
+    with pytest.raises(ComneckInputError, match=message):
+        load_image(source)
+
+
+def test_bad_paths_are_refused(tmp_path):
+    with pytest.raises(ComneckInputError, match="no such file"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ComneckInputError, match="directory"):
+        load_image(tmp_path)
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    with pytest.raises(ComneckInputError, match="not a readable image"):
+        load_image(text)
+
+
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        (torch.rand(1, 4, 8, 8), "3 colour channels"),
+        (torch.rand(1, 1, 8, 8), "3 colour channels"),
+        (torch.rand(3, 8, 8), r"\[B, 3, H, W\]"),
+        (torch.rand(1, 3, 0, 8), "empty"),
+        (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "float"),
+    ],
+)
+def test_bad_tensors_are_refused(tensor, message):
+    with pytest.raises(ComneckInputError, match=message):
+        check_image_tensor(tensor)
