@@ -49,7 +49,7 @@ def main() -> None:
     models = build_cloud_models(preset)
     photo = sample_photo()
     encoded = encoder.encode_file(photo)
-    latents = encoded.latents
+    latents = encoded.bitstream.latents
     codec, neck, clip = models.codec, models.neck, models.clip
     y_hat = codec.entropy_decode(latents)
     clip_px = preset.clip.image_size
@@ -74,7 +74,7 @@ def main() -> None:
 
     edge = steps["edge: analysis + entropy coding"]
     print(f"preset {preset.name}, {args.threads} threads, median of {args.runs} runs; {RANDOM_WEIGHTS_NOTE}")
-    print(f"photo {photo.name}: {latents.num_bytes} bytes, {encoded.bpp:.4f} bpp")
+    print(f"photo {photo.name}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp")
     rows = [(f"  {name}", ms) for name, ms in steps.items()] + [
         ("cloud, ComNeck: decode + neck + tail", ours),
         ("cloud, baseline: decode + g_s + full CLIP", base),

@@ -10,7 +10,7 @@ def test_edge_client_works_without_server_dependencies():
         f"for name in {SERVER_ONLY!r}: sys.modules[name] = None  # any import of them now fails\n"
         "import torch, comneck_edge\n"
         "enc = comneck_edge.EdgeEncoder('tiny', rate=2).encode_tensor(torch.rand(1, 3, 64, 96))\n"
-        "print(enc.latents.num_bytes, enc.latents.padded_size)\n"
+        "print(len(enc.data), enc.bitstream.latents.padded_size)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

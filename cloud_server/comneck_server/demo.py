@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError
 from comneck.image import RESIZE_POLICIES, sample_photo
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_cloud_models
@@ -28,11 +29,12 @@ def run_demo(image: str | None, preset_name: str, rate: int, resize: str) -> str
 
     encoder.encode_file(path)  # warm-up: first calls pay one-off allocation costs
     encoded = encoder.encode_file(path)
-    pipeline(encoded.latents)
-    result = pipeline(encoded.latents)
+    received = Bitstream.from_bytes(encoded.data)  # what the gateway does with the bytes it gets
+    pipeline(received)
+    result = pipeline(received)
 
-    h, w = encoded.image_size
-    ph, pw = encoded.latents.padded_size
+    h, w = received.image_size
+    ph, pw = received.latents.padded_size
     f = result.features
     timings = {**encoded.timings_ms, **result.timings_ms}
     lines = [
@@ -40,8 +42,8 @@ def run_demo(image: str | None, preset_name: str, rate: int, resize: str) -> str
         f"  {RANDOM_WEIGHTS_NOTE}" if models.random_weights else "  trained weights",
         f"photo        {path}",
         f"codec input  {w}x{h} (resize policy {resize}), padded to {pw}x{ph}",
-        f"bitstream    {encoded.latents.num_bytes} bytes in {len(encoded.latents.strings)} rANS streams, "
-        f"{encoded.bpp:.4f} bpp",
+        f"bitstream    {len(encoded.data)} bytes ({received.latents.num_bytes} in {len(received.latents.strings)} "
+        f"rANS streams + {received.overhead_bytes} container), {encoded.bpp:.4f} bpp",
         f"y_hat        {list(result.y_hat.shape)}  (entropy-decoded; g_s not run)",
         f"neck tokens  {list(result.tokens.shape)}  -> CLIP block {preset.split_block + 1}",
         f"CLIP tail    embedding {list(f.embedding.shape)}, tokens after ln_post {list(f.post_ln.shape)}, "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from comneck.codec import EncodedLatents
+from comneck.bitstream import Bitstream
 from comneck.image import Padding, ResizePolicy, check_image_tensor, load_image, pad_to_stride, resize_for_codec, to_tensor
 from comneck.models import build_codec
 from comneck.presets import Preset, check_rate, get_preset
@@ -16,19 +16,18 @@ from comneck.presets import Preset, check_rate, get_preset
 
 @dataclass
 class EncodedImage:
-    """One image's bitstream content and what is needed to interpret it."""
+    """One image's bitstream (parsed and serialised) and how long encoding took."""
 
-    latents: EncodedLatents
-    image_size: tuple[int, int]  # (H, W) the codec saw, before padding
+    bitstream: Bitstream
+    data: bytes  # the container as sent: docs/bitstream.md
     padding: Padding
-    rate: int
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def bpp(self) -> float:
-        """Bits per pixel of the image the codec saw, from the real byte count."""
-        h, w = self.image_size
-        return 8.0 * self.latents.num_bytes / (h * w)
+        """Bits per pixel of the image the codec saw, from the container's real byte count."""
+        h, w = self.bitstream.image_size
+        return 8.0 * len(self.data) / (h * w)
 
 
 class EdgeEncoder:
@@ -39,6 +38,7 @@ class EdgeEncoder:
         self.rate = check_rate(rate)
         self.resize = resize
         self.codec = build_codec(self.preset)
+        self.fingerprint = self.codec.fingerprint()
         self.random_weights = True
 
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
@@ -57,5 +57,7 @@ class EdgeEncoder:
         start = time.perf_counter()
         padded, padding = pad_to_stride(x)
         latents, _ = self.codec.analyze(padded)
+        stream = Bitstream(self.preset.codec.arch, self.rate, self.fingerprint, (x.shape[-2], x.shape[-1]), latents)
+        data = stream.to_bytes()
         elapsed = (time.perf_counter() - start) * 1e3
-        return EncodedImage(latents, (x.shape[-2], x.shape[-1]), padding, self.rate, {"analysis_entropy_coding": elapsed})
+        return EncodedImage(stream, data, padding, {"analysis_entropy_coding": elapsed})

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,16 @@ class ElicCodec(nn.Module):
     @property
     def num_streams(self) -> int:
         return 2 * len(self.config.groups) + 1
+
+    def fingerprint(self, size: int = 8) -> bytes:
+        """First ``size`` bytes of a SHA-256 over every weight and entropy table (names, dtypes,
+        shapes, values): equal only for codecs that code the same bitstreams."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.digest()[:size]
 
     def update_entropy_tables(self) -> None:
         """Rebuild the rANS CDF tables from the current weights (after init, loading or training)."""

@@ -7,7 +7,7 @@ bitstreams decode. Every consumer can ask :attr:`ComneckModels.random_weights`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,6 +41,10 @@ class ComneckModels:
     neck: nn.Module
     clip: nn.Module
     random_weights: bool = True
+    codec_fingerprint: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.codec_fingerprint = self.codec.fingerprint()
 
 
 def build_cloud_models(preset: Preset) -> ComneckModels:

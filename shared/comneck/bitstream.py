@@ -1,0 +1,148 @@
+"""The ComNeck bitstream container (format spec: docs/bitstream.md).
+
+One image per container: a fixed 16-byte header (magic, version, codec id, rate index,
+codec-weight fingerprint), varint sizes and stream lengths, the rANS streams, a CRC32.
+Parsing never trusts the input: every failure is a :class:`BitstreamError` with a
+machine-readable ``code``, so a gateway answers 4xx and keeps serving.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from .codec import EncodedLatents
+from .errors import ComneckInputError
+from .image import CODEC_STRIDE
+from .presets import RATE_LAMBDAS
+
+MAGIC = b"CNKB"
+VERSION = 1
+FINGERPRINT_BYTES = 8
+#: Codec ids on the wire; 0 is reserved.
+CODEC_IDS: dict[str, int] = {"elic2022-chandelier": 1, "elic2022-official": 2}
+#: Largest image side a parser accepts unless told otherwise.
+DEFAULT_MAX_SIDE = 8192
+_HEADER = struct.Struct(">4sBBB8s")  # magic, version, codec id, rate, fingerprint
+_CRC = struct.Struct(">I")
+
+
+class BitstreamError(ComneckInputError):
+    """A container that cannot be decoded; ``code`` says why (see docs/bitstream.md)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _put_varint(value: int, out: bytearray) -> None:
+    """Unsigned LEB128: 7 bits a byte, high bit set on all but the last."""
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return
+
+
+class _Reader:
+    """Bounds-checked reads from the body; running out means a truncated container."""
+
+    def __init__(self, data: bytes, pos: int, end: int) -> None:
+        self.data, self.pos, self.end = data, pos, end
+
+    def varint(self) -> int:
+        value = shift = 0
+        while True:
+            if self.pos >= self.end:
+                raise BitstreamError("truncated", "bitstream ends inside its header")
+            byte = self.data[self.pos]
+            self.pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 35:
+                raise BitstreamError("corrupted", "bitstream header holds an over-long number")
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > self.end:
+            raise BitstreamError("truncated", f"bitstream is truncated: a stream needs {n} bytes, {self.end - self.pos} left")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+
+def _padded(side: int) -> int:
+    return -(-side // CODEC_STRIDE) * CODEC_STRIDE
+
+
+@dataclass(frozen=True)
+class Bitstream:
+    """Everything the gateway needs to decode one image's latents."""
+
+    codec: str
+    rate: int
+    fingerprint: bytes
+    image_size: tuple[int, int]  # (H, W) the codec saw, before padding
+    latents: EncodedLatents
+
+    def to_bytes(self) -> bytes:
+        """Serialise (one image: ``latents`` must hold a batch of one)."""
+        if self.latents.batch_size != 1:
+            raise ValueError("a bitstream holds one image; encode batch items separately")
+        if len(self.fingerprint) != FINGERPRINT_BYTES:
+            raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+        out = bytearray(_HEADER.pack(MAGIC, VERSION, CODEC_IDS[self.codec], self.rate, self.fingerprint))
+        for value in (*self.image_size, *self.latents.padded_size, len(self.latents.strings)):
+            _put_varint(value, out)
+        streams = [stream[0] for stream in self.latents.strings]
+        for s in streams:
+            _put_varint(len(s), out)
+        for s in streams:
+            out += s
+        out += _CRC.pack(zlib.crc32(out))
+        return bytes(out)
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Container bytes beyond the entropy-coded streams."""
+        return len(self.to_bytes()) - self.latents.num_bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_side: int = DEFAULT_MAX_SIDE) -> "Bitstream":
+        """Parse and validate; raises :class:`BitstreamError` for anything malformed."""
+        if len(data) < _HEADER.size + _CRC.size:
+            if not data.startswith(MAGIC[: len(data)]) or not data:
+                raise BitstreamError("bad_magic", "not a ComNeck bitstream (wrong magic bytes)")
+            raise BitstreamError("truncated", f"bitstream is truncated ({len(data)} bytes)")
+        magic, version, codec_id, rate, fingerprint = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise BitstreamError("bad_magic", "not a ComNeck bitstream (wrong magic bytes)")
+        if version != VERSION:
+            raise BitstreamError("unsupported_version", f"bitstream version {version} is not supported (this build reads {VERSION})")
+        body = _Reader(data, _HEADER.size, len(data) - _CRC.size)
+        h, w, ph, pw, n = (body.varint() for _ in range(5))
+        if n > 64:
+            raise BitstreamError("corrupted", f"bitstream declares {n} streams")
+        lengths = [body.varint() for _ in range(n)]
+        streams = [body.take(length) for length in lengths]
+        if body.pos != body.end:
+            raise BitstreamError("corrupted", f"bitstream has {body.end - body.pos} stray bytes before its checksum")
+        (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+        if zlib.crc32(data[: -_CRC.size]) != crc:
+            raise BitstreamError("crc_mismatch", "bitstream is corrupted (CRC32 mismatch)")
+        codec = next((name for name, i in CODEC_IDS.items() if i == codec_id), None)
+        if codec is None:
+            raise BitstreamError("unknown_codec", f"bitstream names codec id {codec_id}, unknown to this build")
+        if rate not in RATE_LAMBDAS:
+            raise BitstreamError("bad_rate", f"bitstream names rate index {rate}; valid are 1..4")
+        if not (0 < h <= max_side and 0 < w <= max_side):
+            raise BitstreamError("bad_size", f"image size {w}x{h} is outside 1..{max_side}")
+        if (ph, pw) != (_padded(h), _padded(w)):
+            raise BitstreamError("bad_size", f"padded size {pw}x{ph} does not match image size {w}x{h}")
+        latents = EncodedLatents([[s] for s in streams], (ph, pw))
+        return cls(codec, rate, fingerprint, (h, w), latents)
