@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from comneck.errors import ComneckInputError
-from comneck.image import check_image_tensor, load_image, resize_for_codec, sample_photo, to_tensor
+from comneck.image import PAD_FILL, check_image_tensor, load_image, resize_for_codec, sample_photo, to_tensor
 
 
 def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
@@ -45,6 +45,9 @@ def test_bundled_photo_and_paper_resize():
     assert img.size == (640, 640)
     assert resize_for_codec(Image.new("RGB", (640, 480)), "paper").size == (256, 256)
     assert resize_for_codec(img, "none").size == (640, 640)
+    wide = resize_for_codec(Image.new("RGB", (640, 320), (255, 0, 0)), "pad-square")
+    assert wide.size == (256, 256)
+    assert wide.getpixel((128, 128)) == (255, 0, 0) and wide.getpixel((128, 10)) == PAD_FILL  # 256x128 band in the middle
     with pytest.raises(ComneckInputError, match="resize policy"):
         resize_for_codec(img, "stretch")  # type: ignore[arg-type]
 

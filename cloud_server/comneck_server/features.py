@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comneck.bitstream import Bitstream, BitstreamError
+from comneck.bitstream import Bitstream
 from comneck.clip_split import ClipFeatures
 from comneck.models import ComneckModels
 
@@ -32,21 +32,9 @@ class FeaturePipeline:
     def __init__(self, models: ComneckModels) -> None:
         self.models = models
 
-    def check_compatible(self, stream: Bitstream) -> None:
-        """Refuse a bitstream coded by another codec instead of decoding garbage."""
-        arch = self.models.preset.codec.arch
-        if stream.codec != arch:
-            raise BitstreamError("codec_mismatch", f"bitstream was coded with {stream.codec}; this gateway runs {arch}")
-        if stream.fingerprint != self.models.codec_fingerprint:
-            raise BitstreamError(
-                "codec_mismatch",
-                f"bitstream codec weights {stream.fingerprint.hex()} differ from this gateway's "
-                f"{self.models.codec_fingerprint.hex()} (another preset, rate point or checkpoint)",
-            )
-
     @torch.inference_mode()
     def __call__(self, stream: Bitstream, hidden_blocks: Iterable[int] = ()) -> LatentFeatures:
-        self.check_compatible(stream)
+        stream.check_codec(self.models.preset.codec.arch, self.models.codec_fingerprint)
         clock = time.perf_counter
         t0 = clock()
         y_hat = self.models.codec.entropy_decode(stream.latents)

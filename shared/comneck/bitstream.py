@@ -58,7 +58,7 @@ class _Reader:
         value = shift = 0
         while True:
             if self.pos >= self.end:
-                raise BitstreamError("truncated", "bitstream ends inside its header")
+                raise BitstreamError("truncated", "bitstream is truncated: it ends inside its header")
             byte = self.data[self.pos]
             self.pos += 1
             value |= (byte & 0x7F) << shift
@@ -106,6 +106,17 @@ class Bitstream:
             out += s
         out += _CRC.pack(zlib.crc32(out))
         return bytes(out)
+
+    def check_codec(self, arch: str, fingerprint: bytes) -> None:
+        """Refuse to be decoded by another codec (``codec_mismatch``) instead of yielding garbage."""
+        if self.codec != arch:
+            raise BitstreamError("codec_mismatch", f"bitstream was coded with {self.codec}; this decoder runs {arch}")
+        if self.fingerprint != fingerprint:
+            raise BitstreamError(
+                "codec_mismatch",
+                f"bitstream codec weights {self.fingerprint.hex()} differ from this decoder's {fingerprint.hex()} "
+                "(another preset, rate point or checkpoint)",
+            )
 
     @property
     def overhead_bytes(self) -> int:

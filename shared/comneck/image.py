@@ -21,8 +21,10 @@ from torchvision.transforms import functional as TF
 
 from .errors import ComneckInputError
 
-ResizePolicy = Literal["paper", "none"]
-RESIZE_POLICIES: tuple[str, ...] = ("paper", "none")
+ResizePolicy = Literal["paper", "pad-square", "none"]
+RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "none")
+#: Fill for pad-square: CLIP's mean colour, as LLaVA-style square padding uses.
+PAD_FILL = (122, 116, 104)
 
 #: ELIC downsamples by 16 (g_a) and 4 more (h_a): inputs must be multiples of 64.
 CODEC_STRIDE = 64
@@ -46,11 +48,24 @@ def load_image(source: str | Path | bytes) -> Image.Image:
 
 
 def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int = 256) -> Image.Image:
-    """Apply the resize policy: ``paper`` = bicubic resize of the short side to ``size``
-    then centre crop ``size`` x ``size`` (the official code's codec input); ``none`` keeps the image."""
+    """Apply the resize policy.
+
+    ``paper``: bicubic resize of the short side to ``size``, centre crop ``size`` x ``size``
+    (the official code's codec input). ``pad-square``: bicubic resize of the long side to
+    ``size``, centred on a ``size`` x ``size`` canvas of CLIP's mean colour, so the whole photo
+    survives and boxes map back by one scale and offset. ``none``: unchanged.
+    """
     if policy == "paper":
         img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
         return TF.center_crop(img, size)
+    if policy == "pad-square":
+        scale = size / max(img.size)
+        fitted = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
+        )
+        canvas = Image.new("RGB", (size, size), PAD_FILL)
+        canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+        return canvas
     if policy == "none":
         return img
     raise ComneckInputError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
@@ -60,6 +75,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor [1, 3, H, W] in [0, 1]."""
     array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    """Float tensor [1, 3, H, W] in [0, 1] -> RGB PIL image (rounded to 8 bits)."""
+    array = (x[0].clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
 
 
 def check_image_tensor(x: torch.Tensor) -> None:
@@ -89,10 +110,17 @@ class Padding:
         return height + self.top + self.bottom, width + self.left + self.right
 
 
+def padding_of(height: int, width: int, stride: int = CODEC_STRIDE) -> Padding:
+    """The symmetric padding that brings an image of this size to multiples of ``stride``."""
+    pad, _ = compute_padding(height, width, min_div=stride)
+    return Padding(*pad)
+
+
 def pad_to_stride(x: torch.Tensor, stride: int = CODEC_STRIDE) -> tuple[torch.Tensor, Padding]:
     """Zero-pad [B, C, H, W] symmetrically to multiples of ``stride`` (CompressAI's convention)."""
-    pad, _ = compute_padding(x.shape[-2], x.shape[-1], min_div=stride)
-    return F.pad(x, pad, mode="constant", value=0.0), Padding(*pad)
+    padding = padding_of(x.shape[-2], x.shape[-1], stride)
+    pad = (padding.left, padding.right, padding.top, padding.bottom)
+    return F.pad(x, pad, mode="constant", value=0.0), padding
 
 
 def unpad(x: torch.Tensor, padding: Padding) -> torch.Tensor:
