@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from comneck.bitstream import Bitstream
-from comneck.errors import ComneckInputError
+from comneck.errors import run_command
 from comneck.image import RESIZE_POLICIES, sample_photo
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_cloud_models
 from comneck.presets import PRESETS, get_preset
@@ -65,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=1, help="rate index 1..4 (lambda 0.004..0.032)")
     parser.add_argument("--resize", default="paper", choices=RESIZE_POLICIES, help="codec input policy")
     args = parser.parse_args(argv)
-    try:
-        print(run_demo(args.image, args.preset, args.rate, args.resize))
-    except ComneckInputError as exc:
-        print(f"comneck-demo: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("comneck-demo", lambda: run_demo(args.image, args.preset, args.rate, args.resize))
 
 
 if __name__ == "__main__":

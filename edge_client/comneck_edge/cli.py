@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from comneck.bitstream import DEFAULT_MAX_SIDE, Bitstream
-from comneck.errors import ComneckInputError
+from comneck.errors import ComneckInputError, run_command
 from comneck.image import RESIZE_POLICIES, padding_of, to_image, unpad
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
 from comneck.presets import PRESETS, get_preset
@@ -78,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(args.func(args))
-    except ComneckInputError as exc:
-        print(f"comneck-edge: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("comneck-edge", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,17 @@ import argparse
 import json
 import sys
 
-from .errors import ComneckInputError
+from .errors import run_command
 from .presets import PRESETS, get_preset
 
 
-def _complexity(args: argparse.Namespace) -> int:
+def _complexity(args: argparse.Namespace) -> str:
     from .complexity import complexity_report, format_report, report_json
 
     preset = get_preset(args.preset)
     split = preset.split_block if args.split is None else args.split
     report = complexity_report(preset, size=args.size, split_block=split)
-    print(json.dumps(report_json(report), indent=2) if args.json else format_report(report, args.size, split))
-    return 0
+    return json.dumps(report_json(report), indent=2) if args.json else format_report(report, args.size, split)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ComneckInputError as exc:
-        print(f"comneck: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("comneck", lambda: args.func(args))
 
 
 if __name__ == "__main__":
