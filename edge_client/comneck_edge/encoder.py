@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from comneck.bitstream import Bitstream
-from comneck.image import Padding, ResizePolicy, check_image_tensor, load_image, pad_to_stride, resize_for_codec, to_tensor
+from comneck.image import ResizePolicy, check_image_tensor, load_image, pad_to_stride, resize_for_codec, to_tensor
 from comneck.models import build_codec
 from comneck.presets import Preset, check_rate, get_preset
 
@@ -20,7 +20,6 @@ class EncodedImage:
 
     bitstream: Bitstream
     data: bytes  # the container as sent: docs/bitstream.md
-    padding: Padding
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -55,9 +54,9 @@ class EdgeEncoder:
         """Encode one image [1, 3, H, W] in [0, 1]; it is padded to multiples of 64 first."""
         check_image_tensor(x)
         start = time.perf_counter()
-        padded, padding = pad_to_stride(x)
+        padded, _ = pad_to_stride(x)
         latents, _ = self.codec.analyze(padded)
         stream = Bitstream(self.preset.codec.arch, self.rate, self.fingerprint, (x.shape[-2], x.shape[-1]), latents)
         data = stream.to_bytes()
         elapsed = (time.perf_counter() - start) * 1e3
-        return EncodedImage(stream, data, padding, {"analysis_entropy_coding": elapsed})
+        return EncodedImage(stream, data, {"analysis_entropy_coding": elapsed})
