@@ -40,5 +40,6 @@ def main() -> None:
             f"{ours:>11} {theirs:>14} {theirs - ours:>8}"
         )
 
+
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from comneck.bitstream import DEFAULT_MAX_SIDE, Bitstream
+from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError, run_command
 from comneck.image import RESIZE_POLICIES, padding_of, to_image, unpad
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
@@ -41,7 +41,7 @@ def _decode(args: argparse.Namespace) -> str:
         data = Path(args.bitstream).read_bytes()
     except OSError as exc:
         raise ComneckInputError(f"cannot read {args.bitstream}: {exc.strerror}") from None
-    stream = Bitstream.from_bytes(data, max_side=DEFAULT_MAX_SIDE)
+    stream = Bitstream.from_bytes(data)
     codec = build_codec(get_preset(args.preset))
     stream.check_codec(codec.config.arch, codec.fingerprint())
     with torch.inference_mode():

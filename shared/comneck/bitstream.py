@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .codec import EncodedLatents
 from .errors import ComneckInputError
-from .image import CODEC_STRIDE
+from .image import padding_of
 from .presets import RATE_LAMBDAS
 
 MAGIC = b"CNKB"
@@ -74,10 +74,6 @@ class _Reader:
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
-
-
-def _padded(side: int) -> int:
-    return -(-side // CODEC_STRIDE) * CODEC_STRIDE
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,7 @@ class Bitstream:
             raise BitstreamError("bad_rate", f"bitstream names rate index {rate}; valid are 1..4")
         if not (0 < h <= max_side and 0 < w <= max_side):
             raise BitstreamError("bad_size", f"image size {w}x{h} is outside 1..{max_side}")
-        if (ph, pw) != (_padded(h), _padded(w)):
+        if (ph, pw) != padding_of(h, w).padded_size(h, w):
             raise BitstreamError("bad_size", f"padded size {pw}x{ph} does not match image size {w}x{h}")
         latents = EncodedLatents([[s] for s in streams], (ph, pw))
         return cls(codec, rate, fingerprint, (h, w), latents)
