@@ -1,71 +1,88 @@
-"""``comneck-demo``: the whole data path on one photo, in one process.
+"""``comneck-demo``: the whole service once, on this machine.
 
-photo -> edge analysis + entropy coding -> bitstream -> entropy decode -> neck -> CLIP tail,
-printing the real byte count, bpp, tensor shapes and per-step timings.
+Starts a gateway (``comneck-server``) on a free local port, encodes a photo on the "edge",
+POSTs the bitstream and a prompt to /infer, prints the answer with bpp and the timing of
+every step, and stops the gateway.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from comneck.bitstream import Bitstream
 from comneck.errors import run_command
 from comneck.image import RESIZE_POLICIES, sample_photo
-from comneck.models import RANDOM_WEIGHTS_NOTE, build_cloud_models
-from comneck.presets import PRESETS, get_preset
-from comneck_edge import EdgeEncoder
+from comneck.presets import PRESETS, check_rate, get_preset
+from comneck_edge import EdgeEncoder, GatewayClient
+from comneck_edge.report import format_answer
 
-from .features import FeaturePipeline
+DEFAULT_PROMPT = "What is in the photo? Labels: cow, horse, dog, beach, city street"
 
 
-def run_demo(image: str | None, preset_name: str, rate: int, resize: str) -> str:
-    """Run the path once and return the printed report."""
-    preset = get_preset(preset_name)
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def local_gateway(preset: str, timeout: float = 300.0) -> Iterator[GatewayClient]:
+    """Run ``comneck-server`` in a child process until the block ends; yield a client once it is ready."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "comneck_server", "--preset", preset, "--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(cmd)
+    try:
+        with GatewayClient(f"http://127.0.0.1:{port}") as client:
+            client.wait_ready(timeout, is_alive=lambda: server.poll() is None)
+            yield client
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def run_demo(image: str | None, preset: str, rate: int, resize: str, prompt: str) -> str:
+    """Start a gateway, ask it about one photo, stop it; return the printed report."""
+    get_preset(preset)
+    check_rate(rate)
     path = image or str(sample_photo())
     encoder = EdgeEncoder(preset, rate=rate, resize=resize)  # type: ignore[arg-type]
-    models = build_cloud_models(preset)
-    pipeline = FeaturePipeline(models)
-
     encoder.encode_file(path)  # warm-up: first calls pay one-off allocation costs
     encoded = encoder.encode_file(path)
-    received = Bitstream.from_bytes(encoded.data)  # what the gateway does with the bytes it gets
-    pipeline(received)
-    result = pipeline(received)
-
-    h, w = received.image_size
-    ph, pw = received.latents.padded_size
-    f = result.features
-    timings = {**encoded.timings_ms, **result.timings_ms}
-    lines = [
-        f"ComNeck demo: preset {preset.name}, rate index {rate}, codec {preset.codec.arch}",
-        f"  {RANDOM_WEIGHTS_NOTE}" if models.random_weights else "  trained weights",
+    with local_gateway(preset) as client:
+        start = time.perf_counter()
+        response = client.infer(encoded.data, prompt)
+        round_trip_ms = (time.perf_counter() - start) * 1e3
+    header = [
+        f"ComNeck demo: preset {preset}, gateway {client.url} (started and stopped by the demo)",
         f"photo        {path}",
-        f"codec input  {w}x{h} (resize policy {resize}), padded to {pw}x{ph}",
-        f"bitstream    {len(encoded.data)} bytes ({received.latents.num_bytes} in {len(received.latents.strings)} "
-        f"rANS streams + {received.overhead_bytes} container), {encoded.bpp:.4f} bpp",
-        f"y_hat        {list(result.y_hat.shape)}  (entropy-decoded; g_s not run)",
-        f"neck tokens  {list(result.tokens.shape)}  -> CLIP block {preset.split_block + 1}",
-        f"CLIP tail    embedding {list(f.embedding.shape)}, tokens after ln_post {list(f.post_ln.shape)}, "
-        f"projected {list(f.projected.shape)}",
-        "timings (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
-        f"total        {sum(timings.values()):.1f} ms",
+        f"prompt       {prompt}",
     ]
-    return "\n".join(lines)
+    return "\n".join(header) + "\n" + format_answer(encoded, response, round_trip_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="comneck-demo",
-        description="Run photo -> bitstream -> y_hat -> neck -> CLIP tail once and print bpp, shapes and timings. "
-        "With no --image it uses a photo bundled with the package.",
+        description="Start a local gateway, encode a photo on the edge side, send the bitstream and a prompt "
+        "over HTTP, print the answer with bpp and timings, stop the gateway. With no --image it uses a photo "
+        "bundled with the package.",
     )
     parser.add_argument("--image", help="photo to encode (default: the bundled cow_beach.png)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
     parser.add_argument("--rate", type=int, default=1, help="rate index 1..4 (lambda 0.004..0.032)")
     parser.add_argument("--resize", default="paper", choices=RESIZE_POLICIES, help="codec input policy")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="question for the backend (default: candidate labels)")
     args = parser.parse_args(argv)
-    return run_command("comneck-demo", lambda: run_demo(args.image, args.preset, args.rate, args.resize))
+    return run_command("comneck-demo", lambda: run_demo(args.image, args.preset, args.rate, args.resize, args.prompt))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""``comneck-edge``: encode photos to ComNeck bitstreams on the device, decode them for viewing.
+"""``comneck-edge``: encode photos to ComNeck bitstreams on the device, ask a gateway, decode for viewing.
 
     comneck-edge encode photo.jpg -o photo.cnk [--preset tiny] [--rate 1..4] [--resize paper]
+    comneck-edge encode photo.jpg --server http://gateway:8000 --prompt "Labels: cat, dog"
     comneck-edge decode photo.cnk -o recon.png [--preset tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,22 +23,58 @@ from comneck.image import RESIZE_POLICIES, padding_of, to_image, unpad
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
 from comneck.presets import PRESETS, get_preset
 
-from .encoder import EdgeEncoder
+from .client import GatewayClient
+from .encoder import EdgeEncoder, EncodedImage
+from .report import format_answer
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    """``--option key=value`` pairs; values are read as JSON where they parse (numbers, booleans)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ComneckInputError(f"--option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _ask(args: argparse.Namespace, encoded: EncodedImage) -> str:
+    options = _options(args.option)
+    api_key = args.api_key or os.environ.get("COMNECK_API_KEY")
+    with GatewayClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries) as client:
+        start = time.perf_counter()
+        response = client.infer(encoded.data, args.prompt, args.task, args.backend, options, fmt=args.format)
+        round_trip_ms = (time.perf_counter() - start) * 1e3
+    if args.json:
+        return json.dumps({**response, "edge_timings_ms": encoded.timings_ms, "round_trip_ms": round_trip_ms}, indent=2)
+    return format_answer(encoded, response, round_trip_ms)
 
 
 def _encode(args: argparse.Namespace) -> str:
+    if args.server and args.prompt is None:
+        raise ComneckInputError("--server needs --prompt (the question for the model)")
+    if args.prompt is not None and not args.server:
+        raise ComneckInputError("--prompt goes with --server URL (offline encoding asks no model)")
     encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize)
     encoded = encoder.encode_file(args.image)
-    out = Path(args.output) if args.output else Path(args.image).with_suffix(".cnk")
-    try:
-        out.write_bytes(encoded.data)
-    except OSError as exc:
-        raise ComneckInputError(f"cannot write {out}: {exc.strerror}") from None
-    h, w = encoded.bitstream.image_size
-    return (
-        f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {args.rate})\n"
-        f"{RANDOM_WEIGHTS_NOTE}"
-    )
+    out = Path(args.output) if args.output else None if args.server else Path(args.image).with_suffix(".cnk")
+    lines = []
+    if out is not None:
+        try:
+            out.write_bytes(encoded.data)
+        except OSError as exc:
+            raise ComneckInputError(f"cannot write {out}: {exc.strerror}") from None
+        h, w = encoded.bitstream.image_size
+        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {args.rate})")
+    if args.server:
+        lines.append(_ask(args, encoded))
+    else:
+        lines.append(RANDOM_WEIGHTS_NOTE)
+    return "\n".join(lines)
 
 
 def _decode(args: argparse.Namespace) -> str:
@@ -61,11 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
         "and decode them back to images for people to look at.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    enc = sub.add_parser("encode", help="photo -> .cnk bitstream (offline)", description="Encode a photo; prints bpp from the real byte count.")
+    enc = sub.add_parser(
+        "encode",
+        help="photo -> .cnk bitstream (offline), or -> answer from a gateway (--server)",
+        description="Encode a photo and print bpp from the real byte count. With --server URL --prompt TEXT, "
+        "send the bitstream to a ComNeck gateway and print its answer with timings; 429/503 answers are "
+        "retried with backoff.",
+    )
     enc.add_argument("image", help="photo file (JPEG, PNG, ...)")
-    enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk)")
+    enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk; none with --server)")
     enc.add_argument("--rate", type=int, default=1, help="rate index 1..4 (lambda 0.004..0.032; default 1)")
     enc.add_argument("--resize", default="paper", choices=RESIZE_POLICIES, help="codec input policy (default: paper)")
+    ask = enc.add_argument_group("asking a gateway")
+    ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")
+    ask.add_argument("--prompt", help="question or instruction for the model (clip-zero-shot: 'Labels: a, b, c')")
+    ask.add_argument("--task", help="caption, vqa, rec or classify (default: the backend's first task)")
+    ask.add_argument("--backend", help="backend name (default: the gateway's first; see GET /v1/models)")
+    ask.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="generation option, e.g. top_k=3 (repeatable)")
+    ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
+    ask.add_argument("--retries", type=int, default=3, help="retries on 429/503, with exponential backoff (default 3)")
+    ask.add_argument("--api-key", help="API key (default: the COMNECK_API_KEY environment variable)")
+    ask.add_argument("--format", default="msgpack", choices=("msgpack", "multipart"), help="request body encoding (default msgpack)")
+    ask.add_argument("--json", action="store_true", help="print the gateway's whole response as JSON")
     dec = sub.add_parser("decode", help=".cnk bitstream -> image with g_s", description="Reconstruct the image a bitstream holds.")
     dec.add_argument("bitstream", help=".cnk file written by `comneck-edge encode`")
     dec.add_argument("-o", "--output", required=True, help="image file to write (format from the suffix, e.g. recon.png)")

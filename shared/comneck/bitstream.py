@@ -32,8 +32,7 @@ class BitstreamError(ComneckInputError):
     """A container that cannot be decoded; ``code`` says why (see docs/bitstream.md)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 def _put_varint(value: int, out: bytearray) -> None:

@@ -11,7 +11,14 @@ from collections.abc import Callable
 
 
 class ComneckInputError(ValueError):
-    """Bad input from a user: a file that is no image, a tensor of the wrong shape, ..."""
+    """Bad input from a user: a file that is no image, a tensor of the wrong shape, ...
+
+    ``code`` is a short machine-readable name of the mistake (the HTTP gateway sends it).
+    """
+
+    def __init__(self, message: str, code: str = "invalid_input") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def run_command(prog: str, command: Callable[[], str]) -> int:

@@ -1,0 +1,7 @@
+"""``python -m comneck_server`` is ``comneck-server``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

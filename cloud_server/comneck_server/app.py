@@ -1,0 +1,334 @@
+"""The HTTP gateway (FastAPI): POST /infer, POST /reconstruct, GET /healthz, /readyz, /v1/models.
+
+Models load once, in a background thread at start-up, so /healthz answers at once and
+/readyz turns 200 when the gateway can serve. Every refusal is a 4xx (or 503) with the body
+``{"error": {"code": ..., "message": ...}}`` in the format the Accept header asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import msgpack
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from comneck.errors import ComneckInputError
+
+from .errors import ApiError, error_body, status_of
+from .gateway import Gateway
+from .schemas import ErrorResponse, InferRequest, InferResponse
+from .settings import ServerSettings
+
+log = logging.getLogger("comneck.server")
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "bad bitstream or request (code says which)"),
+        (401, "missing or wrong API key"),
+        (409, "bitstream from another codec (codec_mismatch)"),
+        (413, "body over the configured limit"),
+        (415, "unsupported content type"),
+        (422, "bad prompt, options or size"),
+        (503, "not ready yet, or busy: retry after the Retry-After seconds"),
+    ]
+}
+
+
+def _inline_schema(model: type[InferRequest]) -> dict[str, Any]:
+    """The model's JSON schema with its $defs substituted, to embed in a hand-written requestBody."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/msgpack": {"schema": _inline_schema(InferRequest)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["bitstream", "prompt"],
+                    "properties": {
+                        "bitstream": {"type": "string", "format": "binary", "description": "the .cnk file"},
+                        "prompt": {"type": "string"},
+                        "task": {"type": "string"},
+                        "backend": {"type": "string"},
+                        "options": {"type": "string", "description": 'JSON object, e.g. {"top_k": 3}'},
+                    },
+                }
+            },
+        },
+    }
+}
+RECONSTRUCT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"bitstream": {"type": "string", "format": "binary"}}}
+            },
+        },
+    }
+}
+
+
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` (413): by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            code, message = (
+                ("body_too_large", f"request body of {int(declared)} bytes is over this gateway's limit of {self.max_bytes}")
+                if declared.isdigit()
+                else ("bad_request", "Content-Length is not a number")
+            )
+            await JSONResponse(error_body(code, message), status_of(code), headers={"Connection": "close"})(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError("body_too_large", f"request body is over this gateway's limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class Admission:
+    """At most ``limit`` requests inside the gateway at once; the rest get 503 ``busy`` at once
+    (a client backs off and retries) instead of piling up."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count, self._lock = limit, 0, threading.Lock()
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._lock:
+            if self.count >= self.limit:
+                raise ApiError("busy", f"gateway is busy ({self.limit} requests in flight); retry shortly", retry_after=1)
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+def wants_msgpack(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return any(kind in accept for kind in MSGPACK_TYPES)
+
+
+def respond(request: Request, payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """JSON, or msgpack when the Accept header asks for it."""
+    if wants_msgpack(request):
+        return Response(msgpack.packb(payload), status, headers, media_type="application/msgpack")
+    return JSONResponse(payload, status, headers)
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _read_infer_request(request: Request) -> InferRequest:
+    kind = _content_type(request)
+    if kind in MSGPACK_TYPES:
+        body = await request.body()
+        try:
+            raw = msgpack.unpackb(body, raw=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise ApiError("bad_request", f"body is not valid msgpack ({type(exc).__name__})") from None
+        if not isinstance(raw, dict):
+            raise ApiError("bad_request", "msgpack body must be a map with bitstream and prompt")
+    elif kind == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=8) as form:
+            raw = {key: value for key, value in form.items()}
+            upload = raw.get("bitstream")
+            if upload is None or isinstance(upload, str):
+                raise ApiError("invalid_request", "multipart body needs the bitstream as a file part (curl -F bitstream=@photo.cnk)")
+            raw["bitstream"] = await upload.read()
+        if "options" in raw:
+            try:
+                raw["options"] = json.loads(raw["options"])
+            except json.JSONDecodeError:
+                raise ApiError("invalid_request", "options must be a JSON object, e.g. {\"top_k\": 3}") from None
+    else:
+        raise ApiError("unsupported_media_type", "send the request as application/msgpack or multipart/form-data")
+    try:
+        return InferRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise ApiError("invalid_request", _one_line(exc)) from None
+
+
+async def _read_bitstream_body(request: Request) -> bytes:
+    kind = _content_type(request)
+    if kind == "application/octet-stream":
+        return await request.body()
+    if kind == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=1) as form:
+            upload = form.get("bitstream")
+            if upload is None or isinstance(upload, str):
+                raise ApiError("invalid_request", "multipart body needs the bitstream as a file part")
+            return await upload.read()
+    raise ApiError("unsupported_media_type", "send the bitstream as application/octet-stream or multipart/form-data")
+
+
+def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> FastAPI:
+    """The FastAPI app; loads :class:`Gateway` from ``settings`` at start-up unless one is given."""
+    state: dict[str, Any] = {"gateway": gateway, "load_error": None}
+
+    def load() -> None:
+        start = time.perf_counter()
+        log.info("loading preset %s on %s (%s), backends %s", settings.preset, settings.device, settings.dtype, ", ".join(settings.backends))
+        try:
+            state["gateway"] = loaded = Gateway.load(settings)
+        except Exception as exc:  # the operator reads why in the log and in /readyz
+            state["load_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            log.exception("loading the models failed")
+            return
+        log.info("ready in %.1f s; %s", time.perf_counter() - start, loaded.models.note)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        if state["gateway"] is None:
+            threading.Thread(target=load, name="comneck-load", daemon=True).start()
+        yield
+
+    app = FastAPI(
+        title="ComNeck gateway",
+        summary="Compressed image latents in, MLLM answers out: entropy decode -> transform-neck -> CLIP tail -> backend.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    admission = Admission(settings.max_queue)
+
+    def authorized(request: Request) -> None:
+        if not settings.api_keys:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not any(secrets.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
+            raise ApiError("unauthorized", "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY")
+
+    def ready_gateway() -> Gateway:
+        if state["gateway"] is None:
+            if state["load_error"]:
+                raise ApiError("load_failed", f"models failed to load: {state['load_error']}")
+            raise ApiError("not_ready", "models are still loading", retry_after=2)
+        return state["gateway"]
+
+    @app.exception_handler(ComneckInputError)
+    async def input_error(request: Request, exc: ComneckInputError) -> Response:
+        headers = {}
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.code == "unauthorized":
+            headers["WWW-Authenticate"] = "Bearer"
+        return respond(request, error_body(exc.code, str(exc)), status_of(exc.code), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return respond(request, error_body("invalid_request", f"{where}: {first['msg']}"), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return respond(request, error_body(code, str(exc.detail)), exc.status_code, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s", request.url.path)
+        return respond(request, error_body("internal_error", "internal error; the server log has the details"), 500)
+
+    @app.get("/healthz", summary="liveness: the process answers")
+    def healthz(request: Request) -> Response:
+        if state["load_error"]:
+            return respond(request, error_body("load_failed", state["load_error"]), 503)
+        return respond(request, {"status": "ok"})
+
+    @app.get("/readyz", summary="readiness: models loaded and warmed up", responses={503: {"model": ErrorResponse}})
+    def readyz(request: Request) -> Response:
+        loaded = ready_gateway()
+        return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.models.random_weights})
+
+    @app.get("/v1/models", summary="codec, rate points, networks, backends, random-weight status", dependencies=[Depends(authorized)])
+    def models(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        return respond(request, loaded.describe())
+
+    @app.post(
+        "/infer",
+        summary="bitstream + prompt -> answer",
+        response_model=InferResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=INFER_BODY,
+        dependencies=[Depends(authorized)],
+    )
+    async def infer(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        with admission.slot():
+            req = await _read_infer_request(request)
+            result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options)
+        answer = InferResponse(
+            text=result.answer.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
+            image_size=result.image_size, rate=result.rate, timings_ms=result.timings_ms,
+            random_weights=result.random_weights, note=result.note, details=result.answer.details,
+        )
+        return respond(request, answer.model_dump(mode="json"))
+
+    @app.post(
+        "/reconstruct",
+        summary="bitstream -> PNG with g_s (for people; /infer never reconstructs)",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
+        openapi_extra=RECONSTRUCT_BODY,
+        dependencies=[Depends(authorized)],
+    )
+    async def reconstruct(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        with admission.slot():
+            data = await _read_bitstream_body(request)
+            png = await run_in_threadpool(loaded.reconstruct, data)
+        return Response(png, media_type="image/png")
+
+    return app

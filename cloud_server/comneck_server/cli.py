@@ -1,0 +1,60 @@
+"""``comneck-server``: run the gateway with uvicorn.
+
+Settings come from flags, then ``COMNECK_*`` environment variables, then defaults
+(``comneck-server --help`` lists them). Mistakes in them end with one ``error:`` line and
+exit code 2 before anything loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from comneck.backends import check_backend_names
+from comneck.checkpoints import read_state_dict
+from comneck.errors import ComneckInputError
+from comneck.presets import get_preset
+
+from .gateway import check_device
+from .settings import ServerSettings
+
+
+def parse_settings(argv: list[str]) -> ServerSettings:
+    """Settings from ``argv`` and the environment, checked as far as possible without loading models."""
+    try:
+        settings = ServerSettings(_cli_parse_args=argv)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ComneckInputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", "bad_settings") from None
+    except SettingsError as exc:
+        raise ComneckInputError(str(exc).splitlines()[0], "bad_settings") from None
+    get_preset(settings.preset)
+    check_backend_names(settings.backends)
+    check_device(settings.device)
+    for part, path in vars(settings.weight_files).items():
+        if path is not None:
+            read_state_dict(path, part)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    except ComneckInputError as exc:
+        print(f"comneck-server: error: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(message)s")
+
+    from .app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Request and response bodies of the HTTP API (the OpenAPI schema at /docs comes from these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from comneck.backends import GenerationOptions
+
+
+class InferRequest(BaseModel):
+    """The body of ``POST /infer`` as msgpack (a map with these keys); multipart sends the same fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bitstream: bytes = Field(description="a ComNeck container (docs/bitstream.md); msgpack bin")
+    prompt: str = Field(description="the question or instruction for the backend")
+    task: str | None = Field(None, description="caption, vqa, rec or classify; default: the backend's first task")
+    backend: str | None = Field(None, description="a loaded backend; default: the gateway's first")
+    options: GenerationOptions = Field(default_factory=GenerationOptions)
+
+
+class InferResponse(BaseModel):
+    """The answer and what it cost."""
+
+    text: str
+    backend: str
+    task: str
+    bytes: int = Field(description="size of the bitstream received")
+    bpp: float = Field(description="bits per pixel of the image the codec saw (real container bytes)")
+    image_size: tuple[int, int] = Field(description="(height, width) the codec saw")
+    rate: int
+    timings_ms: dict[str, float] = Field(
+        description="parse, queue, entropy_decode, neck, clip_tail, backend, server_total"
+    )
+    random_weights: bool
+    note: str
+    details: dict[str, Any] = Field(default_factory=dict, description="backend specifics, e.g. ranked labels")
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable, e.g. truncated, codec_mismatch, prompt_too_long")
+    message: str = Field(description="one line for people")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,56 @@
+"""Gateway settings: command-line flags override ``COMNECK_*`` environment variables,
+which override the defaults (pydantic-settings does the parsing and the ``--help``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from comneck.models import WeightFiles
+
+
+class ServerSettings(BaseSettings):
+    """Run the ComNeck gateway; each flag is also a COMNECK_* environment variable (flags win)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COMNECK_",
+        cli_prog_name="comneck-server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    preset: str = Field("tiny", description="model sizes: tiny (demo, tests) or paper (ViT-L/14)")
+    codec_weights: Path | None = Field(None, description="ELIC weights, safetensors with CompressAI keys")
+    neck_weights: Path | None = Field(None, description="transform-neck weights, safetensors")
+    clip_weights: Path | None = Field(None, description="open_clip CLIP weights, safetensors")
+    device: str = Field("cpu", description="where the neck, CLIP and backends run: cpu, cuda or cuda:N (entropy decoding stays on the CPU)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="neck/CLIP/backend precision")
+    backends: Annotated[list[str], NoDecode] = Field(
+        ["clip-zero-shot"], description="backends to load, comma-separated; the first is the default"
+    )
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="accepted API keys, comma-separated (prefer the COMNECK_API_KEYS variable); empty: no authentication",
+    )
+    max_body_bytes: int = Field(8 << 20, gt=0, description="largest request body in bytes (413 beyond)")
+    max_image_side: int = Field(4096, gt=0, description="largest image side a bitstream may declare")
+    max_prompt_chars: int = Field(4000, gt=0, description="longest prompt in characters")
+    max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
+
+    @field_validator("backends", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def weight_files(self) -> WeightFiles:
+        return WeightFiles(self.codec_weights, self.neck_weights, self.clip_weights)

@@ -1,0 +1,142 @@
+"""HTTP client for the ComNeck gateway: send a bitstream and a prompt, get the answer.
+
+Retries with exponential backoff (or the server's Retry-After) on 429 and 503; every
+failure is a :class:`GatewayError` with a one-line message and a machine-readable code.
+Needs httpx and msgpack (the ``edge`` extra), nothing from the server side.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import httpx
+import msgpack
+
+from comneck.errors import ComneckInputError
+
+RETRY_STATUSES = (429, 503)
+MAX_BACKOFF_S = 30.0
+Format = Literal["msgpack", "multipart"]
+
+
+class GatewayError(ComneckInputError):
+    """The gateway could not be reached or refused the request (``status`` 0: no HTTP answer)."""
+
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
+        super().__init__(message, code)
+        self.status = status
+
+
+def _decode(response: httpx.Response) -> Any:
+    if response.headers.get("content-type", "").startswith("application/msgpack"):
+        return msgpack.unpackb(response.content, raw=False)
+    return response.json()
+
+
+class GatewayClient:
+    """One gateway at ``url``; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.retries, self.backoff = retries, backoff
+        headers = {"Accept": "application/msgpack"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> "GatewayClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One request, retried on 429/503; raises :class:`GatewayError` for anything but a 2xx."""
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TimeoutException:
+                raise GatewayError("timeout", f"no answer from {self.url} within {self._http.timeout.read} s") from None
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL):
+                raise GatewayError("bad_url", f"{self.url} is not an http(s) URL (write http://HOST:PORT)") from None
+            except httpx.TransportError as exc:
+                reason = str(exc) or type(exc).__name__
+                raise GatewayError("unreachable", f"cannot reach {self.url}: {reason}") from None
+            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                break
+            retry_after = response.headers.get("retry-after", "")
+            delay = float(retry_after) if retry_after.isdigit() else self.backoff * 2**attempt
+            time.sleep(min(delay, MAX_BACKOFF_S))
+        if response.is_success:
+            return response
+        try:
+            error = _decode(response)["error"]
+            code, message = str(error["code"]), str(error["message"])
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            code, message = "http_error", response.reason_phrase or "no details"
+        raise GatewayError(code, f"server answered {response.status_code} {code}: {message}", response.status_code)
+
+    def infer(
+        self,
+        bitstream: bytes,
+        prompt: str,
+        task: str | None = None,
+        backend: str | None = None,
+        options: dict[str, Any] | None = None,
+        fmt: Format = "msgpack",
+    ) -> dict[str, Any]:
+        """POST /infer; returns the response (text, backend, task, bpp, timings_ms, ...)."""
+        fields = {"prompt": prompt, "task": task, "backend": backend}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if fmt == "msgpack":
+            body = {"bitstream": bitstream, **fields, **({"options": options} if options else {})}
+            kwargs: dict[str, Any] = {
+                "content": msgpack.packb(body, use_bin_type=True),
+                "headers": {"Content-Type": "application/msgpack"},
+            }
+        else:
+            data = {**fields, **({"options": json.dumps(options)} if options else {})}
+            kwargs = {"files": {"bitstream": ("image.cnk", bitstream, "application/octet-stream")}, "data": data}
+        return _decode(self._send("POST", "/infer", **kwargs))
+
+    def reconstruct(self, bitstream: bytes) -> bytes:
+        """POST /reconstruct: PNG bytes of the image g_s reconstructs."""
+        response = self._send("POST", "/reconstruct", content=bitstream, headers={"Content-Type": "application/octet-stream"})
+        return response.content
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models: codec, rate points, backends, random-weight status."""
+        return _decode(self._send("GET", "/v1/models"))
+
+    def wait_ready(self, timeout: float = 120.0, poll: float = 0.25, is_alive: Callable[[], bool] = lambda: True) -> None:
+        """Poll GET /readyz until the models are loaded, or raise after ``timeout`` seconds
+        (or as soon as ``is_alive`` says a server this process started has exited)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not is_alive():
+                raise GatewayError("unreachable", f"the gateway for {self.url} exited before it was ready")
+            try:
+                response = self._http.get("/readyz")
+            except httpx.TransportError:
+                response = None
+            if response is not None and response.is_success:
+                return
+            if response is not None and response.status_code == 503 and _decode(response)["error"]["code"] == "load_failed":
+                raise GatewayError("load_failed", f"{self.url}: {_decode(response)['error']['message']}", 503)
+            if time.monotonic() > deadline:
+                raise GatewayError("not_ready", f"{self.url} was not ready within {timeout:.0f} s")
+            time.sleep(poll)

@@ -1,0 +1,34 @@
+"""Human-readable report of one answered request: answer, bytes and bpp, where the time went."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .encoder import EncodedImage
+
+
+def _ms(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.1f}" for name, value in timings.items())
+
+
+def format_answer(encoded: EncodedImage, response: dict[str, Any], round_trip_ms: float) -> str:
+    """The answer with bpp from the real byte count and edge / network / server timings."""
+    server = response["timings_ms"]
+    h, w = encoded.bitstream.image_size
+    lines = [
+        f"answer       {response['text']}",
+        f"backend      {response['backend']} (task {response['task']})",
+    ]
+    labels = response.get("details", {}).get("labels")
+    if labels:
+        lines.append("ranking      " + ", ".join(f"{item['label']} {item['probability']:.3f}" for item in labels))
+    lines += [
+        f"bitstream    {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, rate {encoded.bitstream.rate})",
+        f"edge (ms)    {_ms(encoded.timings_ms)}",
+        f"network (ms) {max(round_trip_ms - server['server_total'], 0.0):.1f} (round trip {round_trip_ms:.1f} less server time)",
+        f"server (ms)  {_ms(server)}",
+        f"total (ms)   {sum(encoded.timings_ms.values()) + round_trip_ms:.1f}",
+    ]
+    if response.get("random_weights"):
+        lines.append(response["note"])
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The gateway's work without HTTP, and the FastAPI app in process (states that a real server
+cannot be put in on demand: loading, load failure, busy)."""
+
+import dataclasses
+import io
+import threading
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from comneck.backends import BACKENDS, GenerationOptions
+from comneck.errors import ComneckInputError
+from comneck.image import load_image, resize_for_codec, sample_photo, to_tensor
+from comneck_edge import EdgeEncoder, GatewayClient, GatewayError
+from comneck_server.app import Admission, create_app
+from comneck_server.errors import ApiError
+from comneck_server.gateway import Gateway
+from comneck_server.settings import ServerSettings
+
+PROMPT = "Labels: cow, horse, beach"
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_models):
+    settings = ServerSettings(max_prompt_chars=100)
+    return Gateway(tiny_models, {"clip-zero-shot": BACKENDS["clip-zero-shot"](tiny_models)}, settings)
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny):
+    return EdgeEncoder(tiny).encode_file(sample_photo())
+
+
+def through(test_client: TestClient) -> GatewayClient:
+    """A GatewayClient whose requests go to the in-process app."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = test_client.request(request.method, request.url.path, headers=request.headers, content=request.content)
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    return GatewayClient("http://testserver", transport=httpx.MockTransport(handler))
+
+
+def test_infer_runs_the_latent_path_once_and_reports_it(gateway, encoded, tiny_models):
+    result = gateway.infer(encoded.data, PROMPT, options=None)
+    assert result.backend == "clip-zero-shot" and result.task == "classify"
+    assert result.num_bytes == len(encoded.data) and result.bpp == pytest.approx(encoded.bpp)
+    assert result.image_size == (256, 256) and result.rate == 1 and result.random_weights
+    assert list(result.timings_ms) == ["parse", "queue", "entropy_decode", "neck", "clip_tail", "backend", "server_total"]
+    # the answer is the backend's answer on CLIP's embedding of the neck's tokens
+    with torch.inference_mode():
+        y_hat = tiny_models.codec.entropy_decode(encoded.bitstream.latents)
+        embedding = tiny_models.clip.tail(tiny_models.neck(y_hat)).embedding
+    expected = gateway.backends["clip-zero-shot"].answer(embedding, PROMPT, "classify", GenerationOptions())
+    assert result.answer == expected
+
+
+def test_reconstruct_returns_the_g_s_image(gateway, encoded, tiny_models):
+    png = Image.open(io.BytesIO(gateway.reconstruct(encoded.data)))
+    assert png.format == "PNG" and png.size == (256, 256)
+    with torch.inference_mode():
+        x_hat = tiny_models.codec.synthesize(tiny_models.codec.entropy_decode(encoded.bitstream.latents))
+    assert torch.allclose(to_tensor(png.convert("RGB")), x_hat, atol=1 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "prompt, task, backend, code",
+    [
+        ("  ", None, None, "empty_prompt"),
+        ("x" * 101, None, None, "prompt_too_long"),
+        (PROMPT, None, "llava", "unknown_backend"),
+        (PROMPT, "poetry", None, "unknown_task"),
+        (PROMPT, "caption", None, "unsupported_task"),
+        ("only-one-label", None, None, "bad_prompt"),
+    ],
+)
+def test_bad_requests_get_their_code(gateway, encoded, prompt, task, backend, code):
+    with pytest.raises(ComneckInputError) as info:
+        gateway.infer(encoded.data, prompt, task, backend)
+    assert info.value.code == code
+
+
+def test_latents_of_another_grid_are_refused_before_decoding(gateway, tiny):
+    photo = to_tensor(resize_for_codec(load_image(sample_photo()), "none"))
+    big = EdgeEncoder(tiny).encode_tensor(torch.nn.functional.interpolate(photo, size=(320, 320)))
+    with pytest.raises(ComneckInputError) as info:
+        gateway.infer(big.data, PROMPT)
+    assert info.value.code == "unsupported_size" and "--resize paper" in str(info.value)
+
+
+def test_admission_refuses_beyond_the_limit():
+    admission = Admission(1)
+    with admission.slot():
+        with pytest.raises(ApiError) as info:
+            with admission.slot():
+                pass
+        assert info.value.code == "busy" and info.value.retry_after == 1
+    with admission.slot():  # the slot came back
+        pass
+
+
+def test_not_ready_then_ready(monkeypatch, gateway, encoded):
+    release = threading.Event()
+
+    def slow_load(settings):
+        release.wait(30)
+        return gateway
+
+    monkeypatch.setattr(Gateway, "load", staticmethod(slow_load))
+    with TestClient(create_app(ServerSettings())) as client:
+        assert client.get("/healthz").status_code == 200
+        response = client.get("/readyz")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "not_ready"
+        assert response.headers["retry-after"] == "2"
+        assert client.post("/infer").json()["error"]["code"] == "not_ready"
+        release.set()
+        through(client).wait_ready(10)
+        assert client.get("/readyz").json() == {"status": "ready", "preset": "tiny", "random_weights": True}
+
+
+def test_a_failed_load_is_reported_not_hidden(tmp_path):
+    bad = tmp_path / "neck.safetensors"
+    bad.write_bytes(b"junk")
+    with TestClient(create_app(ServerSettings(neck_weights=bad))) as client:
+        with pytest.raises(GatewayError) as info:
+            through(client).wait_ready(30)
+        assert info.value.code == "load_failed" and "neck weights" in str(info.value)
+        assert client.get("/healthz").status_code == 503
+
+
+def test_api_keys_are_checked(gateway, encoded):
+    with TestClient(create_app(ServerSettings(api_keys=["k1", "k2"]), gateway)) as client:
+        assert client.get("/healthz").status_code == 200  # probes need no key
+        refused = client.get("/v1/models")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert client.get("/v1/models", headers={"X-API-Key": "k1"}).status_code == 200
+        assert client.get("/v1/models", headers={"X-API-Key": "k3"}).status_code == 401
+
+
+def test_client_retries_429_and_503_with_backoff():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) < 3:
+            return httpx.Response(503 if len(calls) == 1 else 429, headers={"Retry-After": "0"}, json={"error": {"code": "busy", "message": "busy"}})
+        return httpx.Response(200, json={"provider": "ok"})
+
+    client = GatewayClient("http://gw", retries=3, transport=httpx.MockTransport(handler))
+    assert client.models() == {"provider": "ok"} and len(calls) == 3
+    calls.clear()
+    client = GatewayClient("http://gw", retries=1, backoff=0.0, transport=httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(503, json={"error": {"code": "busy", "message": "try later"}})))
+    with pytest.raises(GatewayError) as info:
+        client.models()
+    assert len(calls) == 2 and info.value.status == 503 and str(info.value) == "server answered 503 busy: try later"
+
+
+def test_settings_from_the_environment_and_flags(monkeypatch):
+    monkeypatch.setenv("COMNECK_API_KEYS", "a, b")
+    monkeypatch.setenv("COMNECK_MAX_BODY_BYTES", "1000")
+    settings = ServerSettings(_cli_parse_args=["--max-body-bytes", "2000", "--backends", "clip-zero-shot"])
+    assert settings.api_keys == ["a", "b"] and settings.max_body_bytes == 2000
+    assert settings.backends == ["clip-zero-shot"]
+    assert dataclasses.asdict(settings.weight_files) == {"codec": None, "neck": None, "clip": None}
