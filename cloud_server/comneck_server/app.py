@@ -161,7 +161,8 @@ def respond(request: Request, payload: dict[str, Any], status: int = 200, header
     return JSONResponse(payload, status, headers)
 
 
-def _one_line(exc: ValidationError) -> str:
+def _one_line(exc: ValidationError | RequestValidationError) -> str:
+    """The first validation error as "field.path: message"."""
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "body"
     return f"{where}: {first['msg']}"
@@ -269,9 +270,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return respond(request, error_body("invalid_request", f"{where}: {first['msg']}"), 422)
+        return respond(request, error_body("invalid_request", _one_line(exc)), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
