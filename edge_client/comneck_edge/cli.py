@@ -59,7 +59,7 @@ def _encode(args: argparse.Namespace) -> str:
         raise ComneckInputError("--server needs --prompt (the question for the model)")
     if args.prompt is not None and not args.server:
         raise ComneckInputError("--prompt goes with --server URL (offline encoding asks no model)")
-    encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize)
+    encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights)
     encoded = encoder.encode_file(args.image)
     out = Path(args.output) if args.output else None if args.server else Path(args.image).with_suffix(".cnk")
     lines = []
@@ -72,7 +72,7 @@ def _encode(args: argparse.Namespace) -> str:
         lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {args.rate})")
     if args.server:
         lines.append(_ask(args, encoded))
-    else:
+    elif encoder.random_weights:
         lines.append(RANDOM_WEIGHTS_NOTE)
     return "\n".join(lines)
 
@@ -83,7 +83,7 @@ def _decode(args: argparse.Namespace) -> str:
     except OSError as exc:
         raise ComneckInputError(f"cannot read {args.bitstream}: {exc.strerror}") from None
     stream = Bitstream.from_bytes(data)
-    codec = build_codec(get_preset(args.preset))
+    codec = build_codec(get_preset(args.preset), args.codec_weights)
     stream.check_codec(codec.config.arch, codec.fingerprint())
     with torch.inference_mode():
         x_hat = codec.synthesize(codec.entropy_decode(stream.latents))
@@ -92,7 +92,8 @@ def _decode(args: argparse.Namespace) -> str:
         image.save(args.output)
     except (OSError, ValueError) as exc:
         raise ComneckInputError(f"cannot write {args.output}: {exc}") from None
-    return f"{args.output}: {image.width}x{image.height} reconstructed with g_s\n{RANDOM_WEIGHTS_NOTE}"
+    note = f"\n{RANDOM_WEIGHTS_NOTE}" if args.codec_weights is None else ""
+    return f"{args.output}: {image.width}x{image.height} reconstructed with g_s{note}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, help="image file to write (format from the suffix, e.g. recon.png)")
     for p in (enc, dec):
         p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
+        p.add_argument("--codec-weights", help="ELIC weights (safetensors, CompressAI keys), the gateway's; default: seeded random")
     enc.set_defaults(func=_encode)
     dec.set_defaults(func=_decode)
     return parser

@@ -32,13 +32,15 @@ class EncodedImage:
 class EdgeEncoder:
     """Runs ELIC's analysis half and the entropy coder for one preset and rate point."""
 
-    def __init__(self, preset: str | Preset = "tiny", rate: int = 1, resize: ResizePolicy = "paper") -> None:
+    def __init__(
+        self, preset: str | Preset = "tiny", rate: int = 1, resize: ResizePolicy = "paper", codec_weights: str | Path | None = None
+    ) -> None:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.rate = check_rate(rate)
         self.resize = resize
-        self.codec = build_codec(self.preset)
+        self.codec = build_codec(self.preset, codec_weights)
         self.fingerprint = self.codec.fingerprint()
-        self.random_weights = True
+        self.random_weights = codec_weights is None
 
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
         """Decode a photo, apply the resize policy, encode."""

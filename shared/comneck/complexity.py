@@ -113,7 +113,7 @@ def complexity_report(preset: Preset, size: int = 256, split_block: int | None =
 
     with torch.device("meta"):
         neck = TransformNeck(replace(preset.neck, grid=grid))
-        unet = UNet()
+        unet = UNet(base=preset.unet_base)
     y_meta = torch.empty(1, preset.codec.M, grid, grid, device="meta")
     report["neck"] = Cost(count_params(neck), count_macs(lambda: neck(y_meta)), pixels)
     steps.update()

@@ -80,6 +80,7 @@ class Preset:
     split_block: int = 2  # the neck feeds CLIP block split_block + 1 (1-based)
     image_size: int = 256  # codec input side (resize + centre crop)
     seed: int = 0  # random initialisation is seeded so edge and cloud build identical weights
+    unet_base: int = 64  # post-processing baseline width (64: the paper's 31.04 M U-Net)
 
 
 # ViT-L/14 at 224 px as in open_clip's "ViT-L-14" config; written out so building it
@@ -109,6 +110,7 @@ PRESETS: dict[str, Preset] = {
         codec=CodecConfig(N=32, M=40, groups=(2, 2, 4, 8, 24)),
         neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=16),
         clip=ClipConfig("tiny-ViT-14", _TINY_CLIP),
+        unet_base=8,
     ),
 }
 

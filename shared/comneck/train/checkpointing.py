@@ -1,0 +1,106 @@
+"""Training checkpoints that a kill cannot break.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` with ``weights.safetensors`` (every
+trainable network, keys prefixed ``neck.``, ``codec.``, ``unet.``), ``state.json`` (config,
+stage, epoch, step) and ``training.pt`` (optimizer, scaler and RNG states). It is written
+under a temporary name and renamed when complete; the file ``checkpoints/latest`` names the
+newest and is itself replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ComneckInputError
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module], state: dict[str, Any], training: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint ``step`` under ``root/checkpoints`` and point ``latest`` at it; keep the newest ``keep``."""
+    folder = root / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {f"{name}.{k}": v.detach().cpu().contiguous().clone() for name, m in modules.items() for k, v in m.state_dict().items()}
+    save_file(weights, str(tmp / "weights.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+    torch.save(training, tmp / "training.pt")
+    for name in ("weights.safetensors", "state.json", "training.pt"):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    _write_atomic(folder / "latest", final.name.encode())
+    for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    pointer = root / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """(weights per network, state, training state) of a checkpoint folder."""
+    try:
+        flat = load_file(str(path / "weights.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+        training = torch.load(path / "training.pt", weights_only=False)  # our own file: optimizer and RNG objects
+    except (OSError, ValueError) as exc:
+        raise ComneckInputError(f"checkpoint {path} is unreadable: {exc}", "bad_checkpoint") from None
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        name, _, rest = key.partition(".")
+        weights.setdefault(name, {})[rest] = tensor
+    return weights, state, training

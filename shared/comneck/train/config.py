@@ -1,0 +1,137 @@
+"""Training configuration: a YAML file, then ``--set key.path=value`` overrides, validated by pydantic.
+
+Defaults are the paper's recipe (DESIGN §1, paper A.1): three stages of 20 epochs,
+Adam (0.9, 0.999, eps 1e-8) without weight decay, lr 1e-4 then 1e-5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ComneckInputError
+from ..presets import PRESETS, RATE_LAMBDAS
+
+Scenario = Literal["d1", "d2", "d3", "postproc"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    root: Path = Field(description="ImageFolder root: one sub-folder of images per class (ImageNet train layout)")
+    classes: Path | None = Field(None, description="class names: a .txt (one per line, folder order) or .json {folder: name}")
+    limit: int | None = Field(None, gt=0, description="use only the first N images (smoke tests)")
+
+
+class StageConfig(_Strict):
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(gt=0)
+
+
+class LossConfig(_Strict):
+    scale: float = Field(11.52, gt=0, description="overall factor on every loss (the official code's 11.52)")
+    ce_weight: float = Field(100.0, ge=0, description="stage 1 (d1, postproc): weight of CE")
+    dist_weight: float = Field(100.0, ge=0, description="stages 2-3: weight of L_dist (CE:dist = 1:100)")
+    gamma: float = Field(60.0, ge=0, description="d2: weight of MSE(x, x_hat) (x in 0..255 as in CompressAI)")
+    beta: float = Field(1.0, ge=0, description="d2: weight of L_dist (gamma:beta = 60:1)")
+
+
+class TrainConfig(_Strict):
+    scenario: Scenario = "d1"
+    rate: int = Field(1, description="rate index 1..4 (lambda 0.004..0.032)")
+    preset: str = "tiny"
+    data: DataConfig
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [StageConfig(lr=1e-4), StageConfig(lr=1e-5), StageConfig(lr=1e-5)],
+        min_length=3,
+        max_length=3,
+    )
+    batch_size: int = Field(8, gt=0, description="images per step and process")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    target: Literal["cls", "tokens"] = Field("cls", description="distil the projected CLS embedding or all tokens at target_block")
+    target_block: int = Field(-1, description="tokens target: 1-based CLIP block, negative from the end (-2: Shikra's block 23)")
+    codec_weights: Path | None = Field(None, description="base ELIC (CompressAI keys, safetensors); none: seeded random")
+    clip_weights: Path | None = Field(None, description="teacher CLIP (open_clip keys, safetensors); none: seeded random")
+    clip_pretrained: str | None = Field(None, description="or an open_clip pretrained tag for the preset's CLIP, e.g. openai")
+    neck_weights: Path | None = Field(None, description="start the neck from these weights (e.g. d2/d3 stage i)")
+    device: str = "cpu"
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision for neck/CLIP/U-Net")
+    workers: int = Field(0, ge=0, description="data-loader worker processes")
+    output: Path = Path("runs/train")
+    seed: int = 0
+    log_every: int = Field(10, gt=0, description="steps between JSONL log lines")
+    checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (and one at every epoch end)")
+    keep_checkpoints: int = Field(2, gt=0)
+    tensorboard: bool = False
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, rate: int) -> int:
+        if rate not in RATE_LAMBDAS:
+            raise ValueError("rate index must be 1..4")
+        return rate
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, name: str) -> str:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
+        return name
+
+    @property
+    def lmbda(self) -> float:
+        return RATE_LAMBDAS[self.rate]
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested mappings and lists (a number indexes a list, e.g. ``stages.0.epochs``)."""
+    if dotted.startswith("stages.") and "stages" not in tree:
+        tree["stages"] = [stage.model_dump() for stage in TrainConfig.model_fields["stages"].default_factory()]  # type: ignore[misc]
+    keys = dotted.split(".")
+    node: Any = tree
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ComneckInputError(f"--set {dotted}: {key} is not an index of a {len(node)}-item list", "bad_config")
+            slot: Any = int(key)
+        elif isinstance(node, dict):
+            slot = key
+            if not last:
+                node.setdefault(key, {})
+        else:
+            raise ComneckInputError(f"--set {dotted}: {keys[depth - 1]} is a value, not a section", "bad_config")
+        if last:
+            node[slot] = value
+        else:
+            node = node[slot]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key.path=value`` overrides (values parsed as YAML), validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ComneckInputError(f"cannot read config {path}: {exc.strerror}", "bad_config") from None
+        except yaml.YAMLError as exc:
+            raise ComneckInputError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}", "bad_config") from None
+        if not isinstance(tree, dict):
+            raise ComneckInputError(f"config {path} must be a mapping of settings", "bad_config")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ComneckInputError(f"--set wants KEY=VALUE, got {item!r}", "bad_config")
+        _set_path(tree, key.strip(), yaml.safe_load(value) if value else value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ComneckInputError(f"config {where}: {first['msg']}", "bad_config") from None

@@ -1,0 +1,90 @@
+"""Training data: ImageFolder class folders, each image seen twice.
+
+The codec gets the paper's view (bicubic resize 256 + centre crop 256, values in [0, 1]);
+the teacher CLIP gets CLIP's own eval view of the same image (resize 224 + centre crop 224,
+CLIP normalisation), from open_clip's ``image_transform``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from open_clip.transform import image_transform
+from torch.utils.data import Dataset, Sampler, Subset
+from torchvision.datasets import ImageFolder
+
+from ..errors import ComneckInputError
+from ..image import load_image, resize_for_codec, to_tensor
+from .config import DataConfig
+
+
+class TwoViews:
+    """PIL image -> (codec view [3, S, S] in [0, 1], CLIP view [3, 224, 224] normalised)."""
+
+    def __init__(self, codec_size: int, clip_size: int) -> None:
+        self.codec_size = codec_size
+        self.clip_view = image_transform(clip_size, is_train=False)
+
+    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+        return to_tensor(resize_for_codec(img, "paper", self.codec_size))[0], self.clip_view(img)
+
+
+def read_class_names(path: Path | None, folders: list[str]) -> list[str]:
+    """Readable class names in folder order: from a .txt (one per line) or .json ({folder: name}),
+    else the folder names with underscores as spaces."""
+    if path is None:
+        return [folder.replace("_", " ") for folder in folders]
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ComneckInputError(f"cannot read class names {path}: {exc.strerror}", "bad_config") from None
+    if Path(path).suffix == ".json":
+        mapping = json.loads(text)
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise ComneckInputError(f"{path} names no class for folder {missing[0]!r}", "bad_config")
+        return [str(mapping[f]) for f in folders]
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(names) != len(folders):
+        raise ComneckInputError(f"{path} lists {len(names)} class names for {len(folders)} class folders", "bad_config")
+    return names
+
+
+def build_dataset(config: DataConfig, codec_size: int, clip_size: int) -> tuple[Dataset, list[str]]:
+    """The two-view dataset and its class names."""
+    if not Path(config.root).is_dir():
+        raise ComneckInputError(f"data root {config.root} is not a folder", "bad_config")
+    try:
+        folder = ImageFolder(str(config.root), loader=load_image, transform=TwoViews(codec_size, clip_size))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ComneckInputError(f"data root {config.root}: {exc}".splitlines()[0], "bad_config") from None
+    names = read_class_names(config.classes, folder.classes)
+    dataset: Dataset = Subset(folder, range(min(config.limit, len(folder)))) if config.limit else folder
+    return dataset, names
+
+
+class ResumableSampler(Sampler[int]):
+    """A shuffled order fixed by (seed, epoch), split across ``world`` processes, that can start
+    ``skip`` samples in: a resumed run sees exactly the samples the interrupted one had left."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        usable = len(order) - len(order) % self.world  # every process gets as many samples
+        return order[self.rank : usable : self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.skip
