@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+from compressai.layers import MaskedConv2d
 from compressai.models import Elic2022Chandelier, Elic2022Official
 from torch import nn
 
@@ -77,6 +78,14 @@ class ElicCodec(nn.Module):
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return digest.digest()[:size]
+
+    def apply_context_masks(self) -> None:
+        """Zero the masked taps of the context models' masked convolutions now, as their first
+        forward would, so the weights (and the fingerprint) are the same before and after use."""
+        with torch.no_grad():
+            for module in self.model.modules():
+                if isinstance(module, MaskedConv2d):
+                    module.weight.mul_(module.mask)
 
     def update_entropy_tables(self) -> None:
         """Rebuild the rANS CDF tables from the current weights (after init, loading or training)."""

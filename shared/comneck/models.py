@@ -39,6 +39,7 @@ def build_codec(preset: Preset, weights: str | Path | None = None) -> ElicCodec:
     codec = seeded(preset.seed, ElicCodec, preset.codec)
     if weights is not None:
         load_into(codec.model, read_state_dict(weights, "codec"), "codec")
+    codec.apply_context_masks()
     codec.update_entropy_tables()
     return codec
 

@@ -87,11 +87,11 @@ class Terms:
 def combine(stage: Stage, ce: torch.Tensor | None, dist: torch.Tensor, rate: torch.Tensor | None, mse: torch.Tensor | None) -> Terms:
     """Weighted sum of the terms this stage uses; ``values`` keeps each term for the log."""
     total = stage.dist * dist
-    values = {"dist": float(dist)}
+    values = {"dist": dist.item()}
     for name, weight, term in (("ce", stage.ce, ce), ("bpp", stage.rate, rate), ("mse", stage.mse, mse)):
         if term is not None:
-            values[name] = float(term)
+            values[name] = term.item()
             if weight:
                 total = total + weight * (term * 255.0**2 if name == "mse" else term)
-    values["loss"] = float(total)
+    values["loss"] = total.item()
     return Terms(total, values)

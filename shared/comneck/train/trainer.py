@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ def text_embeddings(clip: nn.Module, names: list[str], cache: Path, key: str) ->
         chunks = [clip.encode_text(tokenizer([TEMPLATE.format(n) for n in names[i : i + 256]]).to(device)).float().cpu() for i in range(0, len(names), 256)]
     embeddings = torch.cat(chunks)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": embeddings, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(cache))
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # processes of one run may write at once
+    save_file({"embeddings": embeddings, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(tmp))
+    os.replace(tmp, cache)
     return embeddings
 
 

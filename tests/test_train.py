@@ -1,0 +1,153 @@
+"""Training on the tiny preset and a generated two-class dataset: every scenario end to end,
+falling losses on one batch, frozen parts untouched, exact resume, serving the export, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comneck.errors import ComneckInputError
+from comneck.image import sample_photo
+from comneck.models import WeightFiles, build_cloud_models, build_codec
+from comneck.train.config import load_config
+from comneck.train.objectives import stage_plan
+from comneck.train.trainer import Trainer
+from comneck_edge import EdgeEncoder
+from comneck_server.gateway import Gateway
+from comneck_server.settings import ServerSettings
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, colour in (("red_thing", (200, 40, 40)), ("blue_thing", (40, 40, 200))):
+        (root / name).mkdir()
+        for i in range(4):
+            pixels = (np.array(colour) + rng.integers(-40, 40, (72, 80, 3))).clip(0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def config(dataset, tmp_path, *overrides):
+    return load_config(None, [f"data.root={dataset}", f"output={tmp_path}", "batch_size=2", "stages.0.epochs=1",
+                              "stages.1.epochs=1", "stages.2.epochs=1", "log_every=1", *overrides])
+
+
+def losses(folder, stage):
+    return [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines() if json.loads(line)["stage"] == stage]
+
+
+def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa if "_cdf" not in k and "_offset" not in k)
+
+
+def test_config_from_yaml_with_overrides(tmp_path, dataset):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"scenario: d3\nrate: 2\ndata:\n  root: {dataset}\n  limit: 6\nstages:\n  - {{epochs: 2, lr: 0.001}}\n  - {{epochs: 2, lr: 0.0001}}\n  - {{epochs: 2, lr: 0.0001}}\n")
+    cfg = load_config(path, ["stages.1.epochs=5", "loss.gamma=30", "target=tokens", "target_block=-2"])
+    assert (cfg.scenario, cfg.rate, cfg.lmbda, cfg.data.limit) == ("d3", 2, 0.008, 6)
+    assert [s.epochs for s in cfg.stages] == [2, 5, 2] and cfg.loss.gamma == 30 and cfg.target == "tokens"
+    for bad in (["rate=7"], ["scenario=d9"], ["stages.5.epochs=1"], ["nonsense=1"], ["rate"]):
+        with pytest.raises(ComneckInputError) as info:
+            load_config(path, bad)
+        assert info.value.code == "bad_config" and "\n" not in str(info.value)
+
+
+def test_stage_plans_follow_the_paper(dataset, tmp_path):
+    d1 = stage_plan(config(dataset, tmp_path))
+    assert [(s.ce, s.dist) for s in d1] == [(1152.0, 0.0), (11.52, 1152.0), (0.0, 1152.0)]
+    assert all(s.trains == ("neck",) for s in d1)
+    d2 = stage_plan(config(dataset, tmp_path, "scenario=d2", "rate=3"))
+    assert d2[1].trains == ("neck", "codec") and (d2[1].rate, d2[1].mse, d2[1].dist) == (1.0, 0.016 * 60, 0.016)
+    d3 = stage_plan(config(dataset, tmp_path, "scenario=d3"))
+    assert d3[1].trains == ("neck", "codec-encoder") and d3[1].mse == 0 and d3[1].dist == 0.004
+    assert [s.trains for s in stage_plan(config(dataset, tmp_path, "scenario=postproc"))] == [("unet",)] * 3
+
+
+@pytest.mark.parametrize("scenario", ["d1", "d2", "d3", "postproc"])
+def test_every_scenario_trains_end_to_end_and_freezes_the_rest(scenario, dataset, tmp_path, tiny, tiny_models):
+    trainer = Trainer(config(dataset, tmp_path, f"scenario={scenario}"))
+    summary = trainer.run()
+    s = trainer.student
+    assert summary["steps"] == 12 and (tmp_path / "export" / "neck.safetensors").is_file()
+    assert abs(summary["real_bpp"] - summary["estimated_bpp"]) < 0.15 * summary["estimated_bpp"]
+    assert same(trainer.clip_model, tiny_models.clip_model)  # the teacher never moves
+    base = build_codec(tiny)
+    changed = {
+        "d1": {"neck"},
+        "d2": {"neck", "g_a", "g_s", "latent_codec"},
+        "d3": {"neck", "g_a", "latent_codec"},
+        "postproc": {"unet"},
+    }[scenario]
+    assert same(s.neck, tiny_models.neck) == ("neck" not in changed)
+    for part in ("g_a", "g_s", "latent_codec"):
+        assert same(getattr(s.codec.model, part), getattr(base.model, part)) == (part not in changed), part
+    if scenario == "postproc":
+        assert (tmp_path / "export" / "unet.safetensors").is_file() and "use" in summary
+
+
+@pytest.mark.parametrize(
+    "scenario, stage, lr",
+    [("d1", 0, 1e-3), ("d1", 1, 1e-3), ("d1", 2, 1e-3), ("d2", 1, 1e-3), ("d3", 1, 1e-3), ("postproc", 2, 1e-3)],
+)
+def test_each_objective_falls_on_one_fixed_batch(scenario, stage, lr, dataset, tmp_path):
+    epochs = ["0", "0", "0"]
+    epochs[stage] = "12"
+    cfg = config(dataset, tmp_path, f"scenario={scenario}", "data.limit=2", *(f"stages.{i}.epochs={n}" for i, n in enumerate(epochs)), f"stages.{stage}.lr={lr}")
+    Trainer(cfg).run()
+    curve = losses(tmp_path, stage)
+    assert len(curve) == 12 and sum(curve[-3:]) < 0.8 * sum(curve[:3]), curve
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path):
+    whole = Trainer(config(dataset, tmp_path / "a", "scenario=d2"))
+    whole.run()
+    first = Trainer(config(dataset, tmp_path / "b", "scenario=d2"))
+    assert first.run(stop_after_steps=6) == {"stopped_at": {"stage": 1, "epoch": 0, "step_in_epoch": 2, "global_step": 6}}
+    second = Trainer(config(dataset, tmp_path / "b", "scenario=d2"))
+    assert second.resume() and second.position["global_step"] == 6
+    second.run()
+    for name in ("neck", "codec"):
+        a = (tmp_path / "a" / "export" / f"{name}.safetensors").read_bytes()
+        assert a == (tmp_path / "b" / "export" / f"{name}.safetensors").read_bytes(), name
+    assert losses(tmp_path / "a", 2) == losses(tmp_path / "b", 2)
+
+
+def test_the_exported_neck_and_codec_serve_in_the_gateway(dataset, tmp_path, tiny):
+    Trainer(config(dataset, tmp_path, "scenario=d3")).run()
+    export = tmp_path / "export"
+    settings = ServerSettings(codec_weights=export / "codec.safetensors", neck_weights=export / "neck.safetensors")
+    gateway = Gateway.load(settings)
+    assert gateway.models.random_parts == ("clip",)
+    encoded = EdgeEncoder(tiny, codec_weights=export / "codec.safetensors").encode_file(sample_photo())
+    result = gateway.infer(encoded.data, "Labels: red thing, blue thing")
+    assert result.answer.text in ("red thing", "blue thing")
+    assert gateway.models.codec_fingerprint != build_cloud_models(tiny, WeightFiles()).codec_fingerprint
+
+
+def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "comneck.train.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args in (["--data", str(tmp_path / "none")], ["--data", str(tmp_path), "--rate", "9"], [str(tmp_path / "missing.yaml")]):
+        run = run_train(*args, "--output", str(tmp_path / "out"))
+        assert run.returncode == 2 and run.stderr.startswith("comneck-train: error:") and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_two_processes_with_torchrun_gloo(dataset, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "comneck.train.cli",
+           "--data", str(dataset), "--epochs", "1,0,1", "--batch-size", "2", "--output", str(tmp_path), "--set", "log_every=1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 4  # 8 images / (2 per step x 2 processes) per epoch, two epochs; rank 0 logs
+    assert json.loads((tmp_path / "export" / "export.json").read_text())["steps"] == 4
