@@ -114,6 +114,13 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=amp, enabled=amp is not None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self._log = None
+        self._board = None
+        if config.tensorboard and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ComneckInputError("tensorboard: true needs the tensorboard package (pip install tensorboard)", "bad_config") from None
+            self._board = SummaryWriter(str(config.output / "tensorboard"))
 
     # -- what trains -----------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
@@ -218,6 +225,10 @@ class Trainer:
             self._log = open(self.config.output / "log.jsonl", "a")
         self._log.write(json.dumps(values) + "\n")
         self._log.flush()
+        if self._board is not None:
+            for name in ("loss", "dist", "ce", "bpp", "mse", "aux"):
+                if name in values:
+                    self._board.add_scalar(f"{values['stage_name']}/{name}", values[name], values["global_step"])
 
     def run(self, stop_after_steps: int | None = None) -> dict[str, Any]:
         """Train from the current position to the end (or for ``stop_after_steps`` steps); export at the end."""
