@@ -151,3 +151,19 @@ def test_two_processes_with_torchrun_gloo(dataset, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(lines) == 4  # 8 images / (2 per step x 2 processes) per epoch, two epochs; rank 0 logs
     assert json.loads((tmp_path / "export" / "export.json").read_text())["steps"] == 4
+
+
+def test_a_half_written_checkpoint_is_ignored_on_resume(dataset, tmp_path):
+    first = Trainer(config(dataset, tmp_path, "checkpoint_every=2"))
+    first.run(stop_after_steps=4)
+    broken = tmp_path / "checkpoints" / ".step-00000006.tmp"  # a kill while writing step 6
+    broken.mkdir()
+    (broken / "weights.safetensors").write_bytes(b"partial")
+    second = Trainer(config(dataset, tmp_path))
+    assert second.resume() and second.position["global_step"] == 4
+    assert second.run()["steps"] == 12
+
+
+def test_mixed_precision_bf16_trains(dataset, tmp_path):
+    summary = Trainer(config(dataset, tmp_path, "amp=bf16", "data.limit=4")).run()
+    assert summary["steps"] == 6 and all(line for line in (tmp_path / "log.jsonl").read_text().splitlines())
