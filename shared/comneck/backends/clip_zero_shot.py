@@ -23,6 +23,16 @@ MAX_LABELS = 64
 _CACHE_LIMIT = 4096  # text embeddings kept per backend; cleared when full
 
 
+def label_embeddings(clip: nn.Module, tokenizer: open_clip.tokenizer.SimpleTokenizer, labels: list[str], chunk: int = 256) -> torch.Tensor:
+    """L2-normalised CLIP text embeddings [len(labels), D] (float32) of "a photo of a {label}."."""
+    device = next(clip.parameters()).device
+    with torch.no_grad():
+        return torch.cat([
+            clip.encode_text(tokenizer([TEMPLATE.format(label) for label in labels[i : i + chunk]]).to(device), normalize=True).float()
+            for i in range(0, len(labels), chunk)
+        ])
+
+
 def parse_labels(prompt: str) -> list[str]:
     """Candidate labels of a prompt: the text after its last colon, split at commas, semicolons
     or new lines; duplicates dropped, order kept."""
@@ -57,10 +67,7 @@ class ClipZeroShot:
         if missing:
             if len(self._text_cache) + len(missing) > _CACHE_LIMIT:
                 self._text_cache.clear()
-            device = next(self.clip.parameters()).device
-            tokens = self.tokenizer([TEMPLATE.format(label) for label in missing]).to(device)
-            embedded = self.clip.encode_text(tokens, normalize=True).float()
-            self._text_cache.update(zip(missing, embedded))
+            self._text_cache.update(zip(missing, label_embeddings(self.clip, self.tokenizer, missing)))
         return torch.stack([self._text_cache[label] for label in labels])
 
     @torch.inference_mode()

@@ -22,12 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..backends.clip_zero_shot import TEMPLATE
-from ..checkpoints import load_into, read_state_dict, save_state_dict
-from ..clip_split import ClipSplit, build_clip
+from ..backends.clip_zero_shot import label_embeddings
+from ..checkpoints import save_state_dict
+from ..clip_split import ClipSplit
 from ..errors import ComneckInputError
-from ..models import build_codec, seeded
-from ..neck import TransformNeck
+from ..models import WeightFiles, build_cloud_models, seeded
 from ..presets import get_preset
 from ..unet import UNet
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -39,23 +38,18 @@ from .student import Student, Target
 AUX_LR = 1e-3  # CompressAI's learning rate for the entropy bottleneck's quantiles
 
 
-def _build_clip(config: TrainConfig) -> nn.Module:
-    preset = get_preset(config.preset)
-    if config.clip_pretrained:
-        import open_clip
+def _pretrained_clip(name: str, tag: str) -> nn.Module:
+    """open_clip's own loader for a pretrained tag (downloads or reads its cache)."""
+    import open_clip
 
-        try:
-            return open_clip.create_model(preset.clip.name, pretrained=config.clip_pretrained).eval()
-        except Exception as exc:  # open_clip raises many kinds for a missing or unknown tag
-            raise ComneckInputError(f"cannot load CLIP {preset.clip.name} pretrained={config.clip_pretrained}: {exc}", "bad_weights") from None
-    clip = seeded(preset.seed + 2, build_clip, preset.clip)
-    if config.clip_weights:
-        load_into(clip, read_state_dict(config.clip_weights, "clip"), "clip")
-    return clip
+    try:
+        return open_clip.create_model(name, pretrained=tag).eval()
+    except Exception as exc:  # open_clip raises many kinds for a missing or unknown tag
+        raise ComneckInputError(f"cannot load CLIP {name} pretrained={tag}: {exc}", "bad_weights") from None
 
 
 def text_embeddings(clip: nn.Module, names: list[str], cache: Path, key: str) -> torch.Tensor:
-    """Frozen CLIP text embeddings of "a photo of a {name}." per class, cached in ``cache``."""
+    """Frozen, normalised CLIP text embeddings of "a photo of a {name}." per class, cached in ``cache``."""
     if cache.is_file():
         stored = load_file(str(cache))
         if stored.get("key") is not None and bytes(stored["key"].tolist()).decode() == key:
@@ -63,10 +57,7 @@ def text_embeddings(clip: nn.Module, names: list[str], cache: Path, key: str) ->
     import open_clip
 
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
-    device = next(clip.parameters()).device
-    with torch.no_grad():
-        chunks = [clip.encode_text(tokenizer([TEMPLATE.format(n) for n in names[i : i + 256]]).to(device)).float().cpu() for i in range(0, len(names), 256)]
-    embeddings = torch.cat(chunks)
+    embeddings = label_embeddings(clip, tokenizer, names).cpu()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # processes of one run may write at once
     save_file({"embeddings": embeddings, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, str(tmp))
@@ -85,17 +76,17 @@ class Trainer:
         preset = get_preset(config.preset)
         torch.manual_seed(config.seed)
 
-        codec = build_codec(preset, config.codec_weights)
-        neck = seeded(preset.seed + 1, TransformNeck, preset.neck)
-        if config.neck_weights:
-            load_into(neck, read_state_dict(config.neck_weights, "neck"), "neck")
-        clip_model = _build_clip(config)
+        models = build_cloud_models(preset, WeightFiles(config.codec_weights, config.neck_weights, config.clip_weights))
+        clip_model, clip = models.clip_model, models.clip
+        if config.clip_pretrained:  # replaces the seeded CLIP (built once at start-up; cheap beside a training run)
+            clip_model = _pretrained_clip(preset.clip.name, config.clip_pretrained)
+            clip = ClipSplit(clip_model.visual, preset.split_block)
         unet = seeded(preset.seed + 3, UNet, 3, preset.unet_base) if config.scenario == "postproc" else None
-        clip = ClipSplit(clip_model.visual, preset.split_block)
         target = Target.of(config.target, config.target_block, clip.num_blocks)
-        self.student = Student(codec, neck, clip, target, unet).to(self.device)
+        self.student = Student(models.codec, models.neck, clip, target, unet).to(self.device)
         self.clip_model = clip_model.to(self.device).requires_grad_(False)
-        self.random_parts = [n for n, w in (("codec", config.codec_weights), ("clip", config.clip_weights or config.clip_pretrained)) if not w]
+        not_random = {"neck"} | ({"clip"} if config.clip_pretrained else set())  # the neck is what trains
+        self.random_parts = [part for part in models.random_parts if part not in not_random]
 
         self.dataset, self.class_names = build_dataset(config.data, preset.image_size, clip.visual.image_size[0])
         if len(self.dataset) < config.batch_size * self.world:
