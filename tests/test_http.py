@@ -14,8 +14,8 @@ import pytest
 
 from comneck.bitstream import Bitstream
 from comneck.image import sample_photo
-from comneck_edge import EdgeEncoder, GatewayClient
-from comneck_server.demo import free_port
+from comneck_edge import EdgeEncoder
+from comneck_server.demo import free_port, local_gateway
 
 API_KEY = "test-key"
 LIMIT = 64 * 1024
@@ -24,18 +24,9 @@ PROMPT = "Labels: cow, horse, beach"
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
     env = {**os.environ, "COMNECK_API_KEYS": f"other-key,{API_KEY}"}
-    cmd = [sys.executable, "-m", "comneck_server", "--preset", "tiny", "--port", str(port),
-           "--max-body-bytes", str(LIMIT), "--max-prompt-chars", "500", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        GatewayClient(url).wait_ready(120, is_alive=lambda: proc.poll() is None)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with local_gateway("tiny", "--max-body-bytes", str(LIMIT), "--max-prompt-chars", "500", env=env, timeout=120) as client:
+        yield client.url
 
 
 @pytest.fixture(scope="module")

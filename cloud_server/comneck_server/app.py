@@ -172,6 +172,14 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+async def _bitstream_part(form: Any) -> bytes:
+    """The bytes of the multipart file part ``bitstream``."""
+    upload = form.get("bitstream")
+    if upload is None or isinstance(upload, str):
+        raise ApiError("invalid_request", "multipart body needs the bitstream as a file part (curl -F bitstream=@photo.cnk)")
+    return await upload.read()
+
+
 async def _read_infer_request(request: Request) -> InferRequest:
     kind = _content_type(request)
     if kind in MSGPACK_TYPES:
@@ -184,11 +192,7 @@ async def _read_infer_request(request: Request) -> InferRequest:
             raise ApiError("bad_request", "msgpack body must be a map with bitstream and prompt")
     elif kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=8) as form:
-            raw = {key: value for key, value in form.items()}
-            upload = raw.get("bitstream")
-            if upload is None or isinstance(upload, str):
-                raise ApiError("invalid_request", "multipart body needs the bitstream as a file part (curl -F bitstream=@photo.cnk)")
-            raw["bitstream"] = await upload.read()
+            raw = {**form, "bitstream": await _bitstream_part(form)}
         if "options" in raw:
             try:
                 raw["options"] = json.loads(raw["options"])
@@ -208,10 +212,7 @@ async def _read_bitstream_body(request: Request) -> bytes:
         return await request.body()
     if kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=1) as form:
-            upload = form.get("bitstream")
-            if upload is None or isinstance(upload, str):
-                raise ApiError("invalid_request", "multipart body needs the bitstream as a file part")
-            return await upload.read()
+            return await _bitstream_part(form)
     raise ApiError("unsupported_media_type", "send the bitstream as application/octet-stream or multipart/form-data")
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 from comneck.errors import run_command
 from comneck.image import RESIZE_POLICIES, sample_photo
-from comneck.presets import PRESETS, check_rate, get_preset
+from comneck.presets import PRESETS
 from comneck_edge import EdgeEncoder, GatewayClient
 from comneck_edge.report import format_answer
 
@@ -32,11 +32,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_gateway(preset: str, timeout: float = 300.0) -> Iterator[GatewayClient]:
-    """Run ``comneck-server`` in a child process until the block ends; yield a client once it is ready."""
+def local_gateway(
+    preset: str, *flags: str, env: dict[str, str] | None = None, timeout: float = 300.0
+) -> Iterator[GatewayClient]:
+    """Run ``comneck-server`` (with extra ``flags``) in a child process on a free port until the
+    block ends; yield a client once it is ready."""
     port = free_port()
-    cmd = [sys.executable, "-m", "comneck_server", "--preset", preset, "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(cmd)
+    cmd = [sys.executable, "-m", "comneck_server", "--preset", preset, "--port", str(port), "--log-level", "warning", *flags]
+    server = subprocess.Popen(cmd, env=env)
     try:
         with GatewayClient(f"http://127.0.0.1:{port}") as client:
             client.wait_ready(timeout, is_alive=lambda: server.poll() is None)
@@ -51,8 +54,6 @@ def local_gateway(preset: str, timeout: float = 300.0) -> Iterator[GatewayClient
 
 def run_demo(image: str | None, preset: str, rate: int, resize: str, prompt: str) -> str:
     """Start a gateway, ask it about one photo, stop it; return the printed report."""
-    get_preset(preset)
-    check_rate(rate)
     path = image or str(sample_photo())
     encoder = EdgeEncoder(preset, rate=rate, resize=resize)  # type: ignore[arg-type]
     encoder.encode_file(path)  # warm-up: first calls pay one-off allocation costs

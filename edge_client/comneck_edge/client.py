@@ -135,8 +135,10 @@ class GatewayClient:
                 response = None
             if response is not None and response.is_success:
                 return
-            if response is not None and response.status_code == 503 and _decode(response)["error"]["code"] == "load_failed":
-                raise GatewayError("load_failed", f"{self.url}: {_decode(response)['error']['message']}", 503)
+            if response is not None and response.status_code == 503:
+                error = _decode(response)["error"]
+                if error["code"] == "load_failed":
+                    raise GatewayError("load_failed", f"{self.url}: {error['message']}", 503)
             if time.monotonic() > deadline:
                 raise GatewayError("not_ready", f"{self.url} was not ready within {timeout:.0f} s")
             time.sleep(poll)

@@ -105,6 +105,7 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=amp, enabled=amp is not None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self._log = None
+        self._resumed: dict[str, Any] | None = None  # training state of a loaded checkpoint, applied when its stage starts
         self._board = None
         if config.tensorboard and self.rank == 0:
             try:
@@ -178,7 +179,7 @@ class Trainer:
                         dist.all_reduce(p.grad)
                         p.grad /= self.world
             aux_optim.step()
-            terms.values["aux"] = float(aux_loss)
+            terms.values["aux"] = aux_loss.item()
         return terms.values
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -224,7 +225,7 @@ class Trainer:
     def run(self, stop_after_steps: int | None = None) -> dict[str, Any]:
         """Train from the current position to the end (or for ``stop_after_steps`` steps); export at the end."""
         steps_done = 0
-        resumed = getattr(self, "_resumed", None)
+        resumed, self._resumed = self._resumed, None
         for stage_index in range(self.position["stage"], len(self.stages)):
             stage = self.stages[stage_index]
             stage_cfg = self.config.stages[stage_index]
