@@ -37,8 +37,8 @@ class LossConfig(_Strict):
     scale: float = Field(11.52, gt=0, description="overall factor on every loss (the official code's 11.52)")
     ce_weight: float = Field(100.0, ge=0, description="stage 1 (d1, postproc): weight of CE")
     dist_weight: float = Field(100.0, ge=0, description="stages 2-3: weight of L_dist (CE:dist = 1:100)")
-    gamma: float = Field(60.0, ge=0, description="d2: weight of MSE(x, x_hat) (x in 0..255 as in CompressAI)")
-    beta: float = Field(1.0, ge=0, description="d2: weight of L_dist (gamma:beta = 60:1)")
+    gamma: float = Field(1.0, ge=0, description="d2: weight of MSE(x, x_hat) on the 0..255 scale (1 = the base ELIC's R-D loss at the same lambda)")
+    beta: float = Field(1 / 60, ge=0, description="d2: weight of L_dist, in the neck stages' units (scale x dist_weight x MSE); gamma:beta = 60:1")
 
 
 class TrainConfig(_Strict):

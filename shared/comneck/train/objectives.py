@@ -51,10 +51,11 @@ def stage_plan(config: TrainConfig) -> list[Stage]:
             Stage("dist", (student,), dist=s * w.dist_weight),
         ]
     lam = config.lmbda
+    l_dist = s * w.dist_weight  # L_dist means the same term in every stage: the official code's 11.52 x 100 x MSE
     if config.scenario == "d2":
-        joint = Stage("joint-d2", ("neck", "codec"), dist=lam * w.beta, rate=1.0, mse=lam * w.gamma)
+        joint = Stage("joint-d2", ("neck", "codec"), dist=lam * w.beta * l_dist, rate=1.0, mse=lam * w.gamma)
     else:
-        joint = Stage("joint-d3", ("neck", "codec-encoder"), dist=lam, rate=1.0)
+        joint = Stage("joint-d3", ("neck", "codec-encoder"), dist=lam * l_dist, rate=1.0)
     return [Stage("neck", ("neck",), dist=s * w.dist_weight), joint, Stage("neck-finetune", ("neck",), dist=s * w.dist_weight)]
 
 

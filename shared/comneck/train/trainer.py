@@ -169,6 +169,8 @@ class Trainer:
         self.scaler.scale(terms.total).backward()
         self.scaler.step(optim)
         self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: steps whose gradients overflowed are skipped and the scale halves
+            terms.values["loss_scale"] = self.scaler.get_scale()
         if aux_optim is not None:
             aux_loss = self.student.codec.model.aux_loss()
             aux_optim.zero_grad(set_to_none=True)
