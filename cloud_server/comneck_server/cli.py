@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from comneck.backends import check_backend_names
-from comneck.checkpoints import check_state_file
+from comneck.importers.reading import check_source
 from comneck.errors import ComneckInputError
 from comneck.presets import get_preset
 
@@ -36,7 +36,7 @@ def parse_settings(argv: list[str]) -> ServerSettings:
     check_device(settings.device)
     for part, path in vars(settings.weight_files).items():
         if path is not None:
-            check_state_file(path, part)
+            check_source(path, part)
     return settings
 
 

@@ -84,12 +84,13 @@ class Gateway:
         """Run the pipeline once on a grey image so the first request pays no one-off costs."""
         side = self.models.preset.image_size
         latents, _ = self.models.codec.analyze(torch.full((1, 3, side, side), 0.5))
-        fingerprint = self.models.codec_fingerprint
-        self.pipeline(Bitstream(self.models.preset.codec.arch, 1, fingerprint, (side, side), latents))
+        codec = self.models.codec
+        rate = codec.weights_info.rate if codec.weights_info and codec.weights_info.rate else 1
+        self.pipeline(Bitstream(codec.config.arch, rate, self.models.codec_fingerprint, (side, side), latents))
 
     def _parse(self, data: bytes) -> Bitstream:
         stream = Bitstream.from_bytes(data, max_side=self.settings.max_image_side)
-        stream.check_codec(self.models.preset.codec.arch, self.models.codec_fingerprint)
+        stream.check_codec(self.models.codec.config.arch, self.models.codec_fingerprint)
         return stream
 
     def _check_request(self, prompt: str, task: str | None, backend: str | None) -> tuple[Backend, str]:
@@ -146,12 +147,13 @@ class Gateway:
 
     def describe(self) -> dict:
         """What /v1/models reports: codec, rate points, networks, backends, random-weight status."""
-        preset = self.models.preset
+        preset, info = self.models.preset, self.models.codec.weights_info
         return {
             "preset": preset.name,
             "codec": {
-                "arch": preset.codec.arch,
+                "arch": self.models.codec.config.arch,
                 "fingerprint": self.models.codec_fingerprint.hex(),
+                "weights": {"layout": info.layout, "scenario": info.scenario, "rate": info.rate} if info else None,
                 "rates": {str(k): v for k, v in RATE_LAMBDAS.items()},
                 "input_size": [preset.image_size, preset.image_size],
             },

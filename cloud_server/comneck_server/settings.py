@@ -24,9 +24,16 @@ class ServerSettings(BaseSettings):
     )
 
     preset: str = Field("tiny", description="model sizes: tiny (demo, tests) or paper (ViT-L/14)")
-    codec_weights: Path | None = Field(None, description="ELIC weights, safetensors with CompressAI keys")
-    neck_weights: Path | None = Field(None, description="transform-neck weights, safetensors")
-    clip_weights: Path | None = Field(None, description="open_clip CLIP weights, safetensors")
+    weights: Path | None = Field(
+        None, description="a `comneck convert` folder or a release checkpoint d{1,2,3}_{1..4}.pth.tar: fills the networks not given below"
+    )
+    codec_weights: Path | None = Field(
+        None, description="ELIC weights: our safetensors, a convert folder, a release/ELIC_LLM .pth.tar or a CompressAI state dict"
+    )
+    neck_weights: Path | None = Field(None, description="transform-neck weights: our safetensors, a convert folder or a release .pth.tar")
+    clip_weights: Path | None = Field(
+        None, description="CLIP weights: our/open_clip safetensors or .pt (OpenAI TorchScript too), Hugging Face CLIP, a convert folder"
+    )
     device: str = Field("cpu", description="where the neck, CLIP and backends run: cpu, cuda or cuda:N (entropy decoding stays on the CPU)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="neck/CLIP/backend precision")
     backends: Annotated[list[str], NoDecode] = Field(
@@ -53,4 +60,4 @@ class ServerSettings(BaseSettings):
 
     @property
     def weight_files(self) -> WeightFiles:
-        return WeightFiles(self.codec_weights, self.neck_weights, self.clip_weights)
+        return WeightFiles.bundle(self.weights, self.codec_weights, self.neck_weights, self.clip_weights)

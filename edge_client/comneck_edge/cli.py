@@ -69,7 +69,7 @@ def _encode(args: argparse.Namespace) -> str:
         except OSError as exc:
             raise ComneckInputError(f"cannot write {out}: {exc.strerror}") from None
         h, w = encoded.bitstream.image_size
-        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {args.rate})")
+        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {encoder.rate})")
     if args.server:
         lines.append(_ask(args, encoded))
     elif encoder.random_weights:
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("image", help="photo file (JPEG, PNG, ...)")
     enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk; none with --server)")
-    enc.add_argument("--rate", type=int, default=1, help="rate index 1..4 (lambda 0.004..0.032; default 1)")
+    enc.add_argument("--rate", type=int, default=None, help="rate index 1..4 (lambda 0.004..0.032); default: the codec weights' own, else 1")
     enc.add_argument("--resize", default="paper", choices=RESIZE_POLICIES, help="codec input policy (default: paper)")
     ask = enc.add_argument_group("asking a gateway")
     ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, help="image file to write (format from the suffix, e.g. recon.png)")
     for p in (enc, dec):
         p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
-        p.add_argument("--codec-weights", help="ELIC weights (safetensors, CompressAI keys), the gateway's; default: seeded random")
+        p.add_argument("--codec-weights", help="ELIC weights, the same as the gateway's: our safetensors, a `comneck convert` folder, a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")
     enc.set_defaults(func=_encode)
     dec.set_defaults(func=_decode)
     return parser

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from comneck.bitstream import Bitstream
+from comneck.errors import ComneckInputError
 from comneck.image import ResizePolicy, check_image_tensor, load_image, pad_to_stride, resize_for_codec, to_tensor
 from comneck.models import build_codec
 from comneck.presets import Preset, check_rate, get_preset
@@ -33,12 +34,17 @@ class EdgeEncoder:
     """Runs ELIC's analysis half and the entropy coder for one preset and rate point."""
 
     def __init__(
-        self, preset: str | Preset = "tiny", rate: int = 1, resize: ResizePolicy = "paper", codec_weights: str | Path | None = None
+        self, preset: str | Preset = "tiny", rate: int | None = None, resize: ResizePolicy = "paper", codec_weights: str | Path | None = None
     ) -> None:
+        """``rate`` defaults to the rate index the codec weights were trained for (1 if unknown);
+        one that contradicts the weights is refused, since the container would misreport it."""
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
-        self.rate = check_rate(rate)
         self.resize = resize
         self.codec = build_codec(self.preset, codec_weights)
+        trained = self.codec.weights_info.rate if self.codec.weights_info else None
+        if rate is not None and trained is not None and check_rate(rate) != trained:
+            raise ComneckInputError(f"rate {rate} given, but the codec weights ({Path(self.codec.weights_info.source).name}) are rate {trained}")
+        self.rate = check_rate(rate or trained or 1)
         self.fingerprint = self.codec.fingerprint()
         self.random_weights = codec_weights is None
 
@@ -58,7 +64,7 @@ class EdgeEncoder:
         start = time.perf_counter()
         padded, _ = pad_to_stride(x)
         latents, _ = self.codec.analyze(padded)
-        stream = Bitstream(self.preset.codec.arch, self.rate, self.fingerprint, (x.shape[-2], x.shape[-1]), latents)
+        stream = Bitstream(self.codec.config.arch, self.rate, self.fingerprint, (x.shape[-2], x.shape[-1]), latents)
         data = stream.to_bytes()
         elapsed = (time.perf_counter() - start) * 1e3
         return EncodedImage(stream, data, {"analysis_entropy_coding": elapsed})

@@ -1,10 +1,11 @@
-"""``comneck``: the researcher's command line (complexity report; more sub-commands follow)."""
+"""``comneck``: the researcher's command line (complexity report, weight conversion)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import run_command
 from .presets import PRESETS, get_preset
@@ -17,6 +18,23 @@ def _complexity(args: argparse.Namespace) -> str:
     split = preset.split_block if args.split is None else args.split
     report = complexity_report(preset, size=args.size, split_block=split)
     return json.dumps(report_json(report), indent=2) if args.json else format_report(report, args.size, split)
+
+
+def _convert(args: argparse.Namespace) -> str:
+    from .importers.convert import convert
+
+    manifest = convert(args.source, args.output, get_preset(args.preset), args.scenario, args.rate, args.force)
+    if args.json:
+        return json.dumps(manifest, indent=2)
+    lines = [f"wrote {args.output}: {', '.join(p + '.safetensors' for p in manifest['parts'])} + comneck.json ({manifest['layout']} layout)"]
+    if "codec" in manifest["parts"]:
+        lam = f"lambda {manifest['lmbda']}" if manifest["lmbda"] else "rate unknown: pass --rate"
+        lines.append(f"codec {manifest['codec_arch']}, scenario {manifest['scenario'] or 'unknown'}, rate {manifest['rate'] or '?'} ({lam}), "
+                     f"fingerprint {manifest['codec_fingerprint']}")
+    if manifest.get("clip_missing_parts"):
+        lines.append(f"clip lacks: {', '.join(manifest['clip_missing_parts'])} (they stay random; outputs that use them say so)")
+    lines.append(f"serve: comneck-server --preset {args.preset} --weights {args.output}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     cx.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model sizes (default: paper)")
     cx.add_argument("--split", type=int, default=None, help="CLIP blocks replaced by the neck (default: preset's, 2)")
     cx.set_defaults(func=_complexity)
+    cv = sub.add_parser(
+        "convert",
+        help="import published weights (paper release, ELIC, CompressAI, open_clip, Hugging Face CLIP) into our layout",
+        description="Read SOURCE safely (safetensors, or torch.load with weights_only=True; TorchScript archives "
+        "give their state dict only), map its keys onto the preset's networks, check every key and shape, and "
+        "write OUTPUT/{codec,neck,clip}.safetensors with OUTPUT/comneck.json. Release files d{1,2,3}_{1..4}.pth.tar "
+        "name their scenario and rate; --scenario/--rate override or supply them. See docs/checkpoints.md.",
+    )
+    cv.add_argument("source", type=Path, help="weight file: d1_1.pth.tar, an ELIC .pth.tar, a CompressAI state dict, a CLIP .pt/.bin/.safetensors")
+    cv.add_argument("-o", "--output", type=Path, required=True, help="folder to write (must be new or empty unless --force)")
+    cv.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="network sizes the weights must fit (default: paper)")
+    cv.add_argument("--scenario", choices=("d1", "d2", "d3"), help="training scenario, when the file name does not say")
+    cv.add_argument("--rate", type=int, choices=(1, 2, 3, 4), help="rate index 1..4 (lambda 0.004..0.032), when the file name does not say")
+    cv.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
+    cv.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    cv.set_defaults(func=_convert)
     return parser
 
 

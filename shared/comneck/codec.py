@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import ComneckInputError
 from .image import CODEC_STRIDE, check_image_tensor
+from .importers.sources import WeightsInfo
 from .presets import CodecConfig
 
 _ARCHS: dict[str, type[nn.Module]] = {
@@ -60,6 +61,7 @@ class ElicCodec(nn.Module):
         self.config = config or CodecConfig()
         cfg = self.config
         self.model = _ARCHS[cfg.arch](N=cfg.N, M=cfg.M, groups=list(cfg.groups))
+        self.weights_info: WeightsInfo | None = None  # set by build_codec when weights are loaded
 
     @property
     def latent_channels(self) -> int:

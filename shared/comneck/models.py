@@ -7,14 +7,17 @@ ask which parts are random (:attr:`ComneckModels.random_parts`) and must say so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoints import load_into, read_state_dict
 from .codec import ElicCodec
+from .errors import ComneckInputError
+from .importers.elic import is_derived
+from .importers.fitting import fit, key_problems
+from .importers.sources import CodecSource, read_codec, read_manifest, read_neck
 from .presets import Preset
 
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (no checkpoint loaded): outputs show the data path works, not model quality"
@@ -34,11 +37,31 @@ def seeded(seed: int, build: type[nn.Module], *args: object) -> nn.Module:
         return build(*args).eval()
 
 
-def build_codec(preset: Preset, weights: str | Path | None = None) -> ElicCodec:
-    """The preset's ELIC, from a weight file (CompressAI keys) or seeded, with entropy tables built."""
-    codec = seeded(preset.seed, ElicCodec, preset.codec)
-    if weights is not None:
-        load_into(codec.model, read_state_dict(weights, "codec"), "codec")
+def fitted_codec(preset: Preset, source: CodecSource) -> ElicCodec:
+    """The preset's ELIC holding ``source``, in the first architecture it fits (CompressAI
+    files do not say which ELIC they are); masks and tables are left to the caller."""
+    first: list[str] = []
+    for arch in source.archs:
+        codec = seeded(preset.seed, ElicCodec, replace(preset.codec, arch=arch))
+        problems = key_problems(codec.model.state_dict(), source.state, is_derived)
+        if not problems:
+            fit(codec.model, source.state, "codec", is_derived)
+            codec.weights_info = source.info
+            return codec
+        first = first or problems
+    raise ComneckInputError(f"codec weights do not fit preset {preset.name!r} ({'/'.join(source.archs)}): {'; '.join(first)}", "bad_weights")
+
+
+def build_codec(preset: Preset, weights: str | Path | CodecSource | None = None, scenario: str | None = None,
+                rate: int | None = None) -> ElicCodec:
+    """The preset's ELIC, seeded or from any weight source :mod:`comneck.importers.sources` reads
+    (or one already read), with the checkerboard masks applied and the entropy tables rebuilt
+    from the weights. ``codec.weights_info`` says where the weights came from (None: seeded)."""
+    if weights is None:
+        codec = seeded(preset.seed, ElicCodec, preset.codec)
+    else:
+        source = weights if isinstance(weights, CodecSource) else read_codec(weights, scenario, rate)
+        codec = fitted_codec(preset, source)
     codec.apply_context_masks()
     codec.update_entropy_tables()
     return codec
@@ -46,11 +69,26 @@ def build_codec(preset: Preset, weights: str | Path | None = None) -> ElicCodec:
 
 @dataclass(frozen=True)
 class WeightFiles:
-    """Optional safetensors files (layouts in :mod:`comneck.checkpoints`); None means seeded random."""
+    """Optional weight sources per network (any form :mod:`comneck.importers` reads); None
+    means seeded random."""
 
     codec: Path | None = None
     neck: Path | None = None
     clip: Path | None = None
+
+    @classmethod
+    def bundle(cls, source: Path | None, codec: Path | None = None, neck: Path | None = None, clip: Path | None = None) -> "WeightFiles":
+        """Fill the networks not given one by one from ``source``: a ``comneck convert`` folder
+        (each network it holds) or a release checkpoint (codec and neck)."""
+        if source is None:
+            return cls(codec, neck, clip)
+        source = Path(source)
+        if source.is_dir():
+            parts = read_manifest(source).get("parts", [])
+            own = {part: source if part in parts else None for part in ("codec", "neck", "clip")}
+        else:
+            own = {"codec": source, "neck": source, "clip": None}
+        return cls(codec or own["codec"], neck or own["neck"], clip or own["clip"])
 
 
 @dataclass
@@ -90,10 +128,18 @@ def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles()) -> 
 
     neck = seeded(preset.seed + 1, TransformNeck, preset.neck)
     clip = seeded(preset.seed + 2, build_clip, preset.clip)
+    random_parts = [part for part in ("codec", "neck", "clip") if getattr(weights, part) is None]
     if weights.neck is not None:
-        load_into(neck, read_state_dict(weights.neck, "neck"), "neck")
+        fit(neck, read_neck(weights.neck)[0], "neck")
     if weights.clip is not None:
-        load_into(clip, read_state_dict(weights.clip, "clip"), "clip")
-    random_parts = tuple(part for part in ("codec", "neck", "clip") if getattr(weights, part) is None)
+        from .importers.clip import load_clip, read_clip
+
+        imported = read_clip(_clip_file(weights.clip))
+        load_clip(clip, imported)
+        random_parts += [f"clip {part}" for part in imported.missing_parts]
     split = ClipSplit(clip.visual, preset.split_block).eval()
-    return ComneckModels(preset, build_codec(preset, weights.codec), neck, clip, split, random_parts)
+    return ComneckModels(preset, build_codec(preset, weights.codec), neck, clip, split, tuple(random_parts))
+
+
+def _clip_file(path: Path) -> Path:
+    return Path(path) / "clip.safetensors" if Path(path).is_dir() else Path(path)

@@ -26,7 +26,10 @@ from ..errors import ComneckInputError
 
 def rng_state() -> dict[str, Any]:
     """Every random generator a training step draws from."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain tensors and numbers only, so the file loads with weights_only=True
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -35,7 +38,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -96,7 +100,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     try:
         flat = load_file(str(path / "weights.safetensors"))
         state = json.loads((path / "state.json").read_text())
-        training = torch.load(path / "training.pt", weights_only=False)  # our own file: optimizer and RNG objects
+        training = torch.load(path / "training.pt", weights_only=True)
     except (OSError, ValueError) as exc:
         raise ComneckInputError(f"checkpoint {path} is unreadable: {exc}", "bad_checkpoint") from None
     weights: dict[str, dict[str, torch.Tensor]] = {}

@@ -1,0 +1,147 @@
+"""Which file holds which network, in which layout, and what its name says about it.
+
+A weight source is any of:
+
+* a folder written by ``comneck convert`` (``codec.safetensors``, ``neck.safetensors``,
+  ``clip.safetensors``, ``comneck.json``);
+* one of our safetensors files (CompressAI / open_clip / neck key names);
+* a release checkpoint ``d{1,2,3}_{1..4}.pth.tar`` of the paper (``state_dict``: the codec in
+  the ELIC_LLM layout, ``adapter``: the neck);
+* a base ELIC checkpoint (ELiC-ReImplemetation, flat or under ``state_dict``) or a CompressAI
+  ``Elic2022Chandelier`` / ``Elic2022Official`` state dict.
+
+CLIP files are handled by :mod:`comneck.importers.clip`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ComneckInputError
+from ..presets import RATE_LAMBDAS
+from .elic import check_not_pre_127_official, from_elic_llm, is_compressai_elic, is_elic_llm
+from .reading import read_weights, strip_prefix, tensors_only
+
+MANIFEST = "comneck.json"
+SCENARIOS = ("d1", "d2", "d3")
+_RELEASE_NAME = re.compile(r"(?<![A-Za-z0-9])(d[123])_([1-4])(?![0-9])")
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where weights came from and what they were trained for (None: not known)."""
+
+    layout: str  # comneck | release | elic-llm | compressai
+    source: str
+    scenario: str | None = None
+    rate: int | None = None
+
+    @property
+    def lmbda(self) -> float | None:
+        return RATE_LAMBDAS.get(self.rate) if self.rate else None
+
+
+@dataclass(frozen=True)
+class CodecSource:
+    """A codec state dict in CompressAI key names and the architectures that may hold it, best first."""
+
+    state: dict[str, torch.Tensor]
+    archs: tuple[str, ...]
+    info: WeightsInfo
+
+
+def release_name(path: str | Path) -> tuple[str | None, int | None]:
+    """(scenario, rate index) from a release file name such as ``d2_3.pth.tar``; Nones otherwise."""
+    match = _RELEASE_NAME.search(Path(path).name)
+    return (match[1], int(match[2])) if match else (None, None)
+
+
+def check_labels(scenario: str | None, rate: int | None) -> None:
+    if scenario is not None and scenario not in SCENARIOS:
+        raise ComneckInputError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}", "bad_weights")
+    if rate is not None and rate not in RATE_LAMBDAS:
+        raise ComneckInputError(f"rate index must be one of 1..4 (lambda 0.004..0.032), got {rate!r}", "bad_weights")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The ``comneck.json`` of a converted folder."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ComneckInputError(f"{folder} is a folder without {MANIFEST}: not written by `comneck convert`", "bad_weights")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ComneckInputError(f"{path}: not valid JSON ({exc})", "bad_weights") from None
+
+
+def _part_file(folder: Path, part: str) -> Path:
+    path = folder / f"{part}.safetensors"
+    if not path.is_file():
+        raise ComneckInputError(f"{folder} holds no {part} weights ({path.name} is missing)", "bad_weights")
+    return path
+
+
+def _unwrap(obj: Any, path: Path, what: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """(state dict, the release dict or None): release and training files nest the state dict."""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return strip_prefix(tensors_only(obj["state_dict"], path, what), ("module.", "base_coder.")), obj
+    return strip_prefix(tensors_only(obj, path, what), ("module.", "base_coder.")), None
+
+
+def read_codec(path: str | Path, scenario: str | None = None, rate: int | None = None) -> CodecSource:
+    """Codec weights from any source above; ``scenario``/``rate`` override what the name says."""
+    path = Path(path)
+    check_labels(scenario, rate)
+    if path.is_dir():
+        meta = read_manifest(path)
+        inner = read_codec(_part_file(path, "codec"))
+        info = WeightsInfo("comneck", str(path), scenario or meta.get("scenario"), rate or meta.get("rate"))
+        arch = meta.get("codec_arch")
+        return CodecSource(inner.state, (arch,) if arch else inner.archs, info)
+    return codec_from(read_weights(path, "codec"), path, scenario, rate)
+
+
+def codec_from(obj: Any, path: Path, scenario: str | None = None, rate: int | None = None) -> CodecSource:
+    """:func:`read_codec` on an object already read from ``path``."""
+    state, release = _unwrap(obj, path, "codec")
+    named_scenario, named_rate = release_name(path)
+    if is_elic_llm(state):
+        layout = "release" if release is not None and "adapter" in release else "elic-llm"
+        mapped, archs = from_elic_llm(state), ("elic2022-chandelier",)
+    elif is_compressai_elic(state):
+        check_not_pre_127_official(state)
+        layout, mapped, archs = "compressai", state, ("elic2022-chandelier", "elic2022-official")
+    else:
+        raise ComneckInputError(
+            f"codec weights: {path.name} holds neither an ELIC_LLM (ComNeck release, ELiC-ReImplemetation) nor a "
+            f"CompressAI ELIC state dict (first keys: {', '.join(list(state)[:3])})",
+            "bad_weights",
+        )
+    info = WeightsInfo(layout, str(path), scenario or named_scenario, rate or named_rate)
+    return CodecSource(mapped, archs, info)
+
+
+def read_neck(path: str | Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """Neck weights from a converted folder, our safetensors, or a release checkpoint's ``adapter``
+    (the official ``Linear_Encoder`` uses our key names)."""
+    path = Path(path)
+    if path.is_dir():
+        state, _ = read_neck(_part_file(path, "neck"))
+        return state, WeightsInfo("comneck", str(path))
+    return neck_from(read_weights(path, "neck"), path)
+
+
+def neck_from(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """:func:`read_neck` on an object already read from ``path``."""
+    scenario, rate = release_name(path)
+    if isinstance(obj, dict) and "adapter" in obj:
+        return strip_prefix(tensors_only(obj["adapter"], path, "neck")), WeightsInfo("release", str(path), scenario, rate)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        raise ComneckInputError(f"neck weights: {path.name} has a state_dict but no 'adapter' entry: a codec-only checkpoint", "bad_weights")
+    return strip_prefix(tensors_only(obj, path, "neck")), WeightsInfo("comneck", str(path), scenario, rate)
