@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
 
 
-def save_state_dict(module: nn.Module, path: str | Path) -> None:
-    """Write ``module``'s state dict as safetensors (contiguous copies; shared tensors duplicated)."""
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+def save_state_dict(module: nn.Module, path: str | Path, keep: Callable[[str], bool] = lambda key: True) -> None:
+    """Write ``module``'s state dict (the entries ``keep`` accepts) as safetensors (contiguous
+    copies; shared tensors duplicated)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items() if keep(k)}
     save_file(state, str(path))

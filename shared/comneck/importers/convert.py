@@ -46,9 +46,7 @@ def _parts(obj: Any) -> list[str]:
         return ["codec"]
     if "trans_latent_dim.weight" in keys:
         return ["neck"]
-    if any(k.startswith(("visual.", "vision_model.", "text_model.")) for k in keys):
-        return ["clip"]
-    raise ComneckInputError("holds no codec, neck or CLIP weights that ComNeck knows", "bad_weights")
+    return ["clip"]  # or nothing known: the CLIP importer's refusal names what the file holds
 
 
 def convert(source: str | Path, output: str | Path, preset: Preset, scenario: str | None = None, rate: int | None = None,
@@ -56,17 +54,14 @@ def convert(source: str | Path, output: str | Path, preset: Preset, scenario: st
     """Convert ``source`` into the folder ``output``; returns the manifest written there."""
     from ..clip_split import build_clip
     from ..neck import TransformNeck
-    from .clip import clip_from_state, load_clip
+    from .clip import clip_from_object, load_clip, part_of
 
     source, output = Path(source), Path(output)
     check_labels(scenario, rate)
     if output.exists() and any(output.iterdir()) and not force:
         raise ComneckInputError(f"{output} exists and is not empty; choose another folder or pass --force", "bad_output")
     obj = read_weights(source, "source")
-    try:
-        parts = _parts(obj)
-    except ComneckInputError as exc:
-        raise ComneckInputError(f"{source.name} {exc}", exc.code) from None
+    parts = _parts(obj)
     manifest: dict[str, Any] = {"format": FORMAT, "version": 1, "preset": preset.name, "parts": parts,
                                 "source": source.name, "source_sha256": _sha256(source)}
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +79,11 @@ def convert(source: str | Path, output: str | Path, preset: Preset, scenario: st
             fit(neck, neck_from(obj, source)[0], "neck")
             save_state_dict(neck, staging / "neck.safetensors")
         if "clip" in parts:
-            imported = clip_from_state(strip_prefix(obj.get("state_dict", obj)))
+            imported = clip_from_object(obj, source)
             clip = seeded(preset.seed + 2, build_clip, preset.clip)
             load_clip(clip, imported)
-            save_state_dict(clip, staging / "clip.safetensors")
+            missing = set(imported.missing_parts)  # written without them, so loading the folder knows they are absent
+            save_state_dict(clip, staging / "clip.safetensors", keep=lambda key: part_of(key) not in missing)
             manifest.update(layout=imported.layout, clip_missing_parts=list(imported.missing_parts))
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output.exists():

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ComneckInputError
+from .fitting import listing
 
 _Y = "latent_codec.y"
 _HYPER = "latent_codec.hyper"
@@ -84,8 +85,7 @@ def from_elic_llm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[new] = value
     if unknown:
-        shown = ", ".join(unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
-        raise ComneckInputError(f"codec weights (ELIC_LLM layout): keys no mapping knows ({len(unknown)}): {shown}", "bad_weights")
+        raise ComneckInputError(f"codec weights (ELIC_LLM layout): keys no mapping knows ({len(unknown)}): {listing(unknown)}", "bad_weights")
     return out
 
 

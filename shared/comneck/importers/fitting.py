@@ -17,9 +17,10 @@ from ..errors import ComneckInputError
 SHOWN = 6
 
 
-def _listing(label: str, items: list[str]) -> str:
+def listing(items: list[str]) -> str:
+    """The first few items, then how many more: long key lists stay one readable line."""
     more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return f"{label} ({len(items)}): {', '.join(items[:SHOWN])}{more}"
+    return f"{', '.join(items[:SHOWN])}{more}"
 
 
 def key_problems(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor], derived: Callable[[str], bool]) -> list[str]:
@@ -31,7 +32,7 @@ def key_problems(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
         for k in state
         if k in target and not derived(k) and state[k].shape != target[k].shape
     ]
-    return [_listing(label, items) for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped, file vs model", misshaped)) if items]
+    return [f"{label} ({len(items)}): {listing(items)}" for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped, file vs model", misshaped)) if items]
 
 
 def fit(module: nn.Module, state: dict[str, torch.Tensor], what: str, derived: Callable[[str], bool] = lambda key: False) -> None:

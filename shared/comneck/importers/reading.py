@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def read_weights(path: str | Path, what: str) -> Any:
             raise _bad(path, what, f"not a readable safetensors file ({exc})") from None
     if kind == "torchscript":
         try:
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            with warnings.catch_warnings():  # torch deprecates TorchScript; OpenAI's CLIP file is one nonetheless
+                warnings.simplefilter("ignore", FutureWarning)
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except RuntimeError as exc:
             raise _bad(path, what, f"unreadable TorchScript archive ({str(exc).splitlines()[0]})") from None
     try:
