@@ -217,3 +217,37 @@ def test_no_loader_unpickles_without_weights_only():
     calls = [(p.name, line) for p in sources for line in p.read_text().splitlines() if "torch.load(" in line and "``" not in line]
     assert calls and all("weights_only=True" in line for _, line in calls), calls
     assert read_weights  # the one place that loads pickles (comneck.importers.reading)
+
+
+def test_server_refuses_unusable_weight_sources_before_loading(tmp_path, capsys):
+    from comneck_server.cli import main
+
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        ("--weights", str(tmp_path / "nope.pth.tar")): "no such file",
+        ("--codec-weights", str(tmp_path / "junk.pth")): "not a safetensors, torch.save or TorchScript file",
+        ("--weights", str(tmp_path / "empty")): "not written by `comneck convert`",
+    }
+    for args, message in cases.items():
+        assert main(list(args)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("comneck-server: error: ") and message in err and "\n" not in err
+
+
+def test_full_size_release_adapter_is_the_paper_neck(tmp_path):
+    from comneck.importers.fitting import fit
+    from comneck.importers.sources import read_neck
+
+    paper = PRESETS["paper"]
+    torch.manual_seed(11)
+    official = {k: v + 0.01 * torch.randn_like(v) for k, v in TransformNeck(paper.neck).state_dict().items()}
+    torch.save({"state_dict": {}, "adapter": official, "epoch": 59}, tmp_path / "d1_4.pth.tar")
+    state, info = read_neck(tmp_path / "d1_4.pth.tar")
+    neck = TransformNeck(paper.neck).eval()
+    fit(neck, state, "neck")
+    assert (info.layout, info.scenario, info.rate) == ("release", "d1", 4)
+    assert sum(p.numel() for p in neck.parameters()) == 13_191_168
+    y_hat = torch.randn(1, paper.codec.M, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(neck(y_hat), reference_neck(official, y_hat, paper.neck.heads), atol=1e-5)

@@ -17,7 +17,8 @@ from .codec import ElicCodec
 from .errors import ComneckInputError
 from .importers.elic import is_derived
 from .importers.fitting import fit, key_problems
-from .importers.sources import CodecSource, read_codec, read_manifest, read_neck
+from .importers.reading import read_weights
+from .importers.sources import CodecSource, codec_from, neck_from, read_codec, read_manifest, read_neck
 from .presets import Preset
 
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (no checkpoint loaded): outputs show the data path works, not model quality"
@@ -129,17 +130,18 @@ def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles()) -> 
     neck = seeded(preset.seed + 1, TransformNeck, preset.neck)
     clip = seeded(preset.seed + 2, build_clip, preset.clip)
     random_parts = [part for part in ("codec", "neck", "clip") if getattr(weights, part) is None]
-    if weights.neck is not None:
+    codec_weights: Path | CodecSource | None = weights.codec
+    if weights.neck is not None and weights.neck == weights.codec and Path(weights.neck).is_file():
+        release = read_weights(weights.neck, "release")  # one file holds both: read it once
+        fit(neck, neck_from(release, Path(weights.neck))[0], "neck")
+        codec_weights = codec_from(release, Path(weights.codec))
+    elif weights.neck is not None:
         fit(neck, read_neck(weights.neck)[0], "neck")
     if weights.clip is not None:
         from .importers.clip import load_clip, read_clip
 
-        imported = read_clip(_clip_file(weights.clip))
+        imported = read_clip(weights.clip)
         load_clip(clip, imported)
         random_parts += [f"clip {part}" for part in imported.missing_parts]
     split = ClipSplit(clip.visual, preset.split_block).eval()
-    return ComneckModels(preset, build_codec(preset, weights.codec), neck, clip, split, tuple(random_parts))
-
-
-def _clip_file(path: Path) -> Path:
-    return Path(path) / "clip.safetensors" if Path(path).is_dir() else Path(path)
+    return ComneckModels(preset, build_codec(preset, codec_weights), neck, clip, split, tuple(random_parts))

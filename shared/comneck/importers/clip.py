@@ -30,6 +30,7 @@ import torch
 from ..errors import ComneckInputError
 from .fitting import fit, listing
 from .reading import file_format, read_weights, strip_prefix, tensors_only
+from .sources import part_file
 
 WHAT = "CLIP"
 
@@ -243,6 +244,8 @@ def read_clip(path: str | Path) -> ImportedClip:
     :func:`clip_from_state` knows; a dict wrapping the state under ``state_dict`` or
     ``model`` (training checkpoints) is unwrapped."""
     path = Path(path)
+    if path.is_dir():  # a `comneck convert` folder
+        path = part_file(path, "clip")
     return clip_from_object(read_weights(path, WHAT), path)
 
 

@@ -80,7 +80,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise ComneckInputError(f"{path}: not valid JSON ({exc})", "bad_weights") from None
 
 
-def _part_file(folder: Path, part: str) -> Path:
+def part_file(folder: Path, part: str) -> Path:
+    """``folder/{part}.safetensors`` of a converted folder, or a one-line error."""
     path = folder / f"{part}.safetensors"
     if not path.is_file():
         raise ComneckInputError(f"{folder} holds no {part} weights ({path.name} is missing)", "bad_weights")
@@ -100,7 +101,7 @@ def read_codec(path: str | Path, scenario: str | None = None, rate: int | None =
     check_labels(scenario, rate)
     if path.is_dir():
         meta = read_manifest(path)
-        inner = read_codec(_part_file(path, "codec"))
+        inner = read_codec(part_file(path, "codec"))
         info = WeightsInfo("comneck", str(path), scenario or meta.get("scenario"), rate or meta.get("rate"))
         arch = meta.get("codec_arch")
         return CodecSource(inner.state, (arch,) if arch else inner.archs, info)
@@ -132,7 +133,7 @@ def read_neck(path: str | Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     (the official ``Linear_Encoder`` uses our key names)."""
     path = Path(path)
     if path.is_dir():
-        state, _ = read_neck(_part_file(path, "neck"))
+        state, _ = read_neck(part_file(path, "neck"))
         return state, WeightsInfo("comneck", str(path))
     return neck_from(read_weights(path, "neck"), path)
 
