@@ -66,7 +66,7 @@ def check_latents_match(codec, official, x: torch.Tensor) -> None:
     y_decoded = codec.entropy_decode(latents)
     reference = official.y_hat(x)
     assert torch.equal(y_decoded, y_coded)  # the rANS round trip is exact
-    assert (y_decoded - reference).abs().max() < 1e-4  # same symbols as the official forward (a step is 1)
+    assert (y_decoded - reference).abs().max() < 1e-5  # same symbols; means agree to float rounding (a step is 1)
     assert (reference.round() != 0).float().mean() > 0.2  # and the latents are not trivially zero
 
 
