@@ -42,8 +42,8 @@ PARTS = (VISION_TOWER, VISUAL_PROJECTION, TEXT_TOWER)
 
 # Scalars OpenAI's TorchScript model keeps in its state dict (its loader reads and deletes
 # them), and open_clip's causal mask, which older checkpoints saved but the model rebuilds.
-_DROPPED_OPEN_CLIP = frozenset({"input_resolution", "context_length", "vocab_size", "attn_mask"})
 _TORCHSCRIPT_SCALARS = frozenset({"input_resolution", "context_length", "vocab_size"})
+_DROPPED_OPEN_CLIP = _TORCHSCRIPT_SCALARS | {"attn_mask"}
 
 # One transformer block in open_clip's names; the same in both towers.
 _BLOCK = r"(?:ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(?:weight|bias)|attn\.in_proj_(?:weight|bias)"
