@@ -85,8 +85,7 @@ class Gateway:
         side = self.models.preset.image_size
         latents, _ = self.models.codec.analyze(torch.full((1, 3, side, side), 0.5))
         codec = self.models.codec
-        rate = codec.weights_info.rate if codec.weights_info and codec.weights_info.rate else 1
-        self.pipeline(Bitstream(codec.config.arch, rate, self.models.codec_fingerprint, (side, side), latents))
+        self.pipeline(Bitstream(codec.config.arch, codec.trained_rate or 1, self.models.codec_fingerprint, (side, side), latents))
 
     def _parse(self, data: bytes) -> Bitstream:
         stream = Bitstream.from_bytes(data, max_side=self.settings.max_image_side)

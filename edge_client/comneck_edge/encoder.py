@@ -41,7 +41,7 @@ class EdgeEncoder:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.resize = resize
         self.codec = build_codec(self.preset, codec_weights)
-        trained = self.codec.weights_info.rate if self.codec.weights_info else None
+        trained = self.codec.trained_rate
         if rate is not None and trained is not None and check_rate(rate) != trained:
             raise ComneckInputError(f"rate {rate} given, but the codec weights ({Path(self.codec.weights_info.source).name}) are rate {trained}")
         self.rate = check_rate(rate or trained or 1)

@@ -64,6 +64,11 @@ class ElicCodec(nn.Module):
         self.weights_info: WeightsInfo | None = None  # set by build_codec when weights are loaded
 
     @property
+    def trained_rate(self) -> int | None:
+        """The rate index the loaded weights were trained for; None when unknown or seeded."""
+        return self.weights_info.rate if self.weights_info else None
+
+    @property
     def latent_channels(self) -> int:
         return self.config.M
 

@@ -49,14 +49,15 @@ def file_format(path: Path) -> str | None:
     return "torch" if head[:1] == b"\x80" else None  # pickle protocol 2+ opcode
 
 
-def check_source(path: str | Path, what: str) -> None:
+def check_source(path: str | Path, what: str) -> str | None:
     """Refuse a missing path, a folder without a manifest or a file in no weight format, reading
-    only headers (a start-up check that does not load gigabytes twice)."""
+    only headers (a start-up check that does not load gigabytes twice); the file's
+    :func:`file_format`, None for a folder."""
     path = Path(path)
     if path.is_dir():
         if not (path / "comneck.json").is_file():
             raise _bad(path, what, "a folder without comneck.json (not written by `comneck convert`)")
-        return
+        return None
     if not path.is_file():
         raise _bad(path, what, "no such file")
     kind = file_format(path)
@@ -68,14 +69,14 @@ def check_source(path: str | Path, what: str) -> None:
                 pass
         except (SafetensorError, OSError, ValueError) as exc:
             raise _bad(path, what, f"not a readable safetensors file ({exc})") from None
+    return kind
 
 
 def read_weights(path: str | Path, what: str) -> Any:
     """The object stored in a weight file (a state dict, or a release dict holding several),
     or a one-line ``bad_weights`` error naming ``what`` it was for."""
     path = Path(path)
-    check_source(path, what)
-    kind = file_format(path)
+    kind = check_source(path, what)
     if kind == "safetensors":
         try:
             return load_file(str(path))

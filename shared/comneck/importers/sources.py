@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import ComneckInputError
-from ..presets import RATE_LAMBDAS
+from ..presets import RATE_LAMBDAS, check_rate
 from .elic import check_not_pre_127_official, from_elic_llm, is_compressai_elic, is_elic_llm
 from .reading import read_weights, strip_prefix, tensors_only
 
@@ -63,10 +63,11 @@ def release_name(path: str | Path) -> tuple[str | None, int | None]:
 
 
 def check_labels(scenario: str | None, rate: int | None) -> None:
+    """Validate a scenario and rate index given by hand (None: not given)."""
     if scenario is not None and scenario not in SCENARIOS:
         raise ComneckInputError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}", "bad_weights")
-    if rate is not None and rate not in RATE_LAMBDAS:
-        raise ComneckInputError(f"rate index must be one of 1..4 (lambda 0.004..0.032), got {rate!r}", "bad_weights")
+    if rate is not None:
+        check_rate(rate)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
