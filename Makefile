@@ -1,16 +1,24 @@
 # The README's two set-up commands: `make demo` and `make test`.
-# Each creates .venv (Python >= 3.10) on first use and installs the package with what it needs.
+# Each creates .venv (Python >= 3.10) on first use and installs the exact versions of
+# requirements/dev.txt (the lock), then the project itself without dependencies.
+# `make lock` refreshes the lock files from pyproject.toml's ranges (then run `make test`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.comneck-installed
+LOCK_TOOL := .venv-lock
+UV_VERSION := 0.13.9
+LOCK_SETS := edge server train dev
+UV_COMPILE = $(LOCK_TOOL)/bin/uv pip compile pyproject.toml --universal --python-version 3.10 \
+	--no-emit-package comneck --custom-compile-command "make lock" --quiet
 
-.PHONY: demo test complexity bench clean
+.PHONY: demo test complexity bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): requirements/dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "comneck needs Python >= 3.10; set PYTHON=python3.x")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -r requirements/dev.txt
+	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,5 +33,13 @@ complexity: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py
 
+# dev is resolved first; the smaller sets are resolved inside it, so every set agrees on versions.
+lock:
+	test -x $(LOCK_TOOL)/bin/uv || ($(PYTHON) -m venv $(LOCK_TOOL) && $(LOCK_TOOL)/bin/python -m pip install "uv==$(UV_VERSION)")
+	$(UV_COMPILE) --upgrade --extra dev -c requirements/constraints.txt -o requirements/dev.txt
+	for set in edge server train; do \
+		$(UV_COMPILE) --extra $$set -c requirements/constraints.txt -c requirements/dev.txt -o requirements/$$set.txt || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOCK_TOOL) .pytest_cache

@@ -48,6 +48,14 @@ def test_counter_sees_attention_and_restores_the_fast_path():
     assert torch.backends.mha.get_fastpath_enabled() == before
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_counter_sees_scaled_dot_product_attention_on_every_kernel(device):
+    # real CPU tensors take the fused CPU flash kernel; meta tensors the decomposed math path
+    q, k, v = (torch.randn(2, 4, 10, 16, device=device) for _ in range(3))
+    macs = count_macs(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert macs == 2 * 4 * (10 * 10 * 16 + 10 * 10 * 16)
+
+
 def test_cli_json_and_errors():
     run = subprocess.run(
         [sys.executable, "-m", "comneck.cli", "complexity", "--json", "--preset", "tiny"],

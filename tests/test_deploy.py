@@ -28,5 +28,10 @@ def test_dockerfiles_start_installed_commands():
     edge = (ROOT / "docker/Dockerfile.edge").read_text()
     assert re.search(r'^CMD \["comneck-server"\]', server, re.M) and "comneck-server" in scripts
     assert re.search(r'^ENTRYPOINT \["comneck-edge"\]', edge, re.M) and "comneck-edge" in scripts
-    assert 'pip install ".[server]"' in server and 'pip install ".[edge]"' in edge
+    # installs follow the lock: torch/torchvision at the locked versions, everything else constrained by it
+    assert 'pip install -c requirements/server.txt ".[server]"' in server
+    assert 'pip install -c requirements/edge.txt ".[edge]"' in edge
+    for text, lock in ((server, "server"), (edge, "edge")):
+        assert f"grep -m1 '^torch==' requirements/{lock}.txt" in text
+        assert re.search(r"^torch==", (ROOT / f"requirements/{lock}.txt").read_text(), re.M)
     assert "COMNECK_HOST=0.0.0.0" in server

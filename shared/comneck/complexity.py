@@ -6,6 +6,10 @@ really run, so attention projections, the attention matmuls and transposed
 convolutions are counted in full; element-wise work (norms, activations,
 softmax, additions) is not. ``nn.MultiheadAttention``'s inference fast path runs
 one fused op the counter has no formula for, so it is switched off while counting.
+Below it, torch picks an attention kernel by device and input: on real CPU tensors
+torch 2.13/2.14 run ``_scaled_dot_product_flash_attention_for_cpu``, which their
+counter only learns in 2.15, so that op gets the counter's own SDPA formula here
+(the math path on meta tensors decomposes into counted matmuls; CUDA kernels are known).
 Pure-torch modules are run on shape-only "meta" tensors; the codec's entropy
 models need real values, so the codec parts run on real CPU tensors.
 """
@@ -17,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 from .clip_split import ClipSplit, build_clip
@@ -63,12 +67,22 @@ class Cost:
         return self.macs / self.pixels / 1e3
 
 
+def _cpu_flash_attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: object,
+                               **kwargs: object) -> int:
+    """FLOPs of the fused CPU attention kernel: QK^T and AV, as for every other SDPA kernel."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: Attention kernels the counter of some supported torch releases has no formula for.
+_ATTENTION_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+
+
 def count_macs(fn: Callable[[], object]) -> int:
     """MACs of everything ``fn`` runs (see the module docstring for what counts)."""
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_ATTENTION_FORMULAS) as counter:
             fn()
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
