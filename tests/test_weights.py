@@ -1,12 +1,14 @@
 import dataclasses
+import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from comneck.checkpoints import save_state_dict
 from comneck.errors import ComneckInputError
 from comneck.models import WeightFiles, build_cloud_models, build_codec
+from comneck.weights_folder import FORMAT, MANIFEST, part_file, read_manifest, write_folder
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +55,24 @@ def test_unusable_weight_files_get_one_line_errors(tiny, tmp_path):
         with pytest.raises(ComneckInputError) as info:
             build_codec(tiny, path)
         assert info.value.code == "bad_weights" and "\n" not in str(info.value)
+
+
+def test_a_weights_folder_is_written_whole_and_replaced_only_when_forced(tiny_models, tmp_path):
+    target = tmp_path / "weights"
+    neck = {k: v for k, v in tiny_models.neck.state_dict().items() if k != "class_embedding"}
+    manifest = write_folder(target, "tiny", {"codec": tiny_models.codec.model, "neck": neck}, {"rate": 2})
+    assert manifest == {"format": FORMAT, "version": 1, "preset": "tiny", "parts": ["codec", "neck"], "rate": 2}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by whoever the umask lets, like any folder
+    assert read_manifest(target) == manifest and sorted(p.name for p in target.iterdir()) == ["codec.safetensors", MANIFEST, "neck.safetensors"]
+    assert load_file(part_file(target, "neck")).keys() == neck.keys()
+    for taken in (target, target / MANIFEST):  # a non-empty folder without force, a file always
+        with pytest.raises(ComneckInputError) as info:
+            write_folder(taken, "tiny", {"neck": neck}, {}, force=taken.is_file())
+        assert info.value.code == "bad_output"
+    assert write_folder(target, "tiny", {"neck": neck}, {}, force=True)["parts"] == ["neck"]
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST, "neck.safetensors"]  # nothing of the old folder stays
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"]  # nor any staging folder
+    with pytest.raises(ComneckInputError, match="holds no codec weights"):
+        part_file(target, "codec")

@@ -5,20 +5,32 @@
 * neck: :class:`~comneck.neck.TransformNeck` keys (the official ``Linear_Encoder``'s, a release file's ``adapter``);
 * clip: open_clip ``CLIP`` keys (``visual.*``, ``transformer.*``, ``token_embedding.*``, ...).
 
-:mod:`comneck.importers` reads these and the published layouts; ``comneck convert`` writes these.
+:mod:`comneck.importers` reads these and the published layouts; :mod:`comneck.weights_folder` gathers
+them into the folders ``comneck convert`` and training exports write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
 
-def save_state_dict(module: nn.Module, path: str | Path, keep: Callable[[str], bool] = lambda key: True) -> None:
-    """Write ``module``'s state dict (the entries ``keep`` accepts) as safetensors (contiguous
-    copies; shared tensors duplicated)."""
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items() if keep(k)}
-    save_file(state, str(path))
+def save_state_dict(weights: nn.Module | Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a module's state dict, or a state dict, as safetensors (contiguous CPU copies;
+    shared tensors duplicated)."""
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path))
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries, to disk: what makes a write-then-rename durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

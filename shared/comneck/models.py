@@ -18,8 +18,9 @@ from .errors import ComneckInputError
 from .importers.elic import is_derived
 from .importers.fitting import fit, key_problems
 from .importers.reading import read_weights
-from .importers.sources import CodecSource, codec_from, neck_from, read_codec, read_manifest, read_neck
+from .importers.sources import CodecSource, codec_from, neck_from, read_codec, read_neck
 from .presets import Preset
+from .weights_folder import read_manifest
 
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (no checkpoint loaded): outputs show the data path works, not model quality"
 
@@ -79,8 +80,8 @@ class WeightFiles:
 
     @classmethod
     def bundle(cls, source: Path | None, codec: Path | None = None, neck: Path | None = None, clip: Path | None = None) -> "WeightFiles":
-        """Fill the networks not given one by one from ``source``: a ``comneck convert`` folder
-        (each network it holds) or a release checkpoint (codec and neck)."""
+        """Fill the networks not given one by one from ``source``: a weights folder of ``comneck
+        convert`` or a training export (each network it holds) or a release checkpoint (codec and neck)."""
         if source is None:
             return cls(codec, neck, clip)
         source = Path(source)

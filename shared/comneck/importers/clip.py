@@ -28,9 +28,9 @@ import open_clip
 import torch
 
 from ..errors import ComneckInputError
+from ..weights_folder import part_file
 from .fitting import fit, listing
 from .reading import file_format, read_weights, strip_prefix, tensors_only
-from .sources import part_file
 
 WHAT = "CLIP"
 
@@ -244,7 +244,7 @@ def read_clip(path: str | Path) -> ImportedClip:
     :func:`clip_from_state` knows; a dict wrapping the state under ``state_dict`` or
     ``model`` (training checkpoints) is unwrapped."""
     path = Path(path)
-    if path.is_dir():  # a `comneck convert` folder
+    if path.is_dir():  # a weights folder
         path = part_file(path, "clip")
     return clip_from_object(read_weights(path, WHAT), path)
 

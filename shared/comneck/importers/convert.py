@@ -1,31 +1,27 @@
-"""``comneck convert``: any supported weight file -> a folder in our own layout.
+"""``comneck convert``: any supported weight file -> a weights folder (:mod:`comneck.weights_folder`).
 
 The folder holds one safetensors file per network found in the source (``codec``, ``neck``,
 ``clip``) and ``comneck.json``: preset, codec architecture, scenario, rate index and lambda,
 the source's name and SHA-256, and the codec fingerprint its bitstreams will carry. Every network is
 loaded into the preset's model before it is written, so a folder that exists also loads.
-The folder appears whole or not at all (written beside it, then renamed).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import save_state_dict
-from ..errors import ComneckInputError
+import torch
+from torch import nn
+
 from ..models import build_codec, seeded
 from ..presets import Preset
+from ..weights_folder import check_target, write_folder
 from .elic import is_compressai_elic, is_elic_llm
 from .fitting import fit
 from .reading import read_weights, strip_prefix
-from .sources import MANIFEST, check_labels, codec_from, neck_from
-
-FORMAT = "comneck-weights"
+from .sources import check_labels, codec_from, neck_from
 
 
 def _sha256(path: Path) -> str:
@@ -58,38 +54,27 @@ def convert(source: str | Path, output: str | Path, preset: Preset, scenario: st
 
     source, output = Path(source), Path(output)
     check_labels(scenario, rate)
-    if output.exists() and any(output.iterdir()) and not force:
-        raise ComneckInputError(f"{output} exists and is not empty; choose another folder or pass --force", "bad_output")
+    check_target(output, force)  # before the slow part
     obj = read_weights(source, "source")
-    parts = _parts(obj)
-    manifest: dict[str, Any] = {"format": FORMAT, "version": 1, "preset": preset.name, "parts": parts,
-                                "source": source.name, "source_sha256": _sha256(source)}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        if "codec" in parts:
-            codec_source = codec_from(obj, source, scenario, rate)
-            codec = build_codec(preset, codec_source)
-            save_state_dict(codec.model, staging / "codec.safetensors")
-            info = codec_source.info
-            manifest.update(layout=info.layout, codec_arch=codec.config.arch, scenario=info.scenario, rate=info.rate,
-                            lmbda=info.lmbda, codec_fingerprint=codec.fingerprint().hex())
-        if "neck" in parts:
-            neck = seeded(preset.seed + 1, TransformNeck, preset.neck)
-            fit(neck, neck_from(obj, source)[0], "neck")
-            save_state_dict(neck, staging / "neck.safetensors")
-        if "clip" in parts:
-            imported = clip_from_object(obj, source)
-            clip = seeded(preset.seed + 2, build_clip, preset.clip)
-            load_clip(clip, imported)
-            missing = set(imported.missing_parts)  # written without them, so loading the folder knows they are absent
-            save_state_dict(clip, staging / "clip.safetensors", keep=lambda key: part_of(key) not in missing)
-            manifest.update(layout=imported.layout, clip_missing_parts=list(imported.missing_parts))
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return manifest
+    found = _parts(obj)
+    parts: dict[str, nn.Module | dict[str, torch.Tensor]] = {}
+    details: dict[str, Any] = {"source": source.name, "source_sha256": _sha256(source)}
+    if "codec" in found:
+        codec_source = codec_from(obj, source, scenario, rate)
+        codec = build_codec(preset, codec_source)
+        parts["codec"] = codec.model
+        info = codec_source.info
+        details.update(layout=info.layout, codec_arch=codec.config.arch, scenario=info.scenario, rate=info.rate,
+                       lmbda=info.lmbda, codec_fingerprint=codec.fingerprint().hex())
+    if "neck" in found:
+        neck = seeded(preset.seed + 1, TransformNeck, preset.neck)
+        fit(neck, neck_from(obj, source)[0], "neck")
+        parts["neck"] = neck
+    if "clip" in found:
+        imported = clip_from_object(obj, source)
+        clip = seeded(preset.seed + 2, build_clip, preset.clip)
+        load_clip(clip, imported)
+        missing = set(imported.missing_parts)  # written without them, so loading the folder knows they are absent
+        parts["clip"] = {key: value for key, value in clip.state_dict().items() if part_of(key) not in missing}
+        details.update(layout=imported.layout, clip_missing_parts=list(imported.missing_parts))
+    return write_folder(output, preset.name, parts, details, force)

@@ -2,8 +2,8 @@
 
 A weight source is any of:
 
-* a folder written by ``comneck convert`` (``codec.safetensors``, ``neck.safetensors``,
-  ``clip.safetensors``, ``comneck.json``);
+* a weights folder (:mod:`comneck.weights_folder`) written by ``comneck convert`` or a training
+  export (``codec.safetensors``, ``neck.safetensors``, ``clip.safetensors``, ``comneck.json``);
 * one of our safetensors files (CompressAI / open_clip / neck key names);
 * a release checkpoint ``d{1,2,3}_{1..4}.pth.tar`` of the paper (``state_dict``: the codec in
   the ELIC_LLM layout, ``adapter``: the neck);
@@ -15,7 +15,6 @@ CLIP files are handled by :mod:`comneck.importers.clip`.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ import torch
 
 from ..errors import ComneckInputError
 from ..presets import RATE_LAMBDAS, check_rate
+from ..weights_folder import part_file, read_manifest
 from .elic import check_not_pre_127_official, from_elic_llm, is_compressai_elic, is_elic_llm
 from .reading import read_weights, strip_prefix, tensors_only
 
-MANIFEST = "comneck.json"
 SCENARIOS = ("d1", "d2", "d3")
 _RELEASE_NAME = re.compile(r"(?<![A-Za-z0-9])(d[123])_([1-4])(?![0-9])")
 
@@ -68,25 +67,6 @@ def check_labels(scenario: str | None, rate: int | None) -> None:
         raise ComneckInputError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}", "bad_weights")
     if rate is not None:
         check_rate(rate)
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The ``comneck.json`` of a converted folder."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ComneckInputError(f"{folder} is a folder without {MANIFEST}: not written by `comneck convert`", "bad_weights")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ComneckInputError(f"{path}: not valid JSON ({exc})", "bad_weights") from None
-
-
-def part_file(folder: Path, part: str) -> Path:
-    """``folder/{part}.safetensors`` of a converted folder, or a one-line error."""
-    path = folder / f"{part}.safetensors"
-    if not path.is_file():
-        raise ComneckInputError(f"{folder} holds no {part} weights ({path.name} is missing)", "bad_weights")
-    return path
 
 
 def _unwrap(obj: Any, path: Path, what: str) -> tuple[dict[str, torch.Tensor], Any]:
@@ -130,7 +110,7 @@ def codec_from(obj: Any, path: Path, scenario: str | None = None, rate: int | No
 
 
 def read_neck(path: str | Path) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
-    """Neck weights from a converted folder, our safetensors, or a release checkpoint's ``adapter``
+    """Neck weights from a weights folder, our safetensors, or a release checkpoint's ``adapter``
     (the official ``Linear_Encoder`` uses our key names)."""
     path = Path(path)
     if path.is_dir():

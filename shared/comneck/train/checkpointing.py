@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoints import fsync_path
 from ..errors import ComneckInputError
 
 
@@ -42,14 +43,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -74,12 +67,11 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, nn.Module], state:
     (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
     torch.save(training, tmp / "training.pt")
     for name in ("weights.safetensors", "state.json", "training.pt"):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp / name)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    fsync_path(folder)
     _write_atomic(folder / "latest", final.name.encode())
     for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old)
