@@ -13,7 +13,7 @@ from PIL import Image
 
 from comneck.errors import ComneckInputError
 from comneck.image import sample_photo
-from comneck.models import WeightFiles, build_cloud_models, build_codec
+from comneck.models import build_codec
 from comneck.train.config import load_config
 from comneck.train.objectives import stage_plan
 from comneck.train.trainer import Trainer
@@ -90,8 +90,11 @@ def test_every_scenario_trains_end_to_end_and_freezes_the_rest(scenario, dataset
     assert same(s.neck, tiny_models.neck) == ("neck" not in changed)
     for part in ("g_a", "g_s", "latent_codec"):
         assert same(getattr(s.codec.model, part), getattr(base.model, part)) == (part not in changed), part
+    manifest = json.loads((tmp_path / "export" / "comneck.json").read_text())
+    assert manifest["parts"] == ["neck", "codec", "unet"] if scenario == "postproc" else ["neck", "codec"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(["comneck.json", *(f"{p}.safetensors" for p in manifest["parts"])])
     if scenario == "postproc":
-        assert (tmp_path / "export" / "unet.safetensors").is_file() and "use" in summary
+        assert "use" in summary and "use" in manifest["training"]
 
 
 @pytest.mark.parametrize(
@@ -121,16 +124,27 @@ def test_a_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path):
     assert losses(tmp_path / "a", 2) == losses(tmp_path / "b", 2)
 
 
-def test_the_exported_neck_and_codec_serve_in_the_gateway(dataset, tmp_path, tiny):
-    Trainer(config(dataset, tmp_path, "scenario=d3")).run()
+def test_the_export_is_a_weights_folder_the_gateway_and_edge_load(dataset, tmp_path, tiny):
+    trainer = Trainer(config(dataset, tmp_path, "scenario=d3", "rate=2", "data.limit=4", "stages.0.epochs=0", "stages.2.epochs=0"))
+    summary = trainer.run()
     export = tmp_path / "export"
-    settings = ServerSettings(codec_weights=export / "codec.safetensors", neck_weights=export / "neck.safetensors")
-    gateway = Gateway.load(settings)
+    manifest = json.loads((export / "comneck.json").read_text())
+    assert (manifest["format"], manifest["version"], manifest["preset"], manifest["layout"]) == ("comneck-weights", 1, "tiny", "comneck")
+    assert (manifest["scenario"], manifest["rate"], manifest["lmbda"], manifest["codec_arch"]) == ("d3", 2, 0.008, tiny.codec.arch)
+    assert manifest["training"] == {k: v for k, v in summary.items() if k not in ("scenario", "rate", "preset")}
+    assert manifest["training"]["steps"] == 2 and f"--weights {export}" in manifest["training"]["serve"]
+    gateway = Gateway.load(ServerSettings(preset="tiny", weights=export))
     assert gateway.models.random_parts == ("clip",)
-    encoded = EdgeEncoder(tiny, codec_weights=export / "codec.safetensors").encode_file(sample_photo())
-    result = gateway.infer(encoded.data, "Labels: red thing, blue thing")
+    described = gateway.describe()["codec"]
+    assert described["weights"] == {"layout": "comneck", "scenario": "d3", "rate": 2}
+    assert described["fingerprint"] == manifest["codec_fingerprint"] != build_codec(tiny).fingerprint().hex()
+    encoder = EdgeEncoder(tiny, codec_weights=export)
+    assert encoder.rate == 2 and encoder.fingerprint.hex() == manifest["codec_fingerprint"]
+    result = gateway.infer(encoder.encode_file(sample_photo()).data, "Labels: red thing, blue thing")
     assert result.answer.text in ("red thing", "blue thing")
-    assert gateway.models.codec_fingerprint != build_cloud_models(tiny, WeightFiles()).codec_fingerprint
+    assert trainer.export() == summary  # a second export replaces the first whole
+    assert json.loads((export / "comneck.json").read_text()) == manifest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
 def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -151,7 +165,7 @@ def test_two_processes_with_torchrun_gloo(dataset, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(lines) == 4  # 8 images / (2 per step x 2 processes) per epoch, two epochs; rank 0 logs
-    assert json.loads((tmp_path / "export" / "export.json").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "export" / "comneck.json").read_text())["training"]["steps"] == 4
 
 
 def test_a_half_written_checkpoint_is_ignored_on_resume(dataset, tmp_path):

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..backends.clip_zero_shot import label_embeddings
-from ..checkpoints import save_state_dict
 from ..clip_split import ClipSplit
 from ..errors import ComneckInputError
 from ..models import WeightFiles, build_cloud_models, seeded
 from ..presets import get_preset
 from ..unet import UNet
+from ..weights_folder import write_folder
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import ResumableSampler, build_dataset
@@ -283,28 +283,24 @@ class Trainer:
         return {"estimated_bpp": est, "real_bpp": real}
 
     def export(self) -> dict[str, Any]:
-        """Write the trained networks for the gateway (``export/*.safetensors``) and ``export/export.json``."""
+        """Write the trained networks as a weights folder ``OUTPUT/export`` (what ``comneck-server
+        --weights`` and ``comneck-edge --codec-weights`` load), replacing an earlier export; returns
+        the scenario, rate and preset with the summary the manifest holds under ``training``."""
         if self.rank != 0:
             return {}
-        folder = self.config.output / "export"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.student.codec.update_entropy_tables()
-        for name, module in self._modules().items():
-            save_state_dict(module, folder / f"{name}.safetensors")
-        summary = {
-            "scenario": self.config.scenario,
-            "rate": self.config.rate,
-            "preset": self.config.preset,
-            "steps": self.position["global_step"],
-            "random_weights_in": self.random_parts,
-            **self.rate_check(),
-        }
-        if self.config.scenario == "postproc":
-            summary["use"] = "unet.safetensors enhances g_s reconstructions before the full CLIP (a baseline, not served)"
+        config, codec, folder = self.config, self.student.codec, self.config.output / "export"
+        codec.cpu()  # masks, tables and fingerprint as loading computes them, so they equal the loaded codec's
+        codec.apply_context_masks()
+        codec.update_entropy_tables()
+        fingerprint = codec.fingerprint().hex()
+        training: dict[str, Any] = {"steps": self.position["global_step"], "random_weights_in": self.random_parts,
+                                    **self.rate_check()}  # which moves the codec back to the training device
+        if config.scenario == "postproc":
+            training["use"] = "unet.safetensors enhances g_s reconstructions before the full CLIP (a baseline, not served)"
         else:
-            summary["serve"] = (
-                f"comneck-server --preset {self.config.preset} --codec-weights {folder / 'codec.safetensors'} "
-                f"--neck-weights {folder / 'neck.safetensors'}; edge: comneck-edge encode --codec-weights {folder / 'codec.safetensors'}"
-            )
-        (folder / "export.json").write_text(json.dumps(summary, indent=2))
-        return summary
+            training["serve"] = (f"comneck-server --preset {config.preset} --weights {folder}; "
+                                 f"edge: comneck-edge encode --preset {config.preset} --codec-weights {folder}")
+        details = {"layout": "comneck", "codec_arch": codec.config.arch, "scenario": config.scenario, "rate": config.rate,
+                   "lmbda": config.lmbda, "codec_fingerprint": fingerprint, "training": training}
+        write_folder(folder, config.preset, self._modules(), details, force=True)
+        return {"scenario": config.scenario, "rate": config.rate, "preset": config.preset, **training}
