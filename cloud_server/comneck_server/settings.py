@@ -25,14 +25,14 @@ class ServerSettings(BaseSettings):
 
     preset: str = Field("tiny", description="model sizes: tiny (demo, tests) or paper (ViT-L/14)")
     weights: Path | None = Field(
-        None, description="a `comneck convert` folder or a release checkpoint d{1,2,3}_{1..4}.pth.tar: fills the networks not given below"
+        None, description="a weights folder (`comneck convert`, a training export) or a release checkpoint d{1,2,3}_{1..4}.pth.tar: fills the networks not given below"
     )
     codec_weights: Path | None = Field(
-        None, description="ELIC weights: our safetensors, a convert folder, a release/ELIC_LLM .pth.tar or a CompressAI state dict"
+        None, description="ELIC weights: our safetensors, a weights folder, a release/ELIC_LLM .pth.tar or a CompressAI state dict"
     )
-    neck_weights: Path | None = Field(None, description="transform-neck weights: our safetensors, a convert folder or a release .pth.tar")
+    neck_weights: Path | None = Field(None, description="transform-neck weights: our safetensors, a weights folder or a release .pth.tar")
     clip_weights: Path | None = Field(
-        None, description="CLIP weights: our/open_clip safetensors or .pt (OpenAI TorchScript too), Hugging Face CLIP, a convert folder"
+        None, description="CLIP weights: our/open_clip safetensors or .pt (OpenAI TorchScript too), Hugging Face CLIP, a weights folder"
     )
     device: str = Field("cpu", description="where the neck, CLIP and backends run: cpu, cuda or cuda:N (entropy decoding stays on the CPU)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="neck/CLIP/backend precision")

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, help="image file to write (format from the suffix, e.g. recon.png)")
     for p in (enc, dec):
         p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
-        p.add_argument("--codec-weights", help="ELIC weights, the same as the gateway's: our safetensors, a `comneck convert` folder, a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")
+        p.add_argument("--codec-weights", help="ELIC weights, the same as the gateway's: our safetensors, a weights folder (`comneck convert`, a training export), a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")
     enc.set_defaults(func=_encode)
     dec.set_defaults(func=_decode)
     return parser
