@@ -91,8 +91,9 @@ def test_every_scenario_trains_end_to_end_and_freezes_the_rest(scenario, dataset
     for part in ("g_a", "g_s", "latent_codec"):
         assert same(getattr(s.codec.model, part), getattr(base.model, part)) == (part not in changed), part
     manifest = json.loads((tmp_path / "export" / "comneck.json").read_text())
-    assert manifest["parts"] == ["neck", "codec", "unet"] if scenario == "postproc" else ["neck", "codec"]
+    assert manifest["parts"] == (["neck", "codec", "unet"] if scenario == "postproc" else ["neck", "codec"])
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(["comneck.json", *(f"{p}.safetensors" for p in manifest["parts"])])
+    assert ("neck" in summary["random_weights_in"]) == (scenario == "postproc")  # its export holds the seeded neck
     if scenario == "postproc":
         assert "use" in summary and "use" in manifest["training"]
 

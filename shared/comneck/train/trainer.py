@@ -85,7 +85,8 @@ class Trainer:
         target = Target.of(config.target, config.target_block, clip.num_blocks)
         self.student = Student(models.codec, models.neck, clip, target, unet).to(self.device)
         self.clip_model = clip_model.to(self.device).requires_grad_(False)
-        not_random = {"neck"} | ({"clip"} if config.clip_pretrained else set())  # the neck is what trains
+        trained = {"unet"} if config.scenario == "postproc" else {"neck"}  # postproc leaves the neck as it was
+        not_random = trained | ({"clip"} if config.clip_pretrained else set())
         self.random_parts = [part for part in models.random_parts if part not in not_random]
 
         self.dataset, self.class_names = build_dataset(config.data, preset.image_size, clip.visual.image_size[0])
