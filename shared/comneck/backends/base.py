@@ -83,6 +83,10 @@ class GenerationOptions(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 decodes greedily")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     top_k: int = Field(5, ge=1, le=100, description="how many ranked alternatives to return (classifiers)")
+    logprobs: int = Field(0, ge=0, le=20, description="top log-probabilities to return per generated token (0: none)")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="seed for sampling (temperature > 0); same seed, same tokens"
+    )
 
 
 @dataclass

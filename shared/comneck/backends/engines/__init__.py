@@ -1,0 +1,8 @@
+"""LLM engines: what decodes a backend's prompt embeddings into text (:mod:`.base`)."""
+
+from __future__ import annotations
+
+from .base import FinishReason, Generation, LLMEngine
+from .hf import HFEngine
+
+__all__ = ["FinishReason", "Generation", "HFEngine", "LLMEngine"]

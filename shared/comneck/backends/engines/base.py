@@ -1,0 +1,51 @@
+"""The boundary between a backend and the language model that writes its answers.
+
+A backend builds each prompt in embedding space (text embeddings with its visual tokens
+spliced in) and hands the batch to an :class:`LLMEngine`, which decodes it. Engines differ
+in how they run the model (plain transformers, a serving runtime, ...), not in what they
+return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from ..base import GenerationOptions
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Generation:
+    """One item's decoded answer.
+
+    * ``token_ids``: the generated ids, the stop token that ended them excluded.
+    * ``text``: ``token_ids`` decoded, special tokens skipped.
+    * ``finish_reason``: ``stop`` when a stop id ended the answer, ``length`` when it ran
+      to ``max_new_tokens``.
+    * ``logprobs``: with ``options.logprobs = k > 0``, one entry per id in ``token_ids``,
+      as OpenAI and vLLM report them: ``{"token", "token_id", "logprob", "top_logprobs":
+      [k of {"token", "token_id", "logprob"}, highest first]}``; None when not asked.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[dict[str, Any]] | None = None
+
+
+class LLMEngine(Protocol):
+    """Decodes a batch of prompts given as embeddings."""
+
+    def generate(
+        self, embeds: list[torch.Tensor], options: GenerationOptions, stop_ids: Sequence[int] = ()
+    ) -> list[Generation]:
+        """``embeds[i]`` is item i's whole prompt, [T_i, hidden] (lengths differ) -> one Generation per item.
+
+        ``stop_ids`` end an answer (none given: the tokenizer's end-of-sequence token).
+        """
+        ...

@@ -1,0 +1,170 @@
+"""HFEngine against a hand-written decoding loop on a tiny random Llama (no downloads).
+
+The reference runs the model's full forward on each item's growing, unpadded sequence and
+takes the argmax; the engine must match it through left padding, batching and transformers'
+``generate`` with its KV cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from comneck.backends import GenerationOptions
+from comneck.backends.engines import HFEngine
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+VOCAB = SPECIALS + [f"w{i}" for i in range(len(SPECIALS), 96)]
+EOS = SPECIALS.index("</s>")
+HIDDEN = 32
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over a fixed 96-token vocabulary, built in memory."""
+    vocab = {token: i for i, token in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    """A 2-layer Llama whose every parameter (norm weights included) is random and non-zero.
+
+    Scale 0.5, not smaller: at 0.2 the logits are nearly uniform (top-2 gaps of 0.003) and
+    greedy decoding repeats one token, which would hide misaligned steps.
+    """
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=3,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    assert all((p != 0).all() for p in model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def engine() -> HFEngine:
+    return HFEngine(tiny_llama(), tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def prompts(engine: HFEngine) -> list[torch.Tensor]:
+    """Two prompts of different lengths, each text embeddings with 'visual' rows spliced in."""
+    table = engine.model.get_input_embeddings().weight.detach()
+    g = torch.Generator().manual_seed(1)
+    visual = torch.randn(3, HIDDEN, generator=g)
+    return [
+        torch.cat([table[[1, 10, 11]], visual, table[[12, 13]]]),
+        torch.cat([table[[1, 20]], visual[:2]]),
+    ]
+
+
+def reference(model: transformers.LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy ids and the raw logits [steps, V] of each step, by full forwards on the unpadded sequence."""
+    table = model.get_input_embeddings().weight.detach()
+    seq, ids, logits = prompt, [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            step = model(inputs_embeds=seq[None]).logits[0, -1]
+            ids.append(int(step.argmax()))
+            logits.append(step)
+            seq = torch.cat([seq, table[ids[-1]][None]])
+    return ids, torch.stack(logits)
+
+
+def test_greedy_batch_equals_reference_loop(engine, prompts):
+    out = engine.generate(prompts, GenerationOptions(max_new_tokens=8), stop_ids=[95])
+    for prompt, got in zip(prompts, out):
+        ids, logits = reference(engine.model, prompt, 8)
+        top2 = logits.topk(2, dim=-1).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # argmax is not decided by rounding
+        assert 95 not in ids and got.token_ids == ids and got.finish_reason == "length"
+        assert got.text == " ".join(VOCAB[i] for i in ids) and got.logprobs is None
+
+
+def test_batched_equals_one_at_a_time(engine, prompts):
+    options = GenerationOptions(max_new_tokens=8)
+    batched = engine.generate(prompts, options)
+    singles = [engine.generate([p], options)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in singles]
+    assert [g.finish_reason for g in batched] == [g.finish_reason for g in singles]
+
+
+def test_stop_id_ends_the_answer(engine, prompts):
+    ids, _ = reference(engine.model, prompts[1], 6)
+    assert len(set(ids[:3])) == 3 and EOS not in ids  # the stop first appears 3rd; </s> never comes
+    stopped = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=6), stop_ids=[ids[2]])[0]
+    assert stopped.token_ids == ids[:2] and stopped.finish_reason == "stop"
+    unstopped = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=6))[0]
+    assert unstopped.token_ids == ids and unstopped.finish_reason == "length"
+
+
+def test_eos_is_the_default_stop(engine, prompts):
+    model = engine.model
+    ids, _ = reference(model, prompts[1], 4)
+    bias = torch.zeros(96)
+    bias[EOS] = 1e4  # make </s> the third token: the lm_head row gets a huge bias via a hook
+    calls = []
+
+    def third_step_eos(module, args, output):
+        calls.append(1)
+        return output + bias if len(calls) == 3 else output
+
+    handle = model.lm_head.register_forward_hook(third_step_eos)
+    try:
+        out = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=4))[0]
+    finally:
+        handle.remove()
+    assert out.token_ids == ids[:2] and out.finish_reason == "stop"
+
+
+def test_logprobs_are_raw_log_softmax(engine, prompts):
+    out = engine.generate(prompts, GenerationOptions(max_new_tokens=5, logprobs=3))
+    for prompt, got in zip(prompts, out):
+        ids, logits = reference(engine.model, prompt, 5)
+        expected = torch.log_softmax(logits, dim=-1)
+        assert got.logprobs is not None and len(got.logprobs) == len(got.token_ids) == 5
+        for step, entry in enumerate(got.logprobs):
+            token = ids[step]
+            assert entry["token_id"] == token and entry["token"] == VOCAB[token]
+            assert entry["logprob"] == pytest.approx(float(expected[step, token]), abs=1e-4)
+            best = expected[step].topk(3)
+            tops = entry["top_logprobs"]
+            assert [t["token_id"] for t in tops] == best.indices.tolist() and tops[0]["token_id"] == token
+            assert [t["logprob"] for t in tops] == pytest.approx(best.values.tolist(), abs=1e-4)
+            assert [t["token"] for t in tops] == [VOCAB[i] for i in best.indices.tolist()]
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(engine, prompts):
+    greedy = engine.generate(prompts, GenerationOptions(max_new_tokens=8))
+    sampled = GenerationOptions(max_new_tokens=8, temperature=1.0, seed=7)
+    state = torch.get_rng_state()
+    first = engine.generate(prompts, sampled)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = engine.generate(prompts, sampled)
+    assert [g.token_ids for g in first] == [g.token_ids for g in second]
+    assert [g.token_ids for g in first] != [g.token_ids for g in greedy]  # it did sample
+    nucleus = engine.generate(prompts, GenerationOptions(max_new_tokens=8, temperature=1.0, top_p=1e-6))
+    assert [g.token_ids for g in nucleus] == [g.token_ids for g in greedy]
+
+
+def test_embed_reads_the_input_embedding_table(engine):
+    table = engine.model.get_input_embeddings().weight
+    assert torch.equal(engine.embed([5, 1, 5, 90]), table[[5, 1, 5, 90]])
+    assert engine.hidden_size == HIDDEN and engine.dtype == torch.float32 and engine.device == torch.device("cpu")
