@@ -109,8 +109,14 @@ def test_batched_equals_one_at_a_time(engine, prompts):
 def test_stop_id_ends_the_answer(engine, prompts):
     ids, _ = reference(engine.model, prompts[1], 6)
     assert len(set(ids[:3])) == 3 and EOS not in ids  # the stop first appears 3rd; </s> never comes
-    stopped = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=6), stop_ids=[ids[2]])[0]
+    steps = []
+    handle = engine.model.lm_head.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        stopped = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=6), stop_ids=[ids[2]])[0]
+    finally:
+        handle.remove()
     assert stopped.token_ids == ids[:2] and stopped.finish_reason == "stop"
+    assert len(steps) == 3  # decoding ended at the stop, not merely cut there
     unstopped = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=6))[0]
     assert unstopped.token_ids == ids and unstopped.finish_reason == "length"
 
@@ -119,7 +125,7 @@ def test_eos_is_the_default_stop(engine, prompts):
     model = engine.model
     ids, _ = reference(model, prompts[1], 4)
     bias = torch.zeros(96)
-    bias[EOS] = 1e4  # make </s> the third token: the lm_head row gets a huge bias via a hook
+    bias[EOS] = 1e4  # a hook on lm_head makes </s> the third token
     calls = []
 
     def third_step_eos(module, args, output):
@@ -157,6 +163,7 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(engine, prompts):
     state = torch.get_rng_state()
     first = engine.generate(prompts, sampled)
     assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)  # a different global state: the seed alone must decide the samples
     second = engine.generate(prompts, sampled)
     assert [g.token_ids for g in first] == [g.token_ids for g in second]
     assert [g.token_ids for g in first] != [g.token_ids for g in greedy]  # it did sample

@@ -41,6 +41,7 @@ class HFEngine:
     decoded by ``model.generate``. ``GenerationOptions`` fully decide the sampling: the
     temperature and top-p it gives, no top-k (the model's own ``generation_config`` may
     set one; ``options.top_k`` is a classifier's ranked-answers count, not a sampler).
+    The model is put in eval mode.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
