@@ -1,14 +1,15 @@
 # The README's two set-up commands: `make demo` and `make test`.
 # Each creates .venv (Python >= 3.10) on first use and installs the exact versions of
 # requirements/dev.txt (the lock), then the project itself without dependencies.
-# `make lock` refreshes the lock files from pyproject.toml's ranges (then run `make test`).
+# `make lock` updates the lock files to pyproject.toml's ranges, keeping every pin that still fits;
+# `make lock UPGRADE=1` moves every package to its newest allowed release (then run `make test`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.comneck-installed
 LOCK_TOOL := .venv-lock
 UV_VERSION := 0.13.9
-LOCK_SETS := edge server train dev
+LOCK_SETS := edge server train llm dev
 UV_COMPILE = $(LOCK_TOOL)/bin/uv pip compile pyproject.toml --universal --python-version 3.10 \
 	--no-emit-package comneck --custom-compile-command "make lock" --quiet
 
@@ -36,8 +37,8 @@ bench: $(STAMP)
 # dev is resolved first; the smaller sets are resolved inside it, so every set agrees on versions.
 lock:
 	test -x $(LOCK_TOOL)/bin/uv || ($(PYTHON) -m venv $(LOCK_TOOL) && $(LOCK_TOOL)/bin/python -m pip install "uv==$(UV_VERSION)")
-	$(UV_COMPILE) --upgrade --extra dev -c requirements/constraints.txt -o requirements/dev.txt
-	for set in edge server train; do \
+	$(UV_COMPILE) $(if $(UPGRADE),--upgrade) --extra dev -c requirements/constraints.txt -o requirements/dev.txt
+	for set in $(filter-out dev,$(LOCK_SETS)); do \
 		$(UV_COMPILE) --extra $$set -c requirements/constraints.txt -c requirements/dev.txt -o requirements/$$set.txt || exit 1; \
 	done
 

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-SERVER_ONLY = ["fastapi", "uvicorn", "transformers", "open_clip", "pydantic", "pydantic_settings", "comneck_server", "comneck.backends"]
+SERVER_ONLY = ["fastapi", "uvicorn", "transformers", "open_clip", "pydantic", "pydantic_settings", "comneck_server", "comneck.backends", "comneck.pipeline"]
 
 
 def test_edge_client_works_without_server_dependencies():
@@ -11,6 +11,8 @@ def test_edge_client_works_without_server_dependencies():
         "import torch, comneck_edge, comneck_edge.cli\n"
         "comneck_edge.GatewayClient('http://127.0.0.1:1').close()\n"
         "enc = comneck_edge.EdgeEncoder('tiny', rate=2).encode_tensor(torch.rand(1, 3, 64, 96))\n"
+        "from comneck.image import sample_photo\n"
+        "assert comneck_edge.encode(sample_photo().read_bytes())[:4] == b'CNKB'\n"
         "print(len(enc.data), enc.bitstream.latents.padded_size)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -11,7 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from comneck.backends import BACKENDS, GenerationOptions
+from comneck.backends import GenerationOptions
 from comneck.errors import ComneckInputError
 from comneck.image import load_image, resize_for_codec, sample_photo, to_tensor
 from comneck_edge import EdgeEncoder, GatewayClient, GatewayError
@@ -24,9 +24,8 @@ PROMPT = "Labels: cow, horse, beach"
 
 
 @pytest.fixture(scope="module")
-def gateway(tiny_models):
-    settings = ServerSettings(max_prompt_chars=100)
-    return Gateway(tiny_models, {"clip-zero-shot": BACKENDS["clip-zero-shot"](tiny_models)}, settings)
+def gateway(tiny_pipeline):
+    return Gateway(tiny_pipeline, ServerSettings(max_prompt_chars=100))
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +53,8 @@ def test_infer_runs_the_latent_path_once_and_reports_it(gateway, encoded, tiny_m
     with torch.inference_mode():
         y_hat = tiny_models.codec.entropy_decode(encoded.bitstream.latents)
         embedding = tiny_models.clip.tail(tiny_models.neck(y_hat)).embedding
-    expected = gateway.backends["clip-zero-shot"].answer(embedding, PROMPT, "classify", GenerationOptions())
-    assert result.answer == expected
+    (expected,) = gateway.backends["clip-zero-shot"].generate(embedding, [PROMPT], "classify", GenerationOptions())
+    assert (result.text, result.details) == (expected.text, expected.details)
 
 
 def test_reconstruct_returns_the_g_s_image(gateway, encoded, tiny_models):
@@ -165,5 +164,9 @@ def test_settings_from_the_environment_and_flags(monkeypatch):
     monkeypatch.setenv("COMNECK_MAX_BODY_BYTES", "1000")
     settings = ServerSettings(_cli_parse_args=["--max-body-bytes", "2000", "--backends", "clip-zero-shot"])
     assert settings.api_keys == ["a", "b"] and settings.max_body_bytes == 2000
-    assert settings.backends == ["clip-zero-shot"]
+    assert settings.backend_args == ["clip-zero-shot"]
+    repeated = ServerSettings(_cli_parse_args=["--backend", "clip-zero-shot", "--backend", "other=/w"])
+    assert repeated.backend_args == ["clip-zero-shot", "other=/w"]
+    monkeypatch.setenv("COMNECK_BACKEND", "clip-zero-shot")
+    assert ServerSettings(_cli_parse_args=[]).backend_args == ["clip-zero-shot"]
     assert dataclasses.asdict(settings.weight_files) == {"codec": None, "neck": None, "clip": None}

@@ -142,7 +142,7 @@ def test_the_export_is_a_weights_folder_the_gateway_and_edge_load(dataset, tmp_p
     encoder = EdgeEncoder(tiny, codec_weights=export)
     assert encoder.rate == 2 and encoder.fingerprint.hex() == manifest["codec_fingerprint"]
     result = gateway.infer(encoder.encode_file(sample_photo()).data, "Labels: red thing, blue thing")
-    assert result.answer.text in ("red thing", "blue thing")
+    assert result.text in ("red thing", "blue thing")
     assert trainer.export() == summary  # a second export replaces the first whole
     assert json.loads((export / "comneck.json").read_text()) == manifest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comneck.errors import ComneckInputError
+from comneck.errors import ComneckInputError, ErrorCode
 
 from .errors import ApiError, error_body, status_of
 from .gateway import Gateway
@@ -110,9 +110,9 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             code, message = (
-                ("body_too_large", f"request body of {int(declared)} bytes is over this gateway's limit of {self.max_bytes}")
+                (ErrorCode.BODY_TOO_LARGE, f"request body of {int(declared)} bytes is over this gateway's limit of {self.max_bytes}")
                 if declared.isdigit()
-                else ("bad_request", "Content-Length is not a number")
+                else (ErrorCode.BAD_REQUEST, "Content-Length is not a number")
             )
             await JSONResponse(error_body(code, message), status_of(code), headers={"Connection": "close"})(scope, receive, send)
             return
@@ -123,7 +123,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise ApiError("body_too_large", f"request body is over this gateway's limit of {self.max_bytes} bytes")
+                raise ApiError(ErrorCode.BODY_TOO_LARGE, f"request body is over this gateway's limit of {self.max_bytes} bytes")
             return message
 
         await self.app(scope, limited, send)
@@ -140,7 +140,7 @@ class Admission:
     def slot(self) -> Iterator[None]:
         with self._lock:
             if self.count >= self.limit:
-                raise ApiError("busy", f"gateway is busy ({self.limit} requests in flight); retry shortly", retry_after=1)
+                raise ApiError(ErrorCode.BUSY, f"gateway is busy ({self.limit} requests in flight); retry shortly", retry_after=1)
             self.count += 1
         try:
             yield
@@ -176,7 +176,7 @@ async def _bitstream_part(form: Any) -> bytes:
     """The bytes of the multipart file part ``bitstream``."""
     upload = form.get("bitstream")
     if upload is None or isinstance(upload, str):
-        raise ApiError("invalid_request", "multipart body needs the bitstream as a file part (curl -F bitstream=@photo.cnk)")
+        raise ApiError(ErrorCode.INVALID_REQUEST, "multipart body needs the bitstream as a file part (curl -F bitstream=@photo.cnk)")
     return await upload.read()
 
 
@@ -187,9 +187,9 @@ async def _read_infer_request(request: Request) -> InferRequest:
         try:
             raw = msgpack.unpackb(body, raw=False)
         except (ValueError, msgpack.UnpackException) as exc:
-            raise ApiError("bad_request", f"body is not valid msgpack ({type(exc).__name__})") from None
+            raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__})") from None
         if not isinstance(raw, dict):
-            raise ApiError("bad_request", "msgpack body must be a map with bitstream and prompt")
+            raise ApiError(ErrorCode.BAD_REQUEST, "msgpack body must be a map with bitstream and prompt")
     elif kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=8) as form:
             raw = {**form, "bitstream": await _bitstream_part(form)}
@@ -197,13 +197,13 @@ async def _read_infer_request(request: Request) -> InferRequest:
             try:
                 raw["options"] = json.loads(raw["options"])
             except json.JSONDecodeError:
-                raise ApiError("invalid_request", "options must be a JSON object, e.g. {\"top_k\": 3}") from None
+                raise ApiError(ErrorCode.INVALID_REQUEST, "options must be a JSON object, e.g. {\"top_k\": 3}") from None
     else:
-        raise ApiError("unsupported_media_type", "send the request as application/msgpack or multipart/form-data")
+        raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the request as application/msgpack or multipart/form-data")
     try:
         return InferRequest.model_validate(raw)
     except ValidationError as exc:
-        raise ApiError("invalid_request", _one_line(exc)) from None
+        raise ApiError(ErrorCode.INVALID_REQUEST, _one_line(exc)) from None
 
 
 async def _read_bitstream_body(request: Request) -> bytes:
@@ -213,7 +213,7 @@ async def _read_bitstream_body(request: Request) -> bytes:
     if kind == "multipart/form-data":
         async with request.form(max_files=1, max_fields=1) as form:
             return await _bitstream_part(form)
-    raise ApiError("unsupported_media_type", "send the bitstream as application/octet-stream or multipart/form-data")
+    raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the bitstream as application/octet-stream or multipart/form-data")
 
 
 def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> FastAPI:
@@ -222,7 +222,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
 
     def load() -> None:
         start = time.perf_counter()
-        log.info("loading preset %s on %s (%s), backends %s", settings.preset, settings.device, settings.dtype, ", ".join(settings.backends))
+        log.info("loading preset %s on %s (%s), backends %s", settings.preset, settings.device, settings.dtype, ", ".join(settings.backend_args))
         try:
             state["gateway"] = loaded = Gateway.load(settings)
         except Exception as exc:  # the operator reads why in the log and in /readyz
@@ -251,13 +251,13 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
             return
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not any(secrets.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
-            raise ApiError("unauthorized", "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY")
+            raise ApiError(ErrorCode.UNAUTHORIZED, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY")
 
     def ready_gateway() -> Gateway:
         if state["gateway"] is None:
             if state["load_error"]:
-                raise ApiError("load_failed", f"models failed to load: {state['load_error']}")
-            raise ApiError("not_ready", "models are still loading", retry_after=2)
+                raise ApiError(ErrorCode.LOAD_FAILED, f"models failed to load: {state['load_error']}")
+            raise ApiError(ErrorCode.NOT_READY, "models are still loading", retry_after=2)
         return state["gateway"]
 
     @app.exception_handler(ComneckInputError)
@@ -265,28 +265,28 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         headers = {}
         if isinstance(exc, ApiError) and exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
-        if exc.code == "unauthorized":
+        if exc.code == ErrorCode.UNAUTHORIZED:
             headers["WWW-Authenticate"] = "Bearer"
         return respond(request, error_body(exc.code, str(exc)), status_of(exc.code), headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return respond(request, error_body("invalid_request", _one_line(exc)), 422)
+        return respond(request, error_body(ErrorCode.INVALID_REQUEST, _one_line(exc)), ErrorCode.INVALID_REQUEST.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorCode.HTTP_ERROR)
         return respond(request, error_body(code, str(exc.detail)), exc.status_code, exc.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
-        return respond(request, error_body("internal_error", "internal error; the server log has the details"), 500)
+        return respond(request, error_body(ErrorCode.INTERNAL_ERROR, "internal error; the server log has the details"), ErrorCode.INTERNAL_ERROR.status)
 
     @app.get("/healthz", summary="liveness: the process answers")
     def healthz(request: Request) -> Response:
         if state["load_error"]:
-            return respond(request, error_body("load_failed", state["load_error"]), 503)
+            return respond(request, error_body(ErrorCode.LOAD_FAILED, state["load_error"]), ErrorCode.LOAD_FAILED.status)
         return respond(request, {"status": "ok"})
 
     @app.get("/readyz", summary="readiness: models loaded and warmed up", responses={503: {"model": ErrorResponse}})
@@ -311,9 +311,9 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
             req = await _read_infer_request(request)
             result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options)
         answer = InferResponse(
-            text=result.answer.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
+            text=result.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
             image_size=result.image_size, rate=result.rate, timings_ms=result.timings_ms,
-            random_weights=result.random_weights, note=result.note, details=result.answer.details,
+            random_weights=result.random_weights, note=result.note, details=result.details,
         )
         return respond(request, answer.model_dump(mode="json"))
 

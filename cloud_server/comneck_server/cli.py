@@ -13,12 +13,12 @@ import sys
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from comneck.backends import check_backend_names
+from comneck.backends import check_backend, parse_backend_arg
 from comneck.importers.reading import check_source
-from comneck.errors import ComneckInputError
+from comneck.errors import ComneckInputError, ErrorCode
+from comneck.pipeline import check_device
 from comneck.presets import get_preset
 
-from .gateway import check_device
 from .settings import ServerSettings
 
 
@@ -28,11 +28,15 @@ def parse_settings(argv: list[str]) -> ServerSettings:
         settings = ServerSettings(_cli_parse_args=argv)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ComneckInputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", "bad_settings") from None
+        raise ComneckInputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", ErrorCode.BAD_SETTINGS) from None
     except SettingsError as exc:
-        raise ComneckInputError(str(exc).splitlines()[0], "bad_settings") from None
-    get_preset(settings.preset)
-    check_backend_names(settings.backends)
+        raise ComneckInputError(str(exc).splitlines()[0], ErrorCode.BAD_SETTINGS) from None
+    preset = get_preset(settings.preset)
+    backends = [parse_backend_arg(arg) for arg in settings.backend_args]
+    if len({name for name, _ in backends}) != len(backends):
+        raise ComneckInputError(f"a backend is given twice: {', '.join(name for name, _ in backends)}", ErrorCode.BAD_SETTINGS)
+    for name, weights in backends:
+        check_backend(name, weights, preset.clip, preset.split_block)
     check_device(settings.device)
     for part, path in vars(settings.weight_files).items():
         if path is not None:

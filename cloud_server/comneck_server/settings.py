@@ -36,9 +36,12 @@ class ServerSettings(BaseSettings):
     )
     device: str = Field("cpu", description="where the neck, CLIP and backends run: cpu, cuda or cuda:N (entropy decoding stays on the CPU)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="neck/CLIP/backend precision")
-    backends: Annotated[list[str], NoDecode] = Field(
-        ["clip-zero-shot"], description="backends to load, comma-separated; the first is the default"
+    backend: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="a backend to load, NAME or NAME=WEIGHTS (its published checkpoint); repeat the flag for more, the first "
+        "is the default; default clip-zero-shot (COMNECK_BACKEND takes a comma-separated list)",
     )
+    backends: Annotated[list[str], NoDecode] = Field([], description="the older spelling of --backend: names, comma-separated")
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -51,12 +54,19 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
-    @field_validator("backends", "api_keys", mode="before")
+    @field_validator("backend", "backends", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = [value]
+        if isinstance(value, list):
+            return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         return value
+
+    @property
+    def backend_args(self) -> list[str]:
+        """The backends to load, ``NAME`` or ``NAME=WEIGHTS``, the default first."""
+        return [*self.backend, *self.backends] or ["clip-zero-shot"]
 
     @property
     def weight_files(self) -> WeightFiles:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import httpx
 import msgpack
 
-from comneck.errors import ComneckInputError
+from comneck.errors import ComneckInputError, ErrorCode
 
 RETRY_STATUSES = (429, 503)
 MAX_BACKOFF_S = 30.0
@@ -25,9 +25,18 @@ Format = Literal["msgpack", "multipart"]
 class GatewayError(ComneckInputError):
     """The gateway could not be reached or refused the request (``status`` 0: no HTTP answer)."""
 
-    def __init__(self, code: str, message: str, status: int = 0) -> None:
-        super().__init__(message, code)
+    def __init__(self, code: ErrorCode | str, message: str, status: int = 0) -> None:
+        """``code``: one of ours, or the gateway's code as it came over the wire."""
+        super().__init__(message, _known(code))
         self.status = status
+
+
+def _known(code: ErrorCode | str) -> ErrorCode | str:
+    """The code as an :class:`ErrorCode` where this build knows it (a newer gateway may send others)."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return code
 
 
 def _decode(response: httpx.Response) -> Any:
@@ -70,12 +79,12 @@ class GatewayClient:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TimeoutException:
-                raise GatewayError("timeout", f"no answer from {self.url} within {self._http.timeout.read} s") from None
+                raise GatewayError(ErrorCode.TIMEOUT, f"no answer from {self.url} within {self._http.timeout.read} s") from None
             except (httpx.UnsupportedProtocol, httpx.InvalidURL):
-                raise GatewayError("bad_url", f"{self.url} is not an http(s) URL (write http://HOST:PORT)") from None
+                raise GatewayError(ErrorCode.BAD_URL, f"{self.url} is not an http(s) URL (write http://HOST:PORT)") from None
             except httpx.TransportError as exc:
                 reason = str(exc) or type(exc).__name__
-                raise GatewayError("unreachable", f"cannot reach {self.url}: {reason}") from None
+                raise GatewayError(ErrorCode.UNREACHABLE, f"cannot reach {self.url}: {reason}") from None
             if response.status_code not in RETRY_STATUSES or attempt == self.retries:
                 break
             retry_after = response.headers.get("retry-after", "")
@@ -87,7 +96,7 @@ class GatewayClient:
             error = _decode(response)["error"]
             code, message = str(error["code"]), str(error["message"])
         except (ValueError, KeyError, TypeError, msgpack.UnpackException):
-            code, message = "http_error", response.reason_phrase or "no details"
+            code, message = ErrorCode.HTTP_ERROR, response.reason_phrase or "no details"
         raise GatewayError(code, f"server answered {response.status_code} {code}: {message}", response.status_code)
 
     def infer(
@@ -128,7 +137,7 @@ class GatewayClient:
         deadline = time.monotonic() + timeout
         while True:
             if not is_alive():
-                raise GatewayError("unreachable", f"the gateway for {self.url} exited before it was ready")
+                raise GatewayError(ErrorCode.UNREACHABLE, f"the gateway for {self.url} exited before it was ready")
             try:
                 response = self._http.get("/readyz")
             except httpx.TransportError:
@@ -137,8 +146,8 @@ class GatewayClient:
                 return
             if response is not None and response.status_code == 503:
                 error = _decode(response)["error"]
-                if error["code"] == "load_failed":
-                    raise GatewayError("load_failed", f"{self.url}: {error['message']}", 503)
+                if error["code"] == ErrorCode.LOAD_FAILED:
+                    raise GatewayError(ErrorCode.LOAD_FAILED, f"{self.url}: {error['message']}", 503)
             if time.monotonic() > deadline:
-                raise GatewayError("not_ready", f"{self.url} was not ready within {timeout:.0f} s")
+                raise GatewayError(ErrorCode.NOT_READY, f"{self.url} was not ready within {timeout:.0f} s")
             time.sleep(poll)

@@ -68,3 +68,14 @@ class EdgeEncoder:
         data = stream.to_bytes()
         elapsed = (time.perf_counter() - start) * 1e3
         return EncodedImage(stream, data, {"analysis_entropy_coding": elapsed})
+
+
+def encode(
+    photo: str | Path | bytes, preset: str | Preset = "tiny", rate: int | None = None, resize: ResizePolicy = "paper",
+    codec_weights: str | Path | None = None,
+) -> bytes:
+    """A photo (path or file bytes) -> the ComNeck container to send to a gateway (docs/bitstream.md).
+
+    One call builds the codec; to encode many photos, keep an :class:`EdgeEncoder`.
+    """
+    return EdgeEncoder(preset, rate, resize, codec_weights).encode_file(photo).data

@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass
 
 from .codec import EncodedLatents
-from .errors import ComneckInputError
+from .errors import ComneckInputError, ErrorCode
 from .image import padding_of
 from .presets import RATE_LAMBDAS
 
@@ -31,7 +31,7 @@ _CRC = struct.Struct(">I")
 class BitstreamError(ComneckInputError):
     """A container that cannot be decoded; ``code`` says why (see docs/bitstream.md)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message, code)
 
 
@@ -57,7 +57,7 @@ class _Reader:
         value = shift = 0
         while True:
             if self.pos >= self.end:
-                raise BitstreamError("truncated", "bitstream is truncated: it ends inside its header")
+                raise BitstreamError(ErrorCode.TRUNCATED, "bitstream is truncated: it ends inside its header")
             byte = self.data[self.pos]
             self.pos += 1
             value |= (byte & 0x7F) << shift
@@ -65,11 +65,11 @@ class _Reader:
                 return value
             shift += 7
             if shift > 35:
-                raise BitstreamError("corrupted", "bitstream header holds an over-long number")
+                raise BitstreamError(ErrorCode.CORRUPTED, "bitstream header holds an over-long number")
 
     def take(self, n: int) -> bytes:
         if self.pos + n > self.end:
-            raise BitstreamError("truncated", f"bitstream is truncated: a stream needs {n} bytes, {self.end - self.pos} left")
+            raise BitstreamError(ErrorCode.TRUNCATED, f"bitstream is truncated: a stream needs {n} bytes, {self.end - self.pos} left")
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -105,10 +105,10 @@ class Bitstream:
     def check_codec(self, arch: str, fingerprint: bytes) -> None:
         """Refuse to be decoded by another codec (``codec_mismatch``) instead of yielding garbage."""
         if self.codec != arch:
-            raise BitstreamError("codec_mismatch", f"bitstream was coded with {self.codec}; this decoder runs {arch}")
+            raise BitstreamError(ErrorCode.CODEC_MISMATCH, f"bitstream was coded with {self.codec}; this decoder runs {arch}")
         if self.fingerprint != fingerprint:
             raise BitstreamError(
-                "codec_mismatch",
+                ErrorCode.CODEC_MISMATCH,
                 f"bitstream codec weights {self.fingerprint.hex()} differ from this decoder's {fingerprint.hex()} "
                 "(another preset, rate point or checkpoint)",
             )
@@ -123,32 +123,32 @@ class Bitstream:
         """Parse and validate; raises :class:`BitstreamError` for anything malformed."""
         if len(data) < _HEADER.size + _CRC.size:
             if not data.startswith(MAGIC[: len(data)]) or not data:
-                raise BitstreamError("bad_magic", "not a ComNeck bitstream (wrong magic bytes)")
-            raise BitstreamError("truncated", f"bitstream is truncated ({len(data)} bytes)")
+                raise BitstreamError(ErrorCode.BAD_MAGIC, "not a ComNeck bitstream (wrong magic bytes)")
+            raise BitstreamError(ErrorCode.TRUNCATED, f"bitstream is truncated ({len(data)} bytes)")
         magic, version, codec_id, rate, fingerprint = _HEADER.unpack_from(data)
         if magic != MAGIC:
-            raise BitstreamError("bad_magic", "not a ComNeck bitstream (wrong magic bytes)")
+            raise BitstreamError(ErrorCode.BAD_MAGIC, "not a ComNeck bitstream (wrong magic bytes)")
         if version != VERSION:
-            raise BitstreamError("unsupported_version", f"bitstream version {version} is not supported (this build reads {VERSION})")
+            raise BitstreamError(ErrorCode.UNSUPPORTED_VERSION, f"bitstream version {version} is not supported (this build reads {VERSION})")
         body = _Reader(data, _HEADER.size, len(data) - _CRC.size)
         h, w, ph, pw, n = (body.varint() for _ in range(5))
         if n > 64:
-            raise BitstreamError("corrupted", f"bitstream declares {n} streams")
+            raise BitstreamError(ErrorCode.CORRUPTED, f"bitstream declares {n} streams")
         lengths = [body.varint() for _ in range(n)]
         streams = [body.take(length) for length in lengths]
         if body.pos != body.end:
-            raise BitstreamError("corrupted", f"bitstream has {body.end - body.pos} stray bytes before its checksum")
+            raise BitstreamError(ErrorCode.CORRUPTED, f"bitstream has {body.end - body.pos} stray bytes before its checksum")
         (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
         if zlib.crc32(data[: -_CRC.size]) != crc:
-            raise BitstreamError("crc_mismatch", "bitstream is corrupted (CRC32 mismatch)")
+            raise BitstreamError(ErrorCode.CRC_MISMATCH, "bitstream is corrupted (CRC32 mismatch)")
         codec = next((name for name, i in CODEC_IDS.items() if i == codec_id), None)
         if codec is None:
-            raise BitstreamError("unknown_codec", f"bitstream names codec id {codec_id}, unknown to this build")
+            raise BitstreamError(ErrorCode.UNKNOWN_CODEC, f"bitstream names codec id {codec_id}, unknown to this build")
         if rate not in RATE_LAMBDAS:
-            raise BitstreamError("bad_rate", f"bitstream names rate index {rate}; valid are 1..4")
+            raise BitstreamError(ErrorCode.BAD_RATE, f"bitstream names rate index {rate}; valid are 1..4")
         if not (0 < h <= max_side and 0 < w <= max_side):
-            raise BitstreamError("bad_size", f"image size {w}x{h} is outside 1..{max_side}")
+            raise BitstreamError(ErrorCode.BAD_SIZE, f"image size {w}x{h} is outside 1..{max_side}")
         if (ph, pw) != padding_of(h, w).padded_size(h, w):
-            raise BitstreamError("bad_size", f"padded size {pw}x{ph} does not match image size {w}x{h}")
+            raise BitstreamError(ErrorCode.BAD_SIZE, f"padded size {pw}x{ph} does not match image size {w}x{h}")
         latents = EncodedLatents([[s] for s in streams], (ph, pw))
         return cls(codec, rate, fingerprint, (h, w), latents)

@@ -21,7 +21,7 @@ def _complexity(args: argparse.Namespace) -> str:
 
 
 def _convert(args: argparse.Namespace) -> str:
-    from .importers.convert import convert
+    from .convert import convert
 
     manifest = convert(args.source, args.output, get_preset(args.preset), args.scenario, args.rate, args.force)
     if args.json:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import open_clip
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .errors import ComneckInputError
+from .errors import ComneckInputError, ErrorCode
 from .presets import ClipConfig
 
 
@@ -40,6 +41,56 @@ class ClipFeatures:
     post_ln: torch.Tensor
     projected: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+TapSource = Literal["hidden", "post_ln", "projected", "embedding"]
+TapTokens = Literal["all", "patches", "cls"]
+
+
+@dataclass(frozen=True)
+class ClipTap:
+    """Which CLIP features a backend reads.
+
+    * ``source``: ``hidden`` (a block's output, before ``ln_post``), ``post_ln`` (last block
+      after ``ln_post``), ``projected`` (``post_ln @ proj``) or ``embedding`` (the pooled,
+      projected image embedding, ``CLIP.encode_image``).
+    * ``block``: for ``hidden``, the 1-based block; negative counts from the end as in
+      LLaVA's ``select_layer`` (-1 the last block, -2 the one before: Shikra's block 23).
+    * ``tokens``: ``all`` (class token first), ``patches`` (class token dropped) or ``cls``.
+    """
+
+    source: TapSource
+    block: int | None = None
+    tokens: TapTokens = "all"
+
+    def __post_init__(self) -> None:
+        if (self.source == "hidden") != (self.block is not None):
+            raise ValueError("a block index goes with source='hidden' and only with it")
+        if self.source == "embedding" and self.tokens != "cls":
+            raise ValueError("the pooled embedding is one vector per image: use tokens='cls'")
+
+    def block_index(self, num_blocks: int) -> int | None:
+        """The 1-based block this tap reads in a ViT of ``num_blocks`` blocks (None: not a hidden tap)."""
+        if self.block is None:
+            return None
+        index = self.block + num_blocks + 1 if self.block < 0 else self.block
+        if not 1 <= index <= num_blocks:
+            raise ComneckInputError(f"tap block {self.block} does not exist in a {num_blocks}-block CLIP", ErrorCode.BAD_TAP)
+        return index
+
+    def select(self, features: ClipFeatures, num_blocks: int) -> torch.Tensor:
+        """The tensor this tap names: [B, D] for ``cls``, else [B, T, D]."""
+        if self.source == "embedding":
+            return features.embedding
+        if self.source == "hidden":
+            x = features.hidden[self.block_index(num_blocks)]  # type: ignore[index]
+        else:
+            x = features.post_ln if self.source == "post_ln" else features.projected
+        return {"all": x, "patches": x[:, 1:], "cls": x[:, 0]}[self.tokens]
+
+    def describe(self) -> str:
+        where = f"block {self.block} output" if self.source == "hidden" else self.source
+        return f"{where}, {self.tokens} tokens" if self.source != "embedding" else "pooled image embedding"
 
 
 class ClipSplit(nn.Module):

@@ -17,8 +17,8 @@ from torch import nn
 
 from .errors import ComneckInputError
 from .image import CODEC_STRIDE, check_image_tensor
-from .importers.sources import WeightsInfo
 from .presets import CodecConfig
+from .provenance import WeightsInfo
 
 _ARCHS: dict[str, type[nn.Module]] = {
     "elic2022-chandelier": Elic2022Chandelier,  # the official ComNeck code's ELIC_LLM architecture

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .codec import ElicCodec
-from .errors import ComneckInputError
+from .errors import ComneckInputError, ErrorCode
 from .importers.elic import is_derived
 from .importers.fitting import fit, key_problems
 from .importers.reading import read_weights
@@ -51,7 +51,7 @@ def fitted_codec(preset: Preset, source: CodecSource) -> ElicCodec:
             codec.weights_info = source.info
             return codec
         first = first or problems
-    raise ComneckInputError(f"codec weights do not fit preset {preset.name!r} ({'/'.join(source.archs)}): {'; '.join(first)}", "bad_weights")
+    raise ComneckInputError(f"codec weights do not fit preset {preset.name!r} ({'/'.join(source.archs)}): {'; '.join(first)}", ErrorCode.BAD_WEIGHTS)
 
 
 def build_codec(preset: Preset, weights: str | Path | CodecSource | None = None, scenario: str | None = None,

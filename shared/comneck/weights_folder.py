@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoints import fsync_path, save_state_dict
-from .errors import ComneckInputError
+from .errors import ComneckInputError, ErrorCode
 
 MANIFEST = "comneck.json"
 FORMAT = "comneck-weights"
@@ -35,19 +35,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise ComneckInputError(
-            f"{folder} is a folder without {MANIFEST}: not written by `comneck convert` or a training export", "bad_weights"
+            f"{folder} is a folder without {MANIFEST}: not written by `comneck convert` or a training export", ErrorCode.BAD_WEIGHTS
         )
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ComneckInputError(f"{path}: not valid JSON ({exc})", "bad_weights") from None
+        raise ComneckInputError(f"{path}: not valid JSON ({exc})", ErrorCode.BAD_WEIGHTS) from None
 
 
 def part_file(folder: Path, part: str) -> Path:
     """``folder/{part}.safetensors`` of a weights folder, or a one-line error."""
     path = folder / f"{part}.safetensors"
     if not path.is_file():
-        raise ComneckInputError(f"{folder} holds no {part} weights ({path.name} is missing)", "bad_weights")
+        raise ComneckInputError(f"{folder} holds no {part} weights ({path.name} is missing)", ErrorCode.BAD_WEIGHTS)
     return path
 
 
@@ -55,9 +55,9 @@ def check_target(target: Path, force: bool = False) -> None:
     """Refuse to write over a file, or over a non-empty folder unless ``force``; callers with slow
     work ahead check first, so a refusal comes before the work."""
     if target.exists() and not target.is_dir():
-        raise ComneckInputError(f"{target} exists and is not a folder; choose another folder", "bad_output")
+        raise ComneckInputError(f"{target} exists and is not a folder; choose another folder", ErrorCode.BAD_OUTPUT)
     if target.exists() and any(target.iterdir()) and not force:
-        raise ComneckInputError(f"{target} exists and is not empty; choose another folder or pass --force", "bad_output")
+        raise ComneckInputError(f"{target} exists and is not empty; choose another folder or pass --force", ErrorCode.BAD_OUTPUT)
 
 
 def write_folder(target: str | Path, preset: str, parts: Mapping[str, nn.Module | Mapping[str, torch.Tensor]],

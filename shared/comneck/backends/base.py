@@ -1,20 +1,24 @@
-"""The one small protocol every downstream model (MLLM backend) implements.
+"""What every downstream model (MLLM backend) is, and what it is told when it loads.
 
-A backend declares the CLIP tap it reads (:class:`ClipTap`), the tasks it serves, and
-turns the selected features plus the user's prompt into text. The gateway runs the neck
-and CLIP tail once per request and hands the backend only what its tap selects.
+A backend is described by a :class:`BackendSpec` (registered in :mod:`.registry`): the CLIP
+it needs and the tap it reads (:class:`~comneck.clip_split.ClipTap`), its tasks, the weight
+files it reads and the packages it needs. Loaded, it is a :class:`Backend`: it checks a
+prompt cheaply (before any decoding) and answers a batch, given the features its tap
+selects from one neck + CLIP-tail pass over the batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
-from ..clip_split import ClipFeatures
-from ..errors import ComneckInputError
+from ..clip_split import ClipTap
+from ..presets import ClipConfig
 
 #: Task names a request may ask for; each backend serves some of them.
 TASKS: dict[str, str] = {
@@ -24,54 +28,58 @@ TASKS: dict[str, str] = {
     "classify": "pick the label that fits the image best",
 }
 
-TapSource = Literal["hidden", "post_ln", "projected", "embedding"]
-TapTokens = Literal["all", "patches", "cls"]
+
+@dataclass(frozen=True)
+class ClipRequirement:
+    """The CLIP a backend's published weights were trained on: open_clip architecture name and
+    input side (the LLaVA-style 336 px models need a codec input of 384)."""
+
+    arch: str
+    image_size: int
+
+    def describe(self) -> str:
+        return f"{self.arch} at {self.image_size} px"
 
 
 @dataclass(frozen=True)
-class ClipTap:
-    """Which CLIP features a backend reads.
+class BackendSpec:
+    """One registry entry: everything known about a backend before its code is imported.
 
-    * ``source``: ``hidden`` (a block's output, before ``ln_post``), ``post_ln`` (last block
-      after ``ln_post``), ``projected`` (``post_ln @ proj``) or ``embedding`` (the pooled,
-      projected image embedding, ``CLIP.encode_image``).
-    * ``block``: for ``hidden``, the 1-based block; negative counts from the end as in
-      LLaVA's ``select_layer`` (-1 the last block, -2 the one before: Shikra's block 23).
-    * ``tokens``: ``all`` (class token first), ``patches`` (class token dropped) or ``cls``.
+    * ``target``: ``"module:Class"``, imported only when the backend loads; the class has a
+      ``load(context: BackendContext)`` classmethod.
+    * ``clip``: the CLIP its published weights need; None when it reads whichever CLIP the
+      gateway loaded (the zero-shot labeller uses that CLIP's own text tower).
+    * ``weight_files``: the files of its published checkpoint it reads, in their authors' names.
+    * ``extra`` / ``packages``: the pip extra that installs what it needs, and the import
+      names checked at load time.
+    * ``random_init``: without weights it builds a seeded random model and says so.
+    * ``example_prompt``: a prompt it answers (shown by /v1/models, used by the contract test).
     """
 
-    source: TapSource
-    block: int | None = None
-    tokens: TapTokens = "all"
+    name: str
+    target: str
+    description: str
+    tasks: tuple[str, ...]  # the first is the default task
+    tap: ClipTap
+    clip: ClipRequirement | None = None
+    weight_files: tuple[str, ...] = ()
+    extra: str | None = None
+    packages: tuple[str, ...] = ()
+    random_init: bool = True
+    example_prompt: str = ""
 
-    def __post_init__(self) -> None:
-        if (self.source == "hidden") != (self.block is not None):
-            raise ValueError("a block index goes with source='hidden' and only with it")
-        if self.source == "embedding" and self.tokens != "cls":
-            raise ValueError("the pooled embedding is one vector per image: use tokens='cls'")
 
-    def block_index(self, num_blocks: int) -> int | None:
-        """The 1-based block this tap reads in a ViT of ``num_blocks`` blocks (None: not a hidden tap)."""
-        if self.block is None:
-            return None
-        index = self.block + num_blocks + 1 if self.block < 0 else self.block
-        if not 1 <= index <= num_blocks:
-            raise ComneckInputError(f"tap block {self.block} does not exist in a {num_blocks}-block CLIP", "bad_tap")
-        return index
+@dataclass(frozen=True)
+class BackendContext:
+    """What a backend gets when it loads: its weights (None: random) and the gateway's CLIP."""
 
-    def select(self, features: ClipFeatures, num_blocks: int) -> torch.Tensor:
-        """The tensor this tap names: [B, D] for ``cls``, else [B, T, D]."""
-        if self.source == "embedding":
-            return features.embedding
-        if self.source == "hidden":
-            x = features.hidden[self.block_index(num_blocks)]  # type: ignore[index]
-        else:
-            x = features.post_ln if self.source == "post_ln" else features.projected
-        return {"all": x, "patches": x[:, 1:], "cls": x[:, 0]}[self.tokens]
-
-    def describe(self) -> str:
-        where = f"block {self.block} output" if self.source == "hidden" else self.source
-        return f"{where}, {self.tokens} tokens" if self.source != "embedding" else "pooled image embedding"
+    spec: BackendSpec
+    weights: Path | None
+    clip_model: nn.Module  # the whole open_clip CLIP (text tower included)
+    clip_config: ClipConfig
+    clip_random: bool  # the CLIP holds random weights
+    device: torch.device
+    dtype: torch.dtype
 
 
 class GenerationOptions(BaseModel):
@@ -91,21 +99,27 @@ class GenerationOptions(BaseModel):
 
 @dataclass
 class BackendAnswer:
-    """A backend's reply: the text, and structured details (scores, boxes, ...)."""
+    """A backend's reply: the text, and structured details (scores, boxes, ...).
+
+    LLM backends put ``prompt_token_ids``, ``token_ids`` (what was generated),
+    ``finish_reason`` and, with ``options.logprobs = k > 0``, ``logprobs`` (one entry per
+    generated token, as :class:`~comneck.backends.engines.Generation` has them) in ``details``.
+    """
 
     text: str
     details: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(Protocol):
-    """What the gateway needs from a downstream model."""
+    """What the pipeline needs from a loaded downstream model."""
 
-    name: str
-    description: str
-    tasks: tuple[str, ...]  # the first is the default task
-    tap: ClipTap
+    spec: BackendSpec
     random_weights: bool
 
-    def answer(self, features: torch.Tensor, prompt: str, task: str, options: GenerationOptions) -> BackendAnswer:
-        """Features selected by ``tap`` for one image -> the answer to ``prompt``."""
+    def check_prompt(self, prompt: str, task: str) -> None:
+        """Refuse a prompt this backend cannot use (``bad_prompt``), cheaply: it runs before decoding."""
+        ...
+
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions) -> list[BackendAnswer]:
+        """Features selected by ``spec.tap`` for a batch ([B, ...]) -> one answer per prompt."""
         ...

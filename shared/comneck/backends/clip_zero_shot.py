@@ -1,10 +1,10 @@
 """A built-in backend that needs no LLM: CLIP zero-shot labelling over labels the prompt gives.
 
 The prompt lists candidate labels, optionally after a question and a colon
-("What is in the photo? Labels: cow, horse, beach"). Each label becomes "a photo of a
-{label}." and is embedded by CLIP's own text tower; the image embedding from the CLIP
-tail is scored against them with CLIP's logit scale, as in CLIP's zero-shot evaluation.
-With random CLIP weights the ranking is meaningless, and the backend says so.
+("What is in the photo? Labels: cow, horse, beach"). Each label is scored by CLIP's
+zero-shot classifier (:mod:`comneck.zero_shot`) on the image embedding from the CLIP tail,
+using the gateway's own CLIP text tower. With random CLIP weights the ranking is
+meaningless, and the backend says so.
 """
 
 from __future__ import annotations
@@ -15,22 +15,12 @@ import open_clip
 import torch
 from torch import nn
 
-from ..errors import ComneckInputError
-from .base import BackendAnswer, ClipTap, GenerationOptions
+from ..errors import ComneckInputError, ErrorCode
+from ..zero_shot import label_embeddings, zero_shot_logits
+from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions
 
-TEMPLATE = "a photo of a {}."
 MAX_LABELS = 64
 _CACHE_LIMIT = 4096  # text embeddings kept per backend; cleared when full
-
-
-def label_embeddings(clip: nn.Module, tokenizer: open_clip.tokenizer.SimpleTokenizer, labels: list[str], chunk: int = 256) -> torch.Tensor:
-    """L2-normalised CLIP text embeddings [len(labels), D] (float32) of "a photo of a {label}."."""
-    device = next(clip.parameters()).device
-    with torch.no_grad():
-        return torch.cat([
-            clip.encode_text(tokenizer([TEMPLATE.format(label) for label in labels[i : i + chunk]]).to(device), normalize=True).float()
-            for i in range(0, len(labels), chunk)
-        ])
 
 
 def parse_labels(prompt: str) -> list[str]:
@@ -41,26 +31,27 @@ def parse_labels(prompt: str) -> list[str]:
     if len(labels) < 2:
         raise ComneckInputError(
             "the clip-zero-shot backend needs at least two candidate labels, e.g. 'Labels: cow, horse, beach'",
-            "bad_prompt",
+            ErrorCode.BAD_PROMPT,
         )
     if len(labels) > MAX_LABELS:
-        raise ComneckInputError(f"at most {MAX_LABELS} candidate labels, got {len(labels)}", "bad_prompt")
+        raise ComneckInputError(f"at most {MAX_LABELS} candidate labels, got {len(labels)}", ErrorCode.BAD_PROMPT)
     return labels
 
 
 class ClipZeroShot:
     """Scores the pooled CLIP image embedding against text embeddings of the candidate labels."""
 
-    name = "clip-zero-shot"
-    description = "CLIP zero-shot labeller: ranks the candidate labels listed in the prompt"
-    tasks = ("classify",)
-    tap = ClipTap("embedding", tokens="cls")
-
-    def __init__(self, clip_model: nn.Module, random_weights: bool) -> None:
+    def __init__(self, spec: BackendSpec, clip_model: nn.Module, random_weights: bool) -> None:
+        self.spec = spec
         self.clip = clip_model
         self.random_weights = random_weights
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip_model.context_length)
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, context: BackendContext) -> "ClipZeroShot":
+        """No weights of its own: the gateway's CLIP (random or not) does the work."""
+        return cls(context.spec, context.clip_model, context.clip_random)
 
     def _label_embeddings(self, labels: list[str]) -> torch.Tensor:
         missing = [label for label in labels if label not in self._text_cache]
@@ -70,14 +61,20 @@ class ClipZeroShot:
             self._text_cache.update(zip(missing, label_embeddings(self.clip, self.tokenizer, missing)))
         return torch.stack([self._text_cache[label] for label in labels])
 
+    def check_prompt(self, prompt: str, task: str) -> None:
+        parse_labels(prompt)
+
     @torch.inference_mode()
-    def answer(self, features: torch.Tensor, prompt: str, task: str, options: GenerationOptions) -> BackendAnswer:
-        labels = parse_labels(prompt)
-        image = nn.functional.normalize(features.float(), dim=-1)  # [1, D]
-        logits = self.clip.logit_scale.exp().float() * image @ self._label_embeddings(labels).T
-        probs = logits.softmax(dim=-1)[0]
-        ranked = probs.argsort(descending=True)[: options.top_k].tolist()
-        return BackendAnswer(
-            text=labels[ranked[0]],
-            details={"labels": [{"label": labels[i], "probability": round(float(probs[i]), 6)} for i in ranked]},
-        )
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions) -> list[BackendAnswer]:
+        """``features``: pooled image embeddings [B, D]; each prompt has its own labels."""
+        answers = []
+        for embedding, prompt in zip(features, prompts):
+            labels = parse_labels(prompt)
+            probs = zero_shot_logits(embedding[None], self._label_embeddings(labels), self.clip.logit_scale).softmax(dim=-1)[0]
+            ranked = probs.argsort(descending=True)[: options.top_k].tolist()
+            details: dict = {"labels": [{"label": labels[i], "probability": round(float(probs[i]), 6)} for i in ranked]}
+            if options.logprobs:  # what applies of an LLM's logprobs: the label distribution, highest first
+                logprobs = probs.log()
+                details["logprobs"] = [{"label": labels[i], "logprob": float(logprobs[i])} for i in probs.argsort(descending=True)[: options.logprobs]]
+            answers.append(BackendAnswer(text=labels[ranked[0]], details=details))
+        return answers

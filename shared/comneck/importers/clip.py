@@ -27,7 +27,7 @@ from typing import Any
 import open_clip
 import torch
 
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 from ..weights_folder import part_file
 from .fitting import fit, listing
 from .reading import file_format, read_weights, strip_prefix, tensors_only
@@ -104,7 +104,7 @@ class ImportedClip:
 
 def _bad(source: str, why: str) -> ComneckInputError:
     where = f"{source}: " if source else ""
-    return ComneckInputError(f"{WHAT} weights: {where}{why}", "bad_weights")
+    return ComneckInputError(f"{WHAT} weights: {where}{why}", ErrorCode.BAD_WEIGHTS)
 
 
 def part_of(key: str) -> str:

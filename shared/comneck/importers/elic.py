@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 from .fitting import listing
 
 _Y = "latent_codec.y"
@@ -85,7 +85,7 @@ def from_elic_llm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[new] = value
     if unknown:
-        raise ComneckInputError(f"codec weights (ELIC_LLM layout): keys no mapping knows ({len(unknown)}): {listing(unknown)}", "bad_weights")
+        raise ComneckInputError(f"codec weights (ELIC_LLM layout): keys no mapping knows ({len(unknown)}): {listing(unknown)}", ErrorCode.BAD_WEIGHTS)
     return out
 
 
@@ -99,5 +99,5 @@ def check_not_pre_127_official(state: dict[str, torch.Tensor]) -> None:
             f"codec weights: channel_context.y1 has {first.shape[0]} hidden channels, not 224: an Elic2022Official "
             "checkpoint saved by CompressAI < 1.2.7, whose channel-context layers differ from 1.2.7 on; "
             "its weights cannot be mapped (load it with compressai<1.2.7, or re-train)",
-            "bad_weights",
+            ErrorCode.BAD_WEIGHTS,
         )

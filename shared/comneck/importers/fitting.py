@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 
 SHOWN = 6
 
@@ -41,6 +41,6 @@ def fit(module: nn.Module, state: dict[str, torch.Tensor], what: str, derived: C
     target = module.state_dict()
     problems = key_problems(target, state, derived)
     if problems:
-        raise ComneckInputError(f"{what} weights do not fit: {'; '.join(problems)}", "bad_weights")
+        raise ComneckInputError(f"{what} weights do not fit: {'; '.join(problems)}", ErrorCode.BAD_WEIGHTS)
     # derived entries keep the module's own values (CompressAI's loader insists they be present)
     module.load_state_dict({k: (target[k] if derived(k) else state[k]) for k in target})

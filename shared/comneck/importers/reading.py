@@ -23,14 +23,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 
 #: Globals a weights_only load may meet in the files we import, beyond PyTorch's own allow-list.
 SAFE_GLOBALS = [collections.Counter]
 
 
 def _bad(path: Path, what: str, why: str) -> ComneckInputError:
-    return ComneckInputError(f"{what} weights: {path}: {why}", "bad_weights")
+    return ComneckInputError(f"{what} weights: {path}: {why}", ErrorCode.BAD_WEIGHTS)
 
 
 def file_format(path: Path) -> str | None:

@@ -22,28 +22,15 @@ from typing import Any
 
 import torch
 
-from ..errors import ComneckInputError
-from ..presets import RATE_LAMBDAS, check_rate
+from ..errors import ComneckInputError, ErrorCode
+from ..presets import check_rate
+from ..provenance import WeightsInfo
 from ..weights_folder import part_file, read_manifest
 from .elic import check_not_pre_127_official, from_elic_llm, is_compressai_elic, is_elic_llm
 from .reading import read_weights, strip_prefix, tensors_only
 
 SCENARIOS = ("d1", "d2", "d3")
 _RELEASE_NAME = re.compile(r"(?<![A-Za-z0-9])(d[123])_([1-4])(?![0-9])")
-
-
-@dataclass(frozen=True)
-class WeightsInfo:
-    """Where weights came from and what they were trained for (None: not known)."""
-
-    layout: str  # comneck | release | elic-llm | compressai
-    source: str
-    scenario: str | None = None
-    rate: int | None = None
-
-    @property
-    def lmbda(self) -> float | None:
-        return RATE_LAMBDAS.get(self.rate) if self.rate else None
 
 
 @dataclass(frozen=True)
@@ -64,7 +51,7 @@ def release_name(path: str | Path) -> tuple[str | None, int | None]:
 def check_labels(scenario: str | None, rate: int | None) -> None:
     """Validate a scenario and rate index given by hand (None: not given)."""
     if scenario is not None and scenario not in SCENARIOS:
-        raise ComneckInputError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}", "bad_weights")
+        raise ComneckInputError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}", ErrorCode.BAD_WEIGHTS)
     if rate is not None:
         check_rate(rate)
 
@@ -103,7 +90,7 @@ def codec_from(obj: Any, path: Path, scenario: str | None = None, rate: int | No
         raise ComneckInputError(
             f"codec weights: {path.name} holds neither an ELIC_LLM (ComNeck release, ELiC-ReImplemetation) nor a "
             f"CompressAI ELIC state dict (first keys: {', '.join(list(state)[:3])})",
-            "bad_weights",
+            ErrorCode.BAD_WEIGHTS,
         )
     info = WeightsInfo(layout, str(path), scenario or named_scenario, rate or named_rate)
     return CodecSource(mapped, archs, info)
@@ -125,5 +112,5 @@ def neck_from(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], WeightsInf
     if isinstance(obj, dict) and "adapter" in obj:
         return strip_prefix(tensors_only(obj["adapter"], path, "neck")), WeightsInfo("release", str(path), scenario, rate)
     if isinstance(obj, dict) and "state_dict" in obj:
-        raise ComneckInputError(f"neck weights: {path.name} has a state_dict but no 'adapter' entry: a codec-only checkpoint", "bad_weights")
+        raise ComneckInputError(f"neck weights: {path.name} has a state_dict but no 'adapter' entry: a codec-only checkpoint", ErrorCode.BAD_WEIGHTS)
     return strip_prefix(tensors_only(obj, path, "neck")), WeightsInfo("comneck", str(path), scenario, rate)

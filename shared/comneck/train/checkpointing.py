@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoints import fsync_path
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,7 +94,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
         state = json.loads((path / "state.json").read_text())
         training = torch.load(path / "training.pt", weights_only=True)
     except (OSError, ValueError) as exc:
-        raise ComneckInputError(f"checkpoint {path} is unreadable: {exc}", "bad_checkpoint") from None
+        raise ComneckInputError(f"checkpoint {path} is unreadable: {exc}", ErrorCode.BAD_CHECKPOINT) from None
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         name, _, rest = key.partition(".")

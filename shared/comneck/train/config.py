@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 from ..presets import PRESETS, RATE_LAMBDAS
 
 Scenario = Literal["d1", "d2", "d3", "postproc"]
@@ -98,14 +98,14 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         last = depth == len(keys) - 1
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ComneckInputError(f"--set {dotted}: {key} is not an index of a {len(node)}-item list", "bad_config")
+                raise ComneckInputError(f"--set {dotted}: {key} is not an index of a {len(node)}-item list", ErrorCode.BAD_CONFIG)
             slot: Any = int(key)
         elif isinstance(node, dict):
             slot = key
             if not last:
                 node.setdefault(key, {})
         else:
-            raise ComneckInputError(f"--set {dotted}: {keys[depth - 1]} is a value, not a section", "bad_config")
+            raise ComneckInputError(f"--set {dotted}: {keys[depth - 1]} is a value, not a section", ErrorCode.BAD_CONFIG)
         if last:
             node[slot] = value
         else:
@@ -119,19 +119,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         try:
             tree = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as exc:
-            raise ComneckInputError(f"cannot read config {path}: {exc.strerror}", "bad_config") from None
+            raise ComneckInputError(f"cannot read config {path}: {exc.strerror}", ErrorCode.BAD_CONFIG) from None
         except yaml.YAMLError as exc:
-            raise ComneckInputError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}", "bad_config") from None
+            raise ComneckInputError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}", ErrorCode.BAD_CONFIG) from None
         if not isinstance(tree, dict):
-            raise ComneckInputError(f"config {path} must be a mapping of settings", "bad_config")
+            raise ComneckInputError(f"config {path} must be a mapping of settings", ErrorCode.BAD_CONFIG)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ComneckInputError(f"--set wants KEY=VALUE, got {item!r}", "bad_config")
+            raise ComneckInputError(f"--set wants KEY=VALUE, got {item!r}", ErrorCode.BAD_CONFIG)
         _set_path(tree, key.strip(), yaml.safe_load(value) if value else value)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ComneckInputError(f"config {where}: {first['msg']}", "bad_config") from None
+        raise ComneckInputError(f"config {where}: {first['msg']}", ErrorCode.BAD_CONFIG) from None

@@ -16,7 +16,7 @@ from open_clip.transform import image_transform
 from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 from ..image import load_image, resize_for_codec, to_tensor
 from .config import DataConfig
 
@@ -40,27 +40,27 @@ def read_class_names(path: Path | None, folders: list[str]) -> list[str]:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ComneckInputError(f"cannot read class names {path}: {exc.strerror}", "bad_config") from None
+        raise ComneckInputError(f"cannot read class names {path}: {exc.strerror}", ErrorCode.BAD_CONFIG) from None
     if Path(path).suffix == ".json":
         mapping = json.loads(text)
         missing = [f for f in folders if f not in mapping]
         if missing:
-            raise ComneckInputError(f"{path} names no class for folder {missing[0]!r}", "bad_config")
+            raise ComneckInputError(f"{path} names no class for folder {missing[0]!r}", ErrorCode.BAD_CONFIG)
         return [str(mapping[f]) for f in folders]
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != len(folders):
-        raise ComneckInputError(f"{path} lists {len(names)} class names for {len(folders)} class folders", "bad_config")
+        raise ComneckInputError(f"{path} lists {len(names)} class names for {len(folders)} class folders", ErrorCode.BAD_CONFIG)
     return names
 
 
 def build_dataset(config: DataConfig, codec_size: int, clip_size: int) -> tuple[Dataset, list[str]]:
     """The two-view dataset and its class names."""
     if not Path(config.root).is_dir():
-        raise ComneckInputError(f"data root {config.root} is not a folder", "bad_config")
+        raise ComneckInputError(f"data root {config.root} is not a folder", ErrorCode.BAD_CONFIG)
     try:
         folder = ImageFolder(str(config.root), loader=load_image, transform=TwoViews(codec_size, clip_size))
     except (FileNotFoundError, RuntimeError) as exc:
-        raise ComneckInputError(f"data root {config.root}: {exc}".splitlines()[0], "bad_config") from None
+        raise ComneckInputError(f"data root {config.root}: {exc}".splitlines()[0], ErrorCode.BAD_CONFIG) from None
     names = read_class_names(config.classes, folder.classes)
     dataset: Dataset = Subset(folder, range(min(config.limit, len(folder)))) if config.limit else folder
     return dataset, names

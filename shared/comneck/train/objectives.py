@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..zero_shot import zero_shot_logits
 from .config import TrainConfig
 
 #: Which networks a stage updates: the neck, the whole codec, the codec but g_s, the U-Net.
@@ -66,15 +67,15 @@ def bits_per_pixel(likelihoods: dict[str, torch.Tensor], num_pixels: int) -> tor
 
 
 class ZeroShotHead(nn.Module):
-    """CLIP's zero-shot classifier: logits = logit_scale * cos(image embedding, class text embedding)."""
+    """CLIP's zero-shot classifier over the class names (:mod:`comneck.zero_shot`) as a module of frozen buffers."""
 
     def __init__(self, text_embeddings: torch.Tensor, logit_scale: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("text", nn.functional.normalize(text_embeddings.float(), dim=-1))
-        self.register_buffer("scale", logit_scale.detach().exp().float())
+        self.register_buffer("logit_scale", logit_scale.detach().float())
 
     def forward(self, image_embedding: torch.Tensor) -> torch.Tensor:
-        return self.scale * nn.functional.normalize(image_embedding.float(), dim=-1) @ self.text.T
+        return zero_shot_logits(image_embedding, self.text, self.logit_scale)
 
 
 @dataclass

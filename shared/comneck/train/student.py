@@ -13,9 +13,9 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from ..backends.base import ClipTap
-from ..clip_split import ClipFeatures, ClipSplit
+from ..clip_split import ClipFeatures, ClipSplit, ClipTap
 from ..codec import ElicCodec
+from ..pipeline import latent_features
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Student(nn.Module):
             else:
                 if with_x_hat:
                     out["x_hat"] = self.codec.model.g_s(y_hat)
-                features = self.clip.tail(self.neck(y_hat), self.target.hidden_blocks())
+                features = latent_features(self.neck, self.clip, y_hat, self.target.hidden_blocks())
         out["student"] = self.target.select(features)
         out["embedding"] = features.embedding
         return out

@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..backends.clip_zero_shot import label_embeddings
+from ..zero_shot import label_embeddings
 from ..clip_split import ClipSplit
-from ..errors import ComneckInputError
+from ..errors import ComneckInputError, ErrorCode
 from ..models import WeightFiles, build_cloud_models, seeded
 from ..presets import get_preset
 from ..unet import UNet
@@ -45,7 +45,7 @@ def _pretrained_clip(name: str, tag: str) -> nn.Module:
     try:
         return open_clip.create_model(name, pretrained=tag).eval()
     except Exception as exc:  # open_clip raises many kinds for a missing or unknown tag
-        raise ComneckInputError(f"cannot load CLIP {name} pretrained={tag}: {exc}", "bad_weights") from None
+        raise ComneckInputError(f"cannot load CLIP {name} pretrained={tag}: {exc}", ErrorCode.BAD_WEIGHTS) from None
 
 
 def text_embeddings(clip: nn.Module, names: list[str], cache: Path, key: str) -> torch.Tensor:
@@ -91,7 +91,7 @@ class Trainer:
 
         self.dataset, self.class_names = build_dataset(config.data, preset.image_size, clip.visual.image_size[0])
         if len(self.dataset) < config.batch_size * self.world:
-            raise ComneckInputError(f"{len(self.dataset)} images are fewer than one batch of {config.batch_size} x {self.world} processes", "bad_config")
+            raise ComneckInputError(f"{len(self.dataset)} images are fewer than one batch of {config.batch_size} x {self.world} processes", ErrorCode.BAD_CONFIG)
         key = hashlib.sha256(json.dumps([self.class_names, preset.name, str(config.clip_weights), config.clip_pretrained]).encode()).hexdigest()
         texts = text_embeddings(self.clip_model, self.class_names, config.output / "text_embeddings.safetensors", key)
         self.head = ZeroShotHead(texts, self.clip_model.logit_scale).to(self.device)
@@ -112,7 +112,7 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ComneckInputError("tensorboard: true needs the tensorboard package (pip install tensorboard)", "bad_config") from None
+                raise ComneckInputError("tensorboard: true needs the tensorboard package (pip install tensorboard)", ErrorCode.BAD_CONFIG) from None
             self._board = SummaryWriter(str(config.output / "tensorboard"))
 
     # -- what trains -----------------------------------------------------------------------

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import build_codec, seeded
-from ..presets import Preset
-from ..weights_folder import check_target, write_folder
-from .elic import is_compressai_elic, is_elic_llm
-from .fitting import fit
-from .reading import read_weights, strip_prefix
-from .sources import check_labels, codec_from, neck_from
+from .importers.elic import is_compressai_elic, is_elic_llm
+from .importers.fitting import fit
+from .importers.reading import read_weights, strip_prefix
+from .importers.sources import check_labels, codec_from, neck_from
+from .models import build_codec, seeded
+from .presets import Preset
+from .weights_folder import check_target, write_folder
 
 
 def _sha256(path: Path) -> str:
@@ -48,9 +48,9 @@ def _parts(obj: Any) -> list[str]:
 def convert(source: str | Path, output: str | Path, preset: Preset, scenario: str | None = None, rate: int | None = None,
             force: bool = False) -> dict[str, Any]:
     """Convert ``source`` into the folder ``output``; returns the manifest written there."""
-    from ..clip_split import build_clip
-    from ..neck import TransformNeck
-    from .clip import clip_from_object, load_clip, part_of
+    from .clip_split import build_clip
+    from .importers.clip import clip_from_object, load_clip, part_of
+    from .neck import TransformNeck
 
     source, output = Path(source), Path(output)
     check_labels(scenario, rate)

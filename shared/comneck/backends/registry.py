@@ -1,0 +1,107 @@
+"""The backends by name, and how one loads.
+
+Like vLLM's model registry, an entry names its class as ``"module:Class"`` and is imported
+only when that backend loads, so listing backends (``--help``, ``/v1/models``, start-up
+checks) needs none of their packages. Add a backend: one :class:`~.base.BackendSpec` in
+:data:`BACKENDS` and one module (``docs/extending.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ComneckInputError, ErrorCode
+from ..presets import ClipConfig
+from .base import Backend, BackendContext, BackendSpec, ClipTap
+
+BACKENDS: dict[str, BackendSpec] = {
+    "clip-zero-shot": BackendSpec(
+        name="clip-zero-shot",
+        target="comneck.backends.clip_zero_shot:ClipZeroShot",
+        description="CLIP zero-shot labeller: ranks the candidate labels listed in the prompt",
+        tasks=("classify",),
+        tap=ClipTap("embedding", tokens="cls"),
+        example_prompt="What is in the photo? Labels: cow, horse, dog, beach, city street",
+    ),
+}
+
+
+def get_spec(name: str) -> BackendSpec:
+    """The registered spec of ``name``, or a one-line error listing the known ones."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ComneckInputError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}", ErrorCode.UNKNOWN_BACKEND) from None
+
+
+def parse_backend_arg(value: str) -> tuple[str, Path | None]:
+    """``NAME`` or ``NAME=WEIGHTS`` (a file or folder in the backend's published layout) -> (name, weights)."""
+    name, sep, weights = value.partition("=")
+    name = name.strip()
+    get_spec(name)
+    if sep and not weights.strip():
+        raise ComneckInputError(f"--backend {value!r}: give the weights after '=' or drop the '='", ErrorCode.BAD_SETTINGS)
+    return name, Path(weights.strip()) if sep else None
+
+
+def check_packages(spec: BackendSpec) -> None:
+    """Refuse, in one line, a backend whose packages are not installed."""
+    missing = [pkg for pkg in spec.packages if importlib.util.find_spec(pkg) is None]
+    if missing:
+        hint = f"pip install 'comneck[{spec.extra}]'" if spec.extra else f"pip install {' '.join(missing)}"
+        raise ComneckInputError(f"backend {spec.name} needs {', '.join(missing)}: {hint}", ErrorCode.BAD_SETTINGS)
+
+
+def check_clip(spec: BackendSpec, clip: ClipConfig, split_block: int, with_weights: bool) -> None:
+    """Refuse a backend the loaded CLIP cannot feed: published weights need the CLIP they were
+    trained on (random ones are built at the loaded CLIP's size), and the tap must lie in the CLIP tail."""
+    if with_weights and spec.clip is not None and (clip.name, clip.image_size) != (spec.clip.arch, spec.clip.image_size):
+        raise ComneckInputError(
+            f"backend {spec.name} reads {spec.clip.describe()}; this gateway's preset runs {clip.name} at {clip.image_size} px",
+            ErrorCode.BAD_SETTINGS,
+        )
+    block = spec.tap.block_index(clip.layers)
+    if block is not None and block <= split_block:
+        raise ComneckInputError(
+            f"backend {spec.name} reads block {block}, which the neck replaces (the CLIP tail starts at block {split_block + 1})",
+            ErrorCode.BAD_TAP,
+        )
+
+
+def check_backend(name: str, weights: str | Path | None, clip: ClipConfig, split_block: int) -> BackendSpec:
+    """Every check that needs no loading (name, weights present, packages, CLIP and tap), for
+    start-up to refuse a bad ``--backend`` in one line before any model loads."""
+    spec = get_spec(name)
+    if weights is None and not spec.random_init:
+        raise ComneckInputError(f"backend {name} has no random build: give its weights ({', '.join(spec.weight_files)})", ErrorCode.BAD_SETTINGS)
+    if weights is not None and not Path(weights).exists():
+        raise ComneckInputError(f"backend {name}: weights {weights} do not exist", ErrorCode.BAD_SETTINGS)
+    check_packages(spec)
+    check_clip(spec, clip, split_block, weights is not None)
+    return spec
+
+
+def load_backend(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    clip_model: nn.Module,
+    clip_config: ClipConfig,
+    split_block: int,
+    clip_random: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Backend:
+    """Check, import and load the backend ``name`` on ``device``/``dtype``; ``weights`` None builds
+    it with random weights (where its spec allows) and it says so."""
+    spec = check_backend(name, weights, clip_config, split_block)
+    module, _, cls = spec.target.partition(":")
+    backend_cls = getattr(importlib.import_module(module), cls)
+    context = BackendContext(spec, Path(weights) if weights is not None else None, clip_model, clip_config, clip_random,
+                             torch.device(device), dtype)
+    return backend_cls.load(context)

@@ -1,0 +1,275 @@
+"""The cloud path as a library: bitstream -> y_hat -> neck tokens -> CLIP tail -> backend -> answer.
+
+Composed here once and used by the gateway, the trainer's evaluation of it, the benchmarks and
+the complexity report. Each step is also public, for callers that need one part:
+
+* :meth:`Pipeline.parse` reads a container and runs the request's checks once (codec
+  fingerprint, latent grid);
+* :meth:`Pipeline.decode` entropy-decodes per item on the CPU in float32, where decoding
+  repeats the edge's arithmetic exactly;
+* :meth:`Pipeline.features` runs the neck and CLIP tail once for a whole batch on the device;
+* :meth:`Pipeline.answer` does all of it and asks a backend, batched after decoding.
+
+The image is never reconstructed on this path (g_s runs only in :meth:`Pipeline.reconstruct`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backends import TASKS, Backend, BackendAnswer, GenerationOptions, load_backend, parse_backend_arg
+from .bitstream import DEFAULT_MAX_SIDE, Bitstream
+from .clip_split import ClipFeatures, ClipSplit, ClipTap
+from .codec import LATENT_STRIDE
+from .errors import ComneckInputError, ErrorCode
+from .image import padding_of, unpad
+from .models import ComneckModels, WeightFiles, build_cloud_models
+from .presets import Preset, get_preset
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has, or a one-line error."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ComneckInputError(f"unknown device {device!r}; use cpu, cuda or cuda:N", ErrorCode.BAD_SETTINGS) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ComneckInputError(f"device {device}: only cpu and cuda are supported", ErrorCode.BAD_SETTINGS)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ComneckInputError(f"device {device} asked for, but this machine has no usable CUDA GPU", ErrorCode.BAD_SETTINGS)
+    return dev
+
+
+def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype by name (float32, float16, bfloat16) or as itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ComneckInputError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}", ErrorCode.BAD_SETTINGS)
+    return DTYPES[dtype]
+
+
+@dataclass
+class Request:
+    """A batch that passed every cheap check: parsed containers, prompts, the backend and task."""
+
+    streams: list[Bitstream]
+    sizes: list[int]  # container bytes per item
+    prompts: list[str]
+    backend: Backend
+    task: str
+
+
+@dataclass
+class Answer:
+    """One item's answer and what it cost."""
+
+    text: str
+    details: dict
+    backend: str
+    task: str
+    num_bytes: int
+    bpp: float
+    image_size: tuple[int, int]
+    rate: int
+    random_weights: bool
+    note: str
+    timings_ms: dict[str, float] = field(default_factory=dict)  # decode is per item; the rest per batch
+
+
+class _Clock:
+    """Wall time of steps, synchronising a CUDA device so kernels are timed, not their launches."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        """Milliseconds since the previous lap."""
+        now = self._now()
+        elapsed, self.last = (now - self.last) * 1e3, now
+        return elapsed
+
+
+def latent_features(neck: nn.Module, clip: ClipSplit, y_hat: torch.Tensor, hidden_blocks: Iterable[int] = (),
+                    timings: dict[str, float] | None = None) -> ClipFeatures:
+    """y_hat -> neck tokens -> CLIP tail: the one composition of the cloud path's networks, used
+    for serving (:meth:`Pipeline.features`) and training (the student). ``timings`` (if given)
+    gets ``neck`` and ``clip_tail`` in ms."""
+    if timings is None:  # no clock: timing synchronises a GPU, which training steps need not pay
+        return clip.tail(neck(y_hat), hidden_blocks)
+    clock = _Clock(y_hat.device)
+    tokens = neck(y_hat)
+    neck_ms = clock.lap()
+    features = clip.tail(tokens, hidden_blocks)
+    timings.update(neck=neck_ms, clip_tail=clock.lap())
+    return features
+
+
+class Pipeline:
+    """Loaded codec, neck, CLIP split and backends of one preset, on one device and dtype."""
+
+    def __init__(self, models: ComneckModels, max_side: int = DEFAULT_MAX_SIDE) -> None:
+        self.models = models
+        self.max_side = max_side
+        self.backends: dict[str, Backend] = {}
+        param = next(models.neck.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights: str | Path | None = None,
+        *,
+        preset: str | Preset = "tiny",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        codec_weights: str | Path | None = None,
+        neck_weights: str | Path | None = None,
+        clip_weights: str | Path | None = None,
+        backends: Iterable[str] = ("clip-zero-shot",),
+        max_side: int = DEFAULT_MAX_SIDE,
+    ) -> "Pipeline":
+        """Build the preset's networks from the weight sources the server takes (a ``comneck convert``
+        folder or training export, a release ``d1_1.pth.tar``, or one source per network; none:
+        seeded random weights, which every answer then says) and load ``backends`` (``NAME`` or
+        ``NAME=WEIGHTS``)."""
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        specs = [parse_backend_arg(arg) for arg in backends]
+        dev, dt = check_device(device), check_dtype(dtype)
+        files = WeightFiles.bundle(*(Path(p) if p is not None else None for p in (weights, codec_weights, neck_weights, clip_weights)))
+        pipeline = cls(build_cloud_models(preset, files).to(dev, dt), max_side)
+        for name, backend_weights in specs:
+            pipeline.add_backend(name, backend_weights)
+        return pipeline
+
+    @property
+    def preset(self) -> Preset:
+        return self.models.preset
+
+    def add_backend(self, name: str, weights: str | Path | None = None) -> Backend:
+        """Load a registered backend against this pipeline's CLIP (refused in one line if it does not fit)."""
+        if name in self.backends:
+            raise ComneckInputError(f"backend {name} is loaded twice", ErrorCode.BAD_SETTINGS)
+        backend = load_backend(
+            name, weights, clip_model=self.models.clip_model, clip_config=self.preset.clip, split_block=self.preset.split_block,
+            clip_random=any(part.startswith("clip") for part in self.models.random_parts), device=self.device, dtype=self.dtype,
+        )
+        self.backends[name] = backend
+        return backend
+
+    # -- the steps -------------------------------------------------------------------------
+    def check(self, stream: Bitstream) -> Bitstream:
+        """Refuse a container of another codec (``codec_mismatch``) or a latent grid the neck was not
+        built for (``unsupported_size``), before any decoding."""
+        stream.check_codec(self.preset.codec.arch, self.models.codec_fingerprint)
+        side = self.preset.neck.grid * LATENT_STRIDE
+        if stream.latents.padded_size != (side, side):
+            h, w = stream.image_size
+            ph, pw = stream.latents.padded_size
+            raise ComneckInputError(
+                f"this gateway's neck takes a {side}x{side} codec input; the bitstream holds {w}x{h} "
+                f"(padded {pw}x{ph}): encode with --resize paper",
+                ErrorCode.UNSUPPORTED_SIZE,
+            )
+        return stream
+
+    def parse(self, data: bytes) -> Bitstream:
+        """Container bytes -> a checked :class:`Bitstream`."""
+        return self.check(Bitstream.from_bytes(data, max_side=self.max_side))
+
+    def decode(self, streams: Sequence[Bitstream]) -> list[torch.Tensor]:
+        """Checked containers -> y_hat per item [1, M, h, w], entropy-decoded on the CPU in float32."""
+        return [self.models.codec.entropy_decode(stream.latents) for stream in streams]
+
+    @torch.inference_mode()
+    def features(self, y_hats: Sequence[torch.Tensor], taps: Iterable[ClipTap] = (), timings: dict[str, float] | None = None) -> ClipFeatures:
+        """One neck + CLIP-tail pass over the batch on the pipeline's device, keeping the hidden
+        blocks ``taps`` read; ``timings`` (if given) gets ``neck`` and ``clip_tail`` in ms."""
+        blocks = {b for tap in taps if (b := tap.block_index(self.models.clip.num_blocks)) is not None}
+        y = torch.cat(list(y_hats)).to(device=self.device, dtype=self.dtype)
+        return latent_features(self.models.neck, self.models.clip, y, blocks, timings)
+
+    def select(self, features: ClipFeatures, tap: ClipTap) -> torch.Tensor:
+        """What ``tap`` reads from the batch's features."""
+        return tap.select(features, self.models.clip.num_blocks)
+
+    # -- the whole path --------------------------------------------------------------------
+    def backend_for(self, task: str | None, backend: str | None) -> tuple[Backend, str]:
+        """The loaded backend and the task a request asks for (defaults: the first backend, its first task)."""
+        if not self.backends:
+            raise ComneckInputError("no backend is loaded", ErrorCode.UNKNOWN_BACKEND)
+        name = backend or next(iter(self.backends))
+        if name not in self.backends:
+            raise ComneckInputError(f"backend {name!r} is not loaded here; loaded: {', '.join(self.backends)}", ErrorCode.UNKNOWN_BACKEND)
+        chosen = self.backends[name]
+        task = task or chosen.spec.tasks[0]
+        if task not in TASKS:
+            raise ComneckInputError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}", ErrorCode.UNKNOWN_TASK)
+        if task not in chosen.spec.tasks:
+            raise ComneckInputError(f"backend {name} does not do {task!r}; it does {', '.join(chosen.spec.tasks)}", ErrorCode.UNSUPPORTED_TASK)
+        return chosen, task
+
+    def prepare(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], task: str | None = None,
+                backend: str | None = None) -> Request:
+        """Every check that needs no decoding, once per item: backend, task and prompts first (cheapest),
+        then each container."""
+        if len(items) != len(prompts) or not items:
+            raise ComneckInputError(f"give one prompt per bitstream (got {len(items)} bitstreams, {len(prompts)} prompts)")
+        chosen, task = self.backend_for(task, backend)
+        for prompt in prompts:
+            if not prompt.strip():
+                raise ComneckInputError("the prompt is empty", ErrorCode.EMPTY_PROMPT)
+            chosen.check_prompt(prompt, task)
+        streams = [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items]
+        sizes = [len(item) if isinstance(item, bytes) else len(item.to_bytes()) for item in items]
+        return Request(streams, sizes, list(prompts), chosen, task)
+
+    def run(self, request: Request, options: GenerationOptions | None = None) -> list[Answer]:
+        """Decode, one batched neck + tail pass, the backend: a :class:`Request` -> one answer per item."""
+        clock = _Clock(self.device)
+        y_hats, decode_ms = [], []
+        for stream in request.streams:
+            y_hats.extend(self.decode([stream]))
+            decode_ms.append(clock.lap())
+        tap, timings = request.backend.spec.tap, {}
+        features = self.features(y_hats, [tap], timings)
+        clock.lap()
+        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, options or GenerationOptions())
+        timings["backend"] = clock.lap()
+        return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **timings}) for i, answer in enumerate(answers)]
+
+    def answer(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], backend: str | None = None,
+               task: str | None = None, options: GenerationOptions | None = None) -> list[Answer]:
+        """The whole path for a batch: containers (bytes or parsed) + prompts -> answers."""
+        return self.run(self.prepare(items, prompts, task, backend), options)
+
+    def _answer(self, request: Request, i: int, answer: BackendAnswer, timings: dict[str, float]) -> Answer:
+        stream = request.streams[i]
+        h, w = stream.image_size
+        return Answer(
+            answer.text, answer.details, request.backend.spec.name, request.task, request.sizes[i], 8.0 * request.sizes[i] / (h * w),
+            (h, w), stream.rate, self.models.random_weights or request.backend.random_weights, self.models.note, timings,
+        )
+
+    @torch.inference_mode()
+    def reconstruct(self, data: bytes | Bitstream) -> torch.Tensor:
+        """g_s on the decoded latents, cropped to the original size: [1, 3, H, W] in [0, 1] (for people;
+        the answer path never runs it). Any grid the codec can decode is accepted."""
+        stream = Bitstream.from_bytes(data, max_side=self.max_side) if isinstance(data, bytes) else data
+        stream.check_codec(self.preset.codec.arch, self.models.codec_fingerprint)
+        x_hat = self.models.codec.synthesize(self.decode([stream])[0])
+        return unpad(x_hat, padding_of(*stream.image_size))

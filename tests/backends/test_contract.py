@@ -1,0 +1,48 @@
+"""What every registered backend promises, checked for each one at tiny size (random weights)."""
+
+import pytest
+
+from comneck.backends import BACKENDS, GenerationOptions
+from comneck.errors import ComneckInputError
+from comneck.image import sample_photo
+from comneck.pipeline import Pipeline
+from comneck_edge import EdgeEncoder
+
+TOO_LONG = "x" * 100_000  # longer than any backend's prompt may be
+
+
+@pytest.fixture(scope="module")
+def bitstreams(tiny):
+    encoder = EdgeEncoder(tiny)
+    return [encoder.encode_file(p).data for p in sorted(sample_photo().parent.glob("*.png"))[:2]]
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def loaded(request, tiny_models):
+    pipeline = Pipeline(tiny_models)
+    pipeline.add_backend(request.param)
+    return pipeline, BACKENDS[request.param]
+
+
+def test_it_loads_at_tiny_size_and_answers_a_batch_of_two(loaded, bitstreams):
+    pipeline, spec = loaded
+    assert spec.tasks and spec.example_prompt and spec.target.count(":") == 1
+    answers = pipeline.answer(bitstreams, [spec.example_prompt] * 2, options=GenerationOptions(max_new_tokens=4))
+    assert len(answers) == 2
+    for answer in answers:
+        assert isinstance(answer.text, str) and answer.text and answer.backend == spec.name and answer.task == spec.tasks[0]
+
+
+def test_it_reports_random_weights(loaded, bitstreams):
+    pipeline, spec = loaded
+    assert pipeline.backends[spec.name].random_weights
+    (answer,) = pipeline.answer(bitstreams[:1], [spec.example_prompt], options=GenerationOptions(max_new_tokens=4))
+    assert answer.random_weights and "RANDOM WEIGHTS" in answer.note
+
+
+def test_it_refuses_a_bad_prompt_with_its_code_before_decoding(loaded, bitstreams, monkeypatch):
+    pipeline, spec = loaded
+    monkeypatch.setattr(pipeline, "decode", lambda streams: pytest.fail("decoded a refused request"))
+    with pytest.raises(ComneckInputError) as info:
+        pipeline.answer(bitstreams, [spec.example_prompt, TOO_LONG])
+    assert info.value.code == "bad_prompt"

@@ -1,0 +1,123 @@
+"""The cloud path as a library: parse -> decode -> features -> backend, composed by comneck.pipeline."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from comneck import Pipeline as TopLevelPipeline
+from comneck.backends import GenerationOptions
+from comneck.bitstream import BitstreamError
+from comneck.clip_split import ClipTap
+from comneck.errors import ComneckInputError
+from comneck.image import load_image, resize_for_codec, sample_photo, to_tensor
+from comneck.models import build_cloud_models
+from comneck.pipeline import Pipeline
+import comneck_edge
+from comneck_edge import EdgeEncoder
+
+PROMPT = "Labels: cow, horse, beach"
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny):
+    return EdgeEncoder(tiny).encode_file(sample_photo())
+
+
+def test_edge_to_cloud_features_on_the_bundled_photo(tiny, tiny_pipeline, encoded):
+    stream = tiny_pipeline.parse(encoded.data)
+    assert stream.image_size == (256, 256) and stream.latents.padded_size == (256, 256)
+    (y_hat,) = tiny_pipeline.decode([stream])
+    assert y_hat.shape == (1, 40, 16, 16) and y_hat.dtype == torch.float32
+    timings = {}
+    features = tiny_pipeline.features([y_hat], [ClipTap("hidden", block=4)], timings)
+    assert features.embedding.shape == (1, 32) and features.hidden[4].shape == (1, 257, 64)
+    assert set(timings) == {"neck", "clip_tail"}
+    # the cloud, building the preset on its own, decodes exactly what the edge coded
+    _, y_hat_edge = EdgeEncoder(tiny).codec.analyze(to_tensor(resize_for_codec(load_image(sample_photo()), "paper")))
+    assert torch.equal(y_hat, y_hat_edge)
+
+
+def test_a_batch_equals_its_items_one_at_a_time(tiny, tiny_pipeline):
+    encoder = EdgeEncoder(tiny)
+    photos = sorted(sample_photo().parent.glob("*.png"))[:2] + [sample_photo()]
+    data = [encoder.encode_file(p).data for p in photos]
+    prompts = [PROMPT, "Labels: dog, city street", PROMPT]
+    batch = tiny_pipeline.answer(data, prompts)
+    single = [tiny_pipeline.answer([d], [p])[0] for d, p in zip(data, prompts)]
+    assert [a.text for a in batch] == [a.text for a in single]
+    for a, b in zip(batch, single):
+        assert [x["label"] for x in a.details["labels"]] == [x["label"] for x in b.details["labels"]]
+        assert [x["probability"] for x in a.details["labels"]] == pytest.approx([x["probability"] for x in b.details["labels"]], abs=1e-5)
+        assert a.num_bytes == b.num_bytes and a.random_weights and a.backend == "clip-zero-shot" and a.task == "classify"
+    # one neck + tail pass for the batch: features of the batch equal those of each item
+    y_hats = tiny_pipeline.decode([tiny_pipeline.parse(d) for d in data])
+    together = tiny_pipeline.features(y_hats).embedding
+    apart = torch.cat([tiny_pipeline.features([y]).embedding for y in y_hats])
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
+
+
+def test_answer_equals_the_backend_on_the_tail_of_the_neck(tiny_pipeline, tiny_models, encoded):
+    (answer,) = tiny_pipeline.answer([encoded.data], [PROMPT])
+    with torch.inference_mode():
+        y_hat = tiny_models.codec.entropy_decode(encoded.bitstream.latents)
+        embedding = tiny_models.clip.tail(tiny_models.neck(y_hat)).embedding
+    (expected,) = tiny_pipeline.backends["clip-zero-shot"].generate(embedding, [PROMPT], "classify", GenerationOptions())
+    assert (answer.text, answer.details) == (expected.text, expected.details)
+    assert list(answer.timings_ms) == ["entropy_decode", "neck", "clip_tail", "backend"]
+    assert answer.bpp == pytest.approx(encoded.bpp) and answer.rate == 1
+
+
+def test_cheap_checks_run_before_any_decoding(tiny_pipeline, encoded, monkeypatch):
+    def no_decoding(streams):
+        raise AssertionError("decoded before the request was checked")
+
+    monkeypatch.setattr(tiny_pipeline, "decode", no_decoding)
+    for prompt, task, backend, code in [("one-label", None, None, "bad_prompt"), ("  ", None, None, "empty_prompt"),
+                                        (PROMPT, "caption", None, "unsupported_task"), (PROMPT, None, "llava", "unknown_backend")]:
+        with pytest.raises(ComneckInputError) as info:
+            tiny_pipeline.prepare([encoded.data], [prompt], task, backend)
+        assert info.value.code == code
+    with pytest.raises(ComneckInputError):
+        tiny_pipeline.prepare([encoded.data], [PROMPT, PROMPT])
+
+
+def test_pipeline_refuses_a_bitstream_from_another_codec(tiny_pipeline, encoded):
+    stream = encoded.bitstream
+    for foreign in (dataclasses.replace(stream, fingerprint=bytes(8)), dataclasses.replace(stream, codec="elic2022-official")):
+        with pytest.raises(BitstreamError) as info:
+            tiny_pipeline.answer([foreign], [PROMPT])
+        assert info.value.code == "codec_mismatch"
+
+
+def test_neck_and_tail_run_in_half_precision_while_decoding_stays_float32(tiny, tiny_pipeline, encoded):
+    half = Pipeline(build_cloud_models(tiny).to("cpu", torch.bfloat16))
+    (y_ref,) = tiny_pipeline.decode([encoded.bitstream])
+    (y_half,) = half.decode([encoded.bitstream])
+    assert y_half.dtype == torch.float32 and torch.equal(y_half, y_ref)
+    out = half.features([y_half])
+    assert out.embedding.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(out.embedding.float(), tiny_pipeline.features([y_ref]).embedding)
+    assert cos.item() > 0.99
+
+
+def test_the_public_python_api_of_the_readme(encoded):
+    data = comneck_edge.encode(sample_photo(), preset="tiny")
+    assert data == encoded.data  # the same bytes as the encoder object gives
+    pipeline = TopLevelPipeline.from_pretrained(preset="tiny")
+    (answer,) = pipeline.answer([data], [PROMPT], options=GenerationOptions(top_k=2))
+    assert answer.text in {"cow", "horse", "beach"} and len(answer.details["labels"]) == 2
+    assert answer.random_weights and "RANDOM WEIGHTS" in answer.note
+    with pytest.raises(ComneckInputError) as info:
+        TopLevelPipeline.from_pretrained(preset="tiny", backends=["no-such-backend"])
+    assert info.value.code == "unknown_backend"
+
+
+def test_the_readme_python_example_runs_as_written(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    exec(code.replace('"photo.jpg"', repr(str(sample_photo()))), {})
+    printed = capsys.readouterr().out.strip()
+    assert printed.split(" ", 1)[0] in {"cow", "horse", "beach"} and printed.endswith("True")  # text ... random_weights
