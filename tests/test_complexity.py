@@ -37,6 +37,9 @@ def test_macs_equal_hand_counts(paper_report):
     # transposed convolutions count at their input resolution: g_s's last layer, 192 -> 3, 5x5, 128x128 in
     assert paper_report["g_s"].macs > 192 * 3 * 25 * 128 * 128
     assert paper_report["neck"].kmac_per_pixel == pytest.approx(paper_report["neck"].macs / 65536 / 1e3)
+    # the served composition (pipeline.latent_features) costs exactly its two parts
+    assert paper_report["cloud"].macs == paper_report["neck"].macs + paper_report["clip_tail"].macs
+    assert paper_report["cloud"].params == paper_report["neck"].params + paper_report["clip_tail"].params
 
 
 def test_counter_sees_attention_and_restores_the_fast_path():

@@ -29,6 +29,7 @@ from .codec import LATENT_STRIDE, ElicCodec
 from .errors import ComneckInputError
 from .image import CODEC_STRIDE
 from .neck import TransformNeck
+from .pipeline import latent_features
 from .presets import Preset
 from .unet import UNet
 
@@ -51,6 +52,7 @@ COMPONENT_SCOPE: dict[str, str] = {
     "clip_embed": "CLIP class + positional embeddings and ln_pre (adds only, no MACs)",
     "clip_head": "CLIP patch-embedding conv (the stem) + blocks 1..k, what the neck replaces",
     "clip_tail": "CLIP blocks k+1..24 + ln_post + proj, run on the neck's tokens",
+    "cloud": "the served cloud path after entropy decoding: neck + CLIP tail (comneck.pipeline.latent_features)",
 }
 
 
@@ -146,6 +148,7 @@ def complexity_report(preset: Preset, size: int = 256, split_block: int | None =
     report["clip_head"] = Cost(count_params(visual.conv1, *blocks[:k]), count_macs(lambda: split.head(images)), pixels)
     tail_params = count_params(*blocks[k:], visual.ln_post) + (visual.proj.numel() if visual.proj is not None else 0)
     report["clip_tail"] = Cost(tail_params, count_macs(lambda: split.tail(tokens)), pixels)
+    report["cloud"] = Cost(report["neck"].params + tail_params, count_macs(lambda: latent_features(neck, split, y_meta)), pixels)
     steps.update()
     steps.close()
     return report

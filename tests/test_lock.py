@@ -1,0 +1,60 @@
+"""The lock (requirements/*.txt) matches pyproject.toml: `make lock` was run after the ranges changed."""
+
+import re
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+SETS = ["edge", "server", "train", "llm", "dev"]
+
+
+def pins(name: str) -> dict[str, list[str]]:
+    """{package: [versions]} of a lock file (a package may have one pin per Python-version marker)."""
+    found: dict[str, list[str]] = {}
+    for line in (ROOT / "requirements" / f"{name}.txt").read_text().splitlines():
+        if match := re.match(r"^([A-Za-z0-9_.\-]+)==([^ ;]+)", line):
+            found.setdefault(canonicalize_name(match[1]), []).append(match[2])
+    return found
+
+
+def requirements(extra: str) -> list[Requirement]:
+    """Base and extra requirements of the project, the self-references expanded."""
+    reqs, todo, seen = [Requirement(r) for r in PROJECT["dependencies"]], [extra], set()
+    while todo:
+        current = todo.pop()
+        seen.add(current)
+        for text in PROJECT["optional-dependencies"][current]:
+            req = Requirement(text)
+            if req.name == PROJECT["name"]:
+                todo += [e for e in req.extras if e not in seen]
+            else:
+                reqs.append(req)
+    return reqs
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_every_requirement_is_pinned_within_its_range(name):
+    locked = pins(name)
+    for req in requirements(name):
+        versions = locked.get(canonicalize_name(req.name))
+        assert versions, f"{req.name} is not in requirements/{name}.txt: run make lock"
+        assert all(req.specifier.contains(v, prereleases=True) for v in versions), f"{req} vs {versions}: run make lock"
+
+
+@pytest.mark.parametrize("name", SETS[:-1])
+def test_every_set_agrees_with_dev(name):
+    dev = pins("dev")
+    for package, versions in pins(name).items():
+        assert set(versions) <= set(dev[package]), f"{package}: {name} pins {versions}, dev {dev[package]}"
+
+
+def test_the_tests_run_on_the_locked_versions():
+    dev = pins("dev")
+    for package in ("torch", "torchvision", "compressai", "open-clip-torch", "transformers", "numpy"):
+        assert version(package).split("+")[0] in dev[package], package
