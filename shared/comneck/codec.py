@@ -15,10 +15,12 @@ from compressai.layers import MaskedConv2d
 from compressai.models import Elic2022Chandelier, Elic2022Official
 from torch import nn
 
-from .errors import ComneckInputError
+from .errors import ComneckInputError, ErrorCode
 from .image import CODEC_STRIDE, check_image_tensor
 from .presets import CodecConfig
 from .provenance import WeightsInfo
+from .safe_decoding import checked_streams
+from .safe_decoding import install as install_checking_coders
 
 _ARCHS: dict[str, type[nn.Module]] = {
     "elic2022-chandelier": Elic2022Chandelier,  # the official ComNeck code's ELIC_LLM architecture
@@ -27,8 +29,6 @@ _ARCHS: dict[str, type[nn.Module]] = {
 
 #: g_a downsamples by 16: y has H/16 x W/16 positions; z (after h_a) H/64 x W/64.
 LATENT_STRIDE = 16
-
-
 @dataclass(frozen=True)
 class EncodedLatents:
     """Entropy-coded latents of a batch: CompressAI's strings, indexed [stream][batch item].
@@ -108,18 +108,31 @@ class ElicCodec(nn.Module):
         out = self.model.compress(x)
         return EncodedLatents(out["strings"], (int(h), int(w))), out["y_hat"]
 
+    def stream_symbols(self, padded_size: tuple[int, int]) -> list[int]:
+        """How many symbols each stream of one image holds, in stream order: per channel group an
+        anchor and a non-anchor checkerboard pass over half the positions each, then z."""
+        h, w = padded_size
+        half = (h // LATENT_STRIDE) * (w // LATENT_STRIDE) // 2
+        z = self.model.latent_codec["hyper"].entropy_bottleneck.channels * (h // CODEC_STRIDE) * (w // CODEC_STRIDE)
+        return [c * half for c in self.config.groups for _ in range(2)] + [z]
+
     @torch.inference_mode()
     def entropy_decode(self, latents: EncodedLatents) -> torch.Tensor:
-        """Strings -> y_hat [B, M, H/16, W/16]; g_s is never run here."""
+        """Strings -> y_hat [B, M, H/16, W/16]; g_s is never run here. Untrusted strings are safe:
+        :mod:`comneck.safe_decoding` keeps the decoder inside its buffers and refuses streams that
+        do not hold exactly the grid's symbols (``corrupt_bitstream``)."""
         if len(latents.strings) != self.num_streams:
-            raise ComneckInputError(f"expected {self.num_streams} entropy-coded streams, got {len(latents.strings)}")
+            raise ComneckInputError(f"expected {self.num_streams} entropy-coded streams, got {len(latents.strings)}",
+                                    ErrorCode.CORRUPT_BITSTREAM)
         h, w = latents.padded_size
         yh, yw = h // LATENT_STRIDE, w // LATENT_STRIDE
-        shape = {
-            "y": [(c, yh, yw) for c in self.config.groups],
-            "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE),
-        }
-        return self.model.latent_codec.decompress(latents.strings, shape)["y_hat"]
+        shape = {"y": [(c, yh, yw) for c in self.config.groups], "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE)}
+        install_checking_coders(self.model)  # again: copies of an entropy model come with a plain coder
+        with checked_streams(latents.strings, self.stream_symbols(latents.padded_size)) as padded:
+            y_hat = self.model.latent_codec.decompress(padded, shape)["y_hat"]
+        if not bool(torch.isfinite(y_hat).all()):
+            raise ComneckInputError("the entropy-coded streams decode to latents that are not finite", ErrorCode.CORRUPT_BITSTREAM)
+        return y_hat
 
     @torch.inference_mode()
     def synthesize(self, y_hat: torch.Tensor) -> torch.Tensor:
