@@ -236,6 +236,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         if state["gateway"] is None:
             threading.Thread(target=load, name="comneck-load", daemon=True).start()
         yield
+        if state["gateway"] is not None and gateway is None:  # what this app loaded, it stops
+            state["gateway"].close()
 
     app = FastAPI(
         title="ComNeck gateway",

@@ -20,16 +20,18 @@ from comneck.image import to_image
 from comneck.pipeline import Answer, Pipeline
 from comneck.presets import RATE_LAMBDAS
 
+from .decode_workers import DecodeWorkers
 from .settings import ServerSettings
 
 
 class Gateway:
     """A loaded pipeline and the settings it serves under; thread-safe."""
 
-    def __init__(self, pipeline: Pipeline, settings: ServerSettings) -> None:
+    def __init__(self, pipeline: Pipeline, settings: ServerSettings, workers: DecodeWorkers | None = None) -> None:
         self.pipeline = pipeline
         self.models = pipeline.models
         self.settings = settings
+        self.workers = workers
         self._lock = threading.Lock()
 
     @classmethod
@@ -40,9 +42,19 @@ class Gateway:
             preset=settings.preset, device=settings.device, dtype=settings.dtype, codec_weights=files.codec,
             neck_weights=files.neck, clip_weights=files.clip, backends=settings.backend_args, max_side=settings.max_image_side,
         )
-        gateway = cls(pipeline, settings)
+        workers = None
+        if settings.decode_workers:
+            workers = DecodeWorkers(pipeline.preset, files.codec, pipeline.models.codec_fingerprint, settings.decode_workers,
+                                    settings.decode_timeout_s)
+            pipeline.entropy_decode = workers.decode
+        gateway = cls(pipeline, settings, workers)
         gateway.warm_up()
         return gateway
+
+    def close(self) -> None:
+        """Stop the decode workers (the process's exit stops them too)."""
+        if self.workers is not None:
+            self.workers.close()
 
     @property
     def backends(self) -> dict:

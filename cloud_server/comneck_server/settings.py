@@ -51,6 +51,10 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(8 << 20, gt=0, description="largest request body in bytes (413 beyond)")
     max_image_side: int = Field(4096, gt=0, description="largest image side a bitstream may declare")
     max_prompt_chars: int = Field(4000, gt=0, description="longest prompt in characters")
+    decode_workers: int = Field(
+        1, ge=0, le=64, description="processes that entropy-decode (a crash in native decoding costs one request); 0: in the gateway process"
+    )
+    decode_timeout_s: float = Field(30.0, gt=0, description="longest entropy decoding of one bitstream (422 decode_timeout beyond)")
     max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 

@@ -39,6 +39,7 @@ class ErrorCode(str, Enum):
     BAD_RATE = "bad_rate", 400, "a rate index outside 1..4"
     BAD_SIZE = "bad_size", 400, "an image size of zero or over the configured limit"
     CORRUPT_BITSTREAM = "corrupt_bitstream", 400, "the entropy-coded streams do not hold what the latent grid needs (cut or altered)"
+    DECODE_TIMEOUT = "decode_timeout", 422, "entropy decoding took longer than the configured limit"
     CODEC_MISMATCH = "codec_mismatch", 409, "the bitstream was coded by other codec weights than the gateway's"
     UNSUPPORTED_SIZE = "unsupported_size", 422, "a latent grid the loaded neck was not built for"
     # the request

@@ -16,7 +16,7 @@ The image is never reconstructed on this path (g_s runs only in :meth:`Pipeline.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torch import nn
 from .backends import TASKS, Backend, BackendAnswer, GenerationOptions, load_backend, parse_backend_arg
 from .bitstream import DEFAULT_MAX_SIDE, Bitstream
 from .clip_split import ClipFeatures, ClipSplit, ClipTap
-from .codec import LATENT_STRIDE
+from .codec import LATENT_STRIDE, EncodedLatents
 from .errors import ComneckInputError, ErrorCode
 from .image import padding_of, unpad
 from .models import ComneckModels, WeightFiles, build_cloud_models
@@ -125,6 +125,9 @@ class Pipeline:
     def __init__(self, models: ComneckModels, max_side: int = DEFAULT_MAX_SIDE) -> None:
         self.models = models
         self.max_side = max_side
+        #: decodes one container's latents (checked decoding in this process; the gateway may put
+        #: worker processes here so a fault in native code costs one request)
+        self.entropy_decode: Callable[[EncodedLatents], torch.Tensor] = models.codec.entropy_decode
         self.backends: dict[str, Backend] = {}
         param = next(models.neck.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -193,7 +196,7 @@ class Pipeline:
 
     def decode(self, streams: Sequence[Bitstream]) -> list[torch.Tensor]:
         """Checked containers -> y_hat per item [1, M, h, w], entropy-decoded on the CPU in float32."""
-        return [self.models.codec.entropy_decode(stream.latents) for stream in streams]
+        return [self.entropy_decode(stream.latents) for stream in streams]
 
     @torch.inference_mode()
     def features(self, y_hats: Sequence[torch.Tensor], taps: Iterable[ClipTap] = (), timings: dict[str, float] | None = None) -> ClipFeatures:
