@@ -22,14 +22,18 @@ from comneck.presets import PRESETS
 from comneck_edge import EdgeEncoder
 
 
-def median_ms(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def interleaved_medians(fns: list[Callable[[], object]], runs: int) -> list[float]:
+    """Median ms of each function, run in turn (after a warm-up) so that other load on the machine
+    falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for _ in range(runs):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(spent) for spent in times]
 
 
 def main() -> None:
@@ -50,8 +54,9 @@ def main() -> None:
         shape = {"y": [(c, h // LATENT_STRIDE, w // LATENT_STRIDE) for c in preset.codec.groups],
                  "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE)}
         with torch.inference_mode():
-            plain = median_ms(lambda: codec.model.latent_codec.decompress(latents.strings, shape), args.runs)
-            checked = median_ms(lambda: codec.entropy_decode(latents), args.runs)
+            plain, checked = interleaved_medians(
+                [lambda: codec.model.latent_codec.decompress(latents.strings, shape), lambda: codec.entropy_decode(latents)], args.runs
+            )
         print(f"{photo.name:<22} {latents.num_bytes:>6} {plain:>9.2f} {checked:>11.2f} {checked / plain - 1:>8.0%}")
 
 
