@@ -141,6 +141,22 @@ def test_api_keys_are_checked(gateway, encoded):
         assert client.get("/v1/models", headers={"X-API-Key": "k3"}).status_code == 401
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+        [("Content-Length", "5"), ("Content-Length", "6")],
+        [("Content-Length", "+5")],
+        [("Content-Length", "0x5")],
+    ],
+)
+def test_ambiguous_framing_is_refused_before_the_body(gateway, headers):
+    with TestClient(create_app(ServerSettings(), gateway)) as client:
+        answer = client.post("/infer", content=b"hello", headers=[("Content-Type", "application/msgpack"), *headers])
+    assert (answer.status_code, answer.json()["error"]["code"]) == (400, "bad_request"), answer.text
+    assert answer.headers["connection"] == "close"
+
+
 def test_client_retries_429_and_503_with_backoff():
     calls = []
 

@@ -7,6 +7,7 @@ Models load once, in a background thread at start-up, so /healthz answers at onc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comneck.errors import ComneckInputError, ErrorCode
@@ -39,6 +41,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in [
         (400, "bad bitstream or request (code says which)"),
         (401, "missing or wrong API key"),
+        (408, "the body did not arrive in time (body_timeout)"),
         (409, "bitstream from another codec (codec_mismatch)"),
         (413, "body over the configured limit"),
         (415, "unsupported content type"),
@@ -97,41 +100,82 @@ RECONSTRUCT_BODY = {
 }
 
 
-class BodyLimit:
-    """Refuse bodies over ``max_bytes`` (413): by Content-Length up front, else while streaming."""
+def _framing_refusal(headers: list[tuple[bytes, bytes]], max_bytes: int) -> tuple[ErrorCode, str] | None:
+    """Why a request's framing headers are refused before its body is read, or None: Content-Length
+    beside Transfer-Encoding, or given twice with different values (each server would frame the body
+    its own way), a Content-Length that is not a plain decimal, or one over ``max_bytes``."""
+    lengths = {value for name, value in headers if name == b"content-length"}
+    if not lengths:
+        return None
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        return ErrorCode.BAD_REQUEST, "Content-Length and Transfer-Encoding together are ambiguous: send one of them"
+    if len(lengths) > 1:
+        return ErrorCode.BAD_REQUEST, "Content-Length is given twice with different values"
+    (declared,) = lengths
+    if not declared.isdigit():
+        return ErrorCode.BAD_REQUEST, "Content-Length is not a plain decimal number"
+    if int(declared) > max_bytes:
+        return ErrorCode.BODY_TOO_LARGE, f"request body of {int(declared)} bytes is over this gateway's limit of {max_bytes}"
+    return None
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimit:
+    """Guards every request body before the app reads it: ambiguous framing (400) is refused up front,
+    a body over ``max_bytes`` (413) as soon as it shows, and a body that is not complete within
+    ``timeout_s``, or that after ``grace_s`` averages under ``min_rate`` bytes/s, with 408. A refusal
+    sent before the whole body is in closes the connection, so a stalled upload holds it no longer."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, min_rate: int, grace_s: float) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.timeout_s, self.min_rate, self.grace_s = timeout_s, min_rate, grace_s
+
+    def _allowed_s(self, seen: int) -> float:
+        """Seconds after the headers by which more than ``seen`` bytes must have come."""
+        return min(self.timeout_s, self.grace_s + seen / self.min_rate)
+
+    def _too_slow(self, seen: int) -> str:
+        if self._allowed_s(seen) >= self.timeout_s:
+            return f"the request body was not complete within {self.timeout_s:g} s"
+        return f"the request body came slower than {self.min_rate} bytes/s ({seen} bytes in {self._allowed_s(seen):.1f} s)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            code, message = (
-                (ErrorCode.BODY_TOO_LARGE, f"request body of {int(declared)} bytes is over this gateway's limit of {self.max_bytes}")
-                if declared.isdigit()
-                else (ErrorCode.BAD_REQUEST, "Content-Length is not a number")
-            )
+        refusal = _framing_refusal(scope["headers"], self.max_bytes)
+        if refusal is not None:
+            code, message = refusal
             await JSONResponse(error_body(code, message), status_of(code), headers={"Connection": "close"})(scope, receive, send)
             return
-        seen = 0
+        start, seen, done, refused = time.monotonic(), 0, False, False
 
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+        async def guarded() -> Message:
+            nonlocal seen, done, refused
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), start + self._allowed_s(seen) - time.monotonic())
+            except asyncio.TimeoutError:
+                refused = True
+                raise ApiError(ErrorCode.BODY_TIMEOUT, self._too_slow(seen)) from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
+                refused = True
                 raise ApiError(ErrorCode.BODY_TOO_LARGE, f"request body is over this gateway's limit of {self.max_bytes} bytes")
+            done = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited, send)
+        async def closing(message: Message) -> None:
+            if refused and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, guarded, closing)
 
 
 class Admission:
-    """At most ``limit`` requests inside the gateway at once; the rest get 503 ``busy`` at once
-    (a client backs off and retries) instead of piling up."""
+    """At most ``limit`` requests past their upload at once (queued for the models or running); the
+    rest get 503 ``busy`` at once (a client backs off and retries) instead of piling up."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.count, self._lock = limit, 0, threading.Lock()
@@ -243,7 +287,10 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         version="1",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+        min_rate=settings.min_upload_bytes_per_s, grace_s=settings.upload_grace_s,
+    )
     admission = Admission(settings.max_queue)
 
     def authorized(request: Request) -> None:
@@ -278,6 +325,12 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         code = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorCode.HTTP_ERROR)
         return respond(request, error_body(code, str(exc.detail)), exc.status_code, exc.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        """An aborted upload is the client's doing: one log line, no traceback (the answer reaches nobody)."""
+        log.info("client disconnected before its request body was in: %s %s", request.method, request.url.path)
+        return respond(request, error_body(ErrorCode.BAD_REQUEST, "the client disconnected during the upload"), ErrorCode.BAD_REQUEST.status)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
@@ -307,8 +360,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         dependencies=[Depends(authorized)],
     )
     async def infer(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        req = await _read_infer_request(request)  # before the slot: a slow upload holds no queue place
         with admission.slot():
-            req = await _read_infer_request(request)
             result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options)
         answer = InferResponse(
             text=result.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
@@ -326,8 +379,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         dependencies=[Depends(authorized)],
     )
     async def reconstruct(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        data = await _read_bitstream_body(request)
         with admission.slot():
-            data = await _read_bitstream_body(request)
             png = await run_in_threadpool(loaded.reconstruct, data)
         return Response(png, media_type="image/png")
 

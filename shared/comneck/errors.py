@@ -48,6 +48,7 @@ class ErrorCode(str, Enum):
     UNAUTHORIZED = "unauthorized", 401, "missing or wrong API key"
     NOT_FOUND = "not_found", 404, "no such path"
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, "the path does not take that HTTP method"
+    BODY_TIMEOUT = "body_timeout", 408, "the body did not arrive in time (configured timeout, or slower than the minimum upload rate)"
     BODY_TOO_LARGE = "body_too_large", 413, "the body is over the configured limit"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "a content type the endpoint does not take"
     EMPTY_PROMPT = "empty_prompt", 422, "the prompt is empty"
