@@ -158,7 +158,16 @@ def test_every_bad_bitstream_gets_its_code(http, good, tiny, fmt):
 
 def test_every_bad_request_gets_its_code(http, good):
     def mp(**fields):
-        return {"content": msgpack.packb({"bitstream": good, **fields}), "headers": {"Content-Type": "application/msgpack"}}
+        return raw_mp(msgpack.packb({"bitstream": good, **fields}))
+
+    def raw_mp(body):
+        return {"content": body, "headers": {"Content-Type": "application/msgpack"}}
+
+    def form(**fields):
+        return {"data": fields, "files": {"bitstream": ("x", good)}}
+
+    latin_prompt = b"Labels: caf\xe9, th\xe9"  # latin-1 bytes, not UTF-8
+    head = msgpack.packb({"bitstream": good})[1:]  # the bitstream entry of a map
 
     cases = [
         (mp(prompt=PROMPT, backend="llava"), 400, "unknown_backend"),
@@ -174,13 +183,23 @@ def test_every_bad_request_gets_its_code(http, good):
         ({"content": msgpack.packb([1, 2]), "headers": {"Content-Type": "application/msgpack"}}, 400, "bad_request"),
         ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_media_type"),
         ({"data": {"prompt": PROMPT}, "files": {"other": ("x", b"1")}}, 422, "invalid_request"),
-        ({"data": {"prompt": PROMPT, "options": "{bad"}, "files": {"bitstream": ("x", good)}}, 422, "invalid_request"),
+        (form(prompt=PROMPT, options="{bad"), 422, "invalid_request"),
+        (form(prompt=PROMPT, options="[" * 30_000 + "]" * 30_000), 422, "invalid_request"),
+        (form(prompt=PROMPT, options="[" * 512 + "]" * 512), 422, "invalid_request"),  # as deep as 1024 characters go
+        (form(prompt=latin_prompt), 422, "invalid_request"),
+        (form(prompt=PROMPT, task=b"classif\xe9"), 422, "invalid_request"),
+        (raw_mp(b"\x82" + head + msgpack.packb("prompt") + bytes([0xA0 + len(latin_prompt)]) + latin_prompt), 422, "invalid_request"),
+        (raw_mp(b"\x83" + head + msgpack.packb("prompt") + msgpack.packb(PROMPT) + msgpack.packb("options") + b"\x91" * 30_000 + b"\xc0"),
+         422, "invalid_request"),
+        (mp(prompt=PROMPT, options={"top_k": [[]] * 60}), 422, "invalid_request"),
         ({"content": b"x" * (LIMIT + 1), "headers": {"Content-Type": "application/msgpack"}}, 413, "body_too_large"),
         ({"content": iter([b"x" * 4096] * (LIMIT // 4096 + 1)), "headers": {"Content-Type": "application/msgpack"}}, 413, "body_too_large"),
     ]
     for kwargs, status, code in cases:
         r = http.post("/infer", **kwargs)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (code, r.text)
+    assert "not UTF-8" in http.post("/infer", **form(prompt=latin_prompt)).json()["error"]["message"]
+    assert "maps or arrays" in http.post("/infer", **mp(prompt=PROMPT, options={"top_k": [[]] * 60})).json()["error"]["message"]
     r = http.get("/nowhere")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
     r = http.get("/infer")

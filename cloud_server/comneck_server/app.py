@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -23,7 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,6 +38,9 @@ from .settings import ServerSettings
 
 log = logging.getLogger("comneck.server")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+MAX_OPTIONS_CHARS = 1024  # the multipart options JSON; every option together takes about 120
+MAX_MSGPACK_CONTAINERS = 8  # maps and arrays in a msgpack body; an InferRequest has two maps
+MAX_MSGPACK_ITEMS = 64  # entries of one msgpack map or array
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
@@ -43,7 +48,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "missing or wrong API key"),
         (408, "the body did not arrive in time (body_timeout)"),
         (409, "bitstream from another codec (codec_mismatch)"),
-        (413, "body over the configured limit"),
+        (413, "body over the configured limit, or (/reconstruct) an image over the pixel limit"),
         (415, "unsupported content type"),
         (422, "bad prompt, options or size"),
         (503, "not ready yet, or busy: retry after the Retry-After seconds"),
@@ -193,6 +198,18 @@ class Admission:
                 self.count -= 1
 
 
+def _bearer_token(authorization: str) -> str | None:
+    """KEY of ``Bearer KEY`` (the scheme in any case), or None for any other form."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _presented_keys(request: Request) -> list[str | None]:
+    """Every key a request presents: each Authorization header's bearer token (None where it is no
+    ``Bearer KEY``) and each X-API-Key value (an empty one counts, as a wrong key)."""
+    return [*map(_bearer_token, request.headers.getlist("authorization")), *request.headers.getlist("x-api-key")]
+
+
 def wants_msgpack(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return any(kind in accept for kind in MSGPACK_TYPES)
@@ -216,6 +233,72 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+class _Utf8FormParser(MultiPartParser):
+    """Starlette's multipart parser with text fields read as strict UTF-8: starlette falls back to
+    latin-1, which turns other bytes into a garbled prompt where msgpack refuses them."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            super().on_part_end()
+            return
+        try:
+            self.items.append((part.field_name, part.data.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"form field {part.field_name!r} is not UTF-8 text") from None
+
+
+@asynccontextmanager
+async def _form(request: Request, max_fields: int) -> AsyncIterator[FormData]:
+    """The multipart body (one file part at most); its spooled file is closed when the block ends."""
+    try:
+        form = await _Utf8FormParser(request.headers, request.stream(), max_files=1, max_fields=max_fields).parse()
+    except MultiPartException as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"multipart body cannot be read: {exc.message}") from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+def _unpack(body: bytes) -> Any:
+    """A msgpack body, with its text as strict UTF-8 and bounded nesting and size: at most
+    ``MAX_MSGPACK_CONTAINERS`` maps or arrays of ``MAX_MSGPACK_ITEMS`` entries each, so a few MiB
+    of nested empty arrays cannot become hundreds of MiB of Python objects."""
+    built = 0
+
+    def count(container: Any) -> Any:
+        nonlocal built
+        built += 1
+        if built > MAX_MSGPACK_CONTAINERS:
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"the msgpack body holds more than {MAX_MSGPACK_CONTAINERS} maps or arrays")
+        return container
+
+    try:
+        return msgpack.unpackb(
+            body, raw=False, object_hook=count, list_hook=count, max_map_len=MAX_MSGPACK_ITEMS, max_array_len=MAX_MSGPACK_ITEMS
+        )
+    except UnicodeDecodeError:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "a text field of the msgpack body is not UTF-8") from None
+    except msgpack.StackError:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "the msgpack body nests too deep") from None
+    except ApiError:  # the container count's refusal, a ValueError too
+        raise
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_options(text: str) -> Any:
+    """The multipart ``options`` field: a JSON object of at most ``MAX_OPTIONS_CHARS`` characters
+    (which also bounds its nesting below Python's recursion limit)."""
+    if len(text) > MAX_OPTIONS_CHARS:
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"options has {len(text)} characters; at most {MAX_OPTIONS_CHARS}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "options must be a JSON object, e.g. {\"top_k\": 3}") from None
+
+
 async def _bitstream_part(form: Any) -> bytes:
     """The bytes of the multipart file part ``bitstream``."""
     upload = form.get("bitstream")
@@ -227,21 +310,14 @@ async def _bitstream_part(form: Any) -> bytes:
 async def _read_infer_request(request: Request) -> InferRequest:
     kind = _content_type(request)
     if kind in MSGPACK_TYPES:
-        body = await request.body()
-        try:
-            raw = msgpack.unpackb(body, raw=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__})") from None
+        raw = _unpack(await request.body())
         if not isinstance(raw, dict):
             raise ApiError(ErrorCode.BAD_REQUEST, "msgpack body must be a map with bitstream and prompt")
     elif kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=8) as form:
+        async with _form(request, max_fields=8) as form:
             raw = {**form, "bitstream": await _bitstream_part(form)}
-        if "options" in raw:
-            try:
-                raw["options"] = json.loads(raw["options"])
-            except json.JSONDecodeError:
-                raise ApiError(ErrorCode.INVALID_REQUEST, "options must be a JSON object, e.g. {\"top_k\": 3}") from None
+        if isinstance(raw.get("options"), str):
+            raw["options"] = _parse_options(raw["options"])
     else:
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the request as application/msgpack or multipart/form-data")
     try:
@@ -255,7 +331,7 @@ async def _read_bitstream_body(request: Request) -> bytes:
     if kind == "application/octet-stream":
         return await request.body()
     if kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=1) as form:
+        async with _form(request, max_fields=1) as form:
             return await _bitstream_part(form)
     raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the bitstream as application/octet-stream or multipart/form-data")
 
@@ -293,11 +369,15 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     )
     admission = Admission(settings.max_queue)
 
+    def known(key: str | None) -> bool:
+        return key is not None and any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
+
     def authorized(request: Request) -> None:
+        """Every key the request presents must be a configured one, and it must present one."""
         if not settings.api_keys:
             return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not any(secrets.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
+        presented = _presented_keys(request)
+        if not presented or not all(known(key) for key in presented):
             raise ApiError(ErrorCode.UNAUTHORIZED, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY")
 
     def ready_gateway() -> Gateway:

@@ -54,6 +54,7 @@ class ServerSettings(BaseSettings):
         1024, gt=0, description="slowest average upload rate accepted once the grace period is over (408 below)"
     )
     upload_grace_s: float = Field(5.0, ge=0, description="seconds an upload may take before the minimum rate applies")
+    max_reconstruct_pixels: int = Field(1024 * 1024, gt=0, description="largest image (height x width) /reconstruct decodes (413 beyond)")
     max_image_side: int = Field(4096, gt=0, description="largest image side a bitstream may declare")
     max_prompt_chars: int = Field(4000, gt=0, description="longest prompt in characters")
     max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
