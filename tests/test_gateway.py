@@ -206,8 +206,9 @@ def test_reconstruct_refuses_images_over_the_pixel_limit_before_decoding(tiny_pi
         Gateway(tiny_pipeline, ServerSettings(max_reconstruct_pixels=256 * 256)).reconstruct(encoded.data)
 
 
-def test_client_retries_429_and_503_with_backoff():
-    calls = []
+def test_client_retries_429_and_503_with_backoff(monkeypatch):
+    calls, slept = [], []
+    monkeypatch.setattr("comneck_edge.client.time.sleep", slept.append)
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
@@ -217,6 +218,7 @@ def test_client_retries_429_and_503_with_backoff():
 
     client = GatewayClient("http://gw", retries=3, transport=httpx.MockTransport(handler))
     assert client.models() == {"provider": "ok"} and len(calls) == 3
+    assert len(slept) == 2 and 0 <= slept[0] <= 0.5 and 0 <= slept[1] <= 1.0
     calls.clear()
     client = GatewayClient("http://gw", retries=1, backoff=0.0, transport=httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(503, json={"error": {"code": "busy", "message": "try later"}})))
     with pytest.raises(GatewayError) as info:
@@ -235,3 +237,16 @@ def test_settings_from_the_environment_and_flags(monkeypatch):
     monkeypatch.setenv("COMNECK_BACKEND", "clip-zero-shot")
     assert ServerSettings(_cli_parse_args=[]).backend_args == ["clip-zero-shot"]
     assert dataclasses.asdict(settings.weight_files) == {"codec": None, "neck": None, "clip": None}
+
+
+def test_client_waits_retry_after_plus_jitter(monkeypatch):
+    """Never sooner than Retry-After; on top a uniform share of the exponential backoff, so clients
+    refused at once come back spread out."""
+    slept, shares = [], []
+    monkeypatch.setattr("comneck_edge.client.time.sleep", slept.append)
+    monkeypatch.setattr("comneck_edge.client.random.uniform", lambda low, high: shares.append((low, high)) or high)
+    busy = httpx.Response(503, headers={"Retry-After": "2"}, json={"error": {"code": "busy", "message": "busy"}})
+    client = GatewayClient("http://gw", retries=3, backoff=0.5, transport=httpx.MockTransport(lambda r: busy))
+    with pytest.raises(GatewayError):
+        client.models()
+    assert shares == [(0, 0.5), (0, 1.0), (0, 2.0)] and slept == [2.5, 3.0, 4.0]
