@@ -130,19 +130,85 @@ def test_a_failed_load_is_reported_not_hidden(tmp_path):
         assert client.get("/healthz").status_code == 503
 
 
-def test_api_keys_are_checked(gateway, encoded):
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ({"Authorization": "Bearer k2"}, 200),
+        ({"Authorization": "bearer k2"}, 200),  # the scheme in any case
+        ({"Authorization": "BEARER   k1 "}, 200),
+        ({"X-API-Key": "k1"}, 200),
+        ({"Authorization": "Bearer k1", "X-API-Key": "k2"}, 200),
+        ({}, 401),
+        ({"X-API-Key": "k3"}, 401),
+        ({"Authorization": "k2"}, 401),  # a bare key is no bearer token
+        ({"Authorization": "Bearer"}, 401),
+        ({"Authorization": "Basic azE6"}, 401),
+        ({"Authorization": "Bearer k2", "X-API-Key": ""}, 401),  # every key presented must be right
+        ({"Authorization": "Bearer k3", "X-API-Key": "k1"}, 401),
+        ({"Authorization": "", "X-API-Key": "k1"}, 401),
+    ],
+)
+def test_api_keys_follow_one_rule(gateway, headers, status):
     with TestClient(create_app(ServerSettings(api_keys=["k1", "k2"]), gateway)) as client:
         assert client.get("/healthz").status_code == 200  # probes need no key
-        refused = client.get("/v1/models")
-        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
-        assert refused.headers["www-authenticate"] == "Bearer"
-        assert client.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
-        assert client.get("/v1/models", headers={"X-API-Key": "k1"}).status_code == 200
-        assert client.get("/v1/models", headers={"X-API-Key": "k3"}).status_code == 401
+        answer = client.get("/v1/models", headers=headers)
+        assert answer.status_code == status, answer.text
+        if status == 401:
+            assert answer.json()["error"]["code"] == "unauthorized" and answer.headers["www-authenticate"] == "Bearer"
 
 
-def test_client_retries_429_and_503_with_backoff():
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Content-Length", "5"), ("Transfer-Encoding", "chunked")],
+        [("Content-Length", "5"), ("Content-Length", "6")],
+        [("Content-Length", "+5")],
+        [("Content-Length", "0x5")],
+    ],
+)
+def test_ambiguous_framing_is_refused_before_the_body(gateway, headers):
+    with TestClient(create_app(ServerSettings(), gateway)) as client:
+        answer = client.post("/infer", content=b"hello", headers=[("Content-Type", "application/msgpack"), *headers])
+    assert (answer.status_code, answer.json()["error"]["code"]) == (400, "bad_request"), answer.text
+    assert answer.headers["connection"] == "close"
+
+
+@pytest.fixture
+def no_decoding(monkeypatch, tiny_models):
+    """Entropy decoding replaced by a recorder that fails the request: what a test must not reach."""
     calls = []
+
+    def refuse(latents):
+        calls.append(latents)
+        raise AssertionError("entropy decoding ran")
+
+    monkeypatch.setattr(tiny_models.codec, "entropy_decode", refuse)
+    return calls
+
+
+def test_a_bad_prompt_is_refused_before_entropy_decoding(tiny_pipeline, encoded, no_decoding):
+    labels = ", ".join(f"label{i}" for i in range(65))  # clip-zero-shot takes 64 at most
+    settings = ServerSettings()
+    with TestClient(create_app(settings, Gateway(tiny_pipeline, settings)), raise_server_exceptions=False) as client:
+        answer = client.post("/infer", files={"bitstream": ("x.cnk", encoded.data)}, data={"prompt": f"Labels: {labels}"})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (422, "bad_prompt") and not no_decoding
+        assert client.post("/infer", files={"bitstream": ("x.cnk", encoded.data)}, data={"prompt": PROMPT}).status_code == 500
+    assert len(no_decoding) == 1  # a good prompt reaches decoding: the recorder is in its path
+
+
+def test_reconstruct_refuses_images_over_the_pixel_limit_before_decoding(tiny_pipeline, encoded, no_decoding):
+    settings = ServerSettings(max_reconstruct_pixels=256 * 256 - 1)
+    with TestClient(create_app(settings, Gateway(tiny_pipeline, settings))) as client:
+        answer = client.post("/reconstruct", content=encoded.data, headers={"Content-Type": "application/octet-stream"})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (413, "image_too_large") and not no_decoding
+    assert "256x256 image (65536 pixels)" in answer.json()["error"]["message"]
+    with pytest.raises(AssertionError, match="entropy decoding ran"):  # at the limit it decodes
+        Gateway(tiny_pipeline, ServerSettings(max_reconstruct_pixels=256 * 256)).reconstruct(encoded.data)
+
+
+def test_client_retries_429_and_503_with_backoff(monkeypatch):
+    calls, slept = [], []
+    monkeypatch.setattr("comneck_edge.client.time.sleep", slept.append)
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
@@ -152,6 +218,7 @@ def test_client_retries_429_and_503_with_backoff():
 
     client = GatewayClient("http://gw", retries=3, transport=httpx.MockTransport(handler))
     assert client.models() == {"provider": "ok"} and len(calls) == 3
+    assert len(slept) == 2 and 0 <= slept[0] <= 0.5 and 0 <= slept[1] <= 1.0
     calls.clear()
     client = GatewayClient("http://gw", retries=1, backoff=0.0, transport=httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(503, json={"error": {"code": "busy", "message": "try later"}})))
     with pytest.raises(GatewayError) as info:
@@ -170,3 +237,16 @@ def test_settings_from_the_environment_and_flags(monkeypatch):
     monkeypatch.setenv("COMNECK_BACKEND", "clip-zero-shot")
     assert ServerSettings(_cli_parse_args=[]).backend_args == ["clip-zero-shot"]
     assert dataclasses.asdict(settings.weight_files) == {"codec": None, "neck": None, "clip": None}
+
+
+def test_client_waits_retry_after_plus_jitter(monkeypatch):
+    """Never sooner than Retry-After; on top a uniform share of the exponential backoff, so clients
+    refused at once come back spread out."""
+    slept, shares = [], []
+    monkeypatch.setattr("comneck_edge.client.time.sleep", slept.append)
+    monkeypatch.setattr("comneck_edge.client.random.uniform", lambda low, high: shares.append((low, high)) or high)
+    busy = httpx.Response(503, headers={"Retry-After": "2"}, json={"error": {"code": "busy", "message": "busy"}})
+    client = GatewayClient("http://gw", retries=3, backoff=0.5, transport=httpx.MockTransport(lambda r: busy))
+    with pytest.raises(GatewayError):
+        client.models()
+    assert shares == [(0, 0.5), (0, 1.0), (0, 2.0)] and slept == [2.5, 3.0, 4.0]

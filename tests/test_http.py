@@ -1,21 +1,34 @@
 """A real gateway (``comneck-server`` under uvicorn on 127.0.0.1) driven by the real edge CLI
-and by raw HTTP: round trips in msgpack and multipart, and every bad-input case."""
+and by raw HTTP: round trips in msgpack and multipart, and every bad-input case; and the
+in-process app under uvicorn on raw sockets, with short upload limits, for stalled, slow,
+ambiguous and aborted uploads."""
 
 import dataclasses
 import json
+import logging
 import os
+import select
+import socket
 import subprocess
 import sys
+import threading
+import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import msgpack
 import pytest
+import uvicorn
 
 from comneck.bitstream import Bitstream
 from comneck.image import sample_photo
 from comneck_edge import EdgeEncoder
+from comneck_server.app import create_app
 from comneck_server.demo import free_port, local_gateway
+from comneck_server.gateway import Gateway
+from comneck_server.settings import ServerSettings
 
 API_KEY = "test-key"
 LIMIT = 64 * 1024
@@ -145,7 +158,16 @@ def test_every_bad_bitstream_gets_its_code(http, good, tiny, fmt):
 
 def test_every_bad_request_gets_its_code(http, good):
     def mp(**fields):
-        return {"content": msgpack.packb({"bitstream": good, **fields}), "headers": {"Content-Type": "application/msgpack"}}
+        return raw_mp(msgpack.packb({"bitstream": good, **fields}))
+
+    def raw_mp(body):
+        return {"content": body, "headers": {"Content-Type": "application/msgpack"}}
+
+    def form(**fields):
+        return {"data": fields, "files": {"bitstream": ("x", good)}}
+
+    latin_prompt = b"Labels: caf\xe9, th\xe9"  # latin-1 bytes, not UTF-8
+    head = msgpack.packb({"bitstream": good})[1:]  # the bitstream entry of a map
 
     cases = [
         (mp(prompt=PROMPT, backend="llava"), 400, "unknown_backend"),
@@ -161,13 +183,23 @@ def test_every_bad_request_gets_its_code(http, good):
         ({"content": msgpack.packb([1, 2]), "headers": {"Content-Type": "application/msgpack"}}, 400, "bad_request"),
         ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_media_type"),
         ({"data": {"prompt": PROMPT}, "files": {"other": ("x", b"1")}}, 422, "invalid_request"),
-        ({"data": {"prompt": PROMPT, "options": "{bad"}, "files": {"bitstream": ("x", good)}}, 422, "invalid_request"),
+        (form(prompt=PROMPT, options="{bad"), 422, "invalid_request"),
+        (form(prompt=PROMPT, options="[" * 30_000 + "]" * 30_000), 422, "invalid_request"),
+        (form(prompt=PROMPT, options="[" * 512 + "]" * 512), 422, "invalid_request"),  # as deep as 1024 characters go
+        (form(prompt=latin_prompt), 422, "invalid_request"),
+        (form(prompt=PROMPT, task=b"classif\xe9"), 422, "invalid_request"),
+        (raw_mp(b"\x82" + head + msgpack.packb("prompt") + bytes([0xA0 + len(latin_prompt)]) + latin_prompt), 422, "invalid_request"),
+        (raw_mp(b"\x83" + head + msgpack.packb("prompt") + msgpack.packb(PROMPT) + msgpack.packb("options") + b"\x91" * 30_000 + b"\xc0"),
+         422, "invalid_request"),
+        (mp(prompt=PROMPT, options={"top_k": [[]] * 60}), 422, "invalid_request"),
         ({"content": b"x" * (LIMIT + 1), "headers": {"Content-Type": "application/msgpack"}}, 413, "body_too_large"),
         ({"content": iter([b"x" * 4096] * (LIMIT // 4096 + 1)), "headers": {"Content-Type": "application/msgpack"}}, 413, "body_too_large"),
     ]
     for kwargs, status, code in cases:
         r = http.post("/infer", **kwargs)
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (code, r.text)
+    assert "not UTF-8" in http.post("/infer", **form(prompt=latin_prompt)).json()["error"]["message"]
+    assert "maps or arrays" in http.post("/infer", **mp(prompt=PROMPT, options={"top_k": [[]] * 60})).json()["error"]["message"]
     r = http.get("/nowhere")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
     r = http.get("/infer")
@@ -185,3 +217,97 @@ def test_server_keeps_serving_after_bad_input(http, good, tiny):
     assert http.get("/healthz").json() == {"status": "ok"}
     r = http.post("/infer", files={"bitstream": ("x.cnk", good)}, data={"prompt": PROMPT})
     assert r.status_code == 200 and r.json()["text"] in ("cow", "horse", "beach")
+
+
+# -- uploads on raw sockets: the in-process app under uvicorn, with short limits ------------------------
+
+GRACE_S, TIMEOUT_S, MIN_RATE = 1.5, 3.0, 1024
+
+
+@contextmanager
+def serving(app) -> Iterator[int]:
+    """``app`` under uvicorn in a thread on a free loopback port, its logs reaching caplog; yields the port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="info"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_pipeline) -> Iterator[int]:
+    settings = ServerSettings(body_timeout_s=TIMEOUT_S, upload_grace_s=GRACE_S, min_upload_bytes_per_s=MIN_RATE, max_queue=2)
+    with serving(create_app(settings, Gateway(tiny_pipeline, settings))) as port:
+        yield port
+
+
+def upload(port: int, headers: str, sent: bytes = b"") -> socket.socket:
+    """A POST /infer whose headers and first ``sent`` bytes are on their way; the rest is up to the test."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S + 2)
+    sock.sendall(f"POST /infer HTTP/1.1\r\nHost: gw\r\nContent-Type: application/msgpack\r\n{headers}\r\n".encode() + sent)
+    return sock
+
+
+def answer(sock: socket.socket) -> tuple[int, dict]:
+    """Status and error of the response, read until the server closes the connection (a socket
+    timeout fails the test if it does not)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_stalled_uploads_hold_no_queue_slot_and_are_cut_off(strict, good):
+    start = time.monotonic()
+    stalled = [upload(strict, "Content-Length: 5000000\r\n", b"x" * 1024) for _ in range(4)]  # twice max_queue
+    served = httpx.post(f"http://127.0.0.1:{strict}/infer", content=msgpack.packb({"bitstream": good, "prompt": PROMPT}),
+                        headers={"Content-Type": "application/msgpack"}, timeout=10)
+    assert served.status_code == 200, served.text
+    assert select.select(stalled, [], [], 0)[0] == [], "served only after the stalled uploads were cut off"
+    for sock in stalled:
+        status, error = answer(sock)
+        assert (status, error["code"]) == (408, "body_timeout") and f"slower than {MIN_RATE} bytes/s" in error["message"]
+    assert GRACE_S + 1024 / MIN_RATE - 0.2 < time.monotonic() - start < TIMEOUT_S + 1
+
+
+def test_a_trickle_over_the_minimum_rate_is_cut_off_at_the_body_timeout(strict):
+    start = time.monotonic()
+    sock = upload(strict, "Content-Length: 5000000\r\n")
+    for _ in range(int(4 * (TIMEOUT_S + 1))):  # 8 KiB/s, well over the minimum rate, until the answer comes
+        if select.select([sock], [], [], 0.25)[0]:
+            break
+        sock.sendall(b"x" * 2048)
+    status, error = answer(sock)
+    assert (status, error["code"]) == (408, "body_timeout") and f"not complete within {TIMEOUT_S:g} s" in error["message"]
+    assert TIMEOUT_S - 0.2 < time.monotonic() - start < TIMEOUT_S + 1
+
+
+def test_content_length_beside_chunked_is_refused_at_once(strict):
+    start = time.monotonic()
+    status, error = answer(upload(strict, "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"hello"))
+    assert (status, error["code"]) == (400, "bad_request") and "Transfer-Encoding" in error["message"]
+    assert time.monotonic() - start < 1
+
+
+def test_an_aborted_upload_is_one_log_line_without_traceback(strict, caplog):
+    caplog.set_level(logging.INFO)
+    sock = upload(strict, "Content-Length: 5000\r\n", b"x" * 100)
+    time.sleep(0.2)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not any("disconnected" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert lines == ["client disconnected before its request body was in: POST /infer"], caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text

@@ -7,12 +7,13 @@ Models load once, in a background thread at start-up, so /healthz answers at onc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -22,7 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from comneck.errors import ComneckInputError, ErrorCode
@@ -34,13 +38,17 @@ from .settings import ServerSettings
 
 log = logging.getLogger("comneck.server")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+MAX_OPTIONS_CHARS = 1024  # the multipart options JSON; every option together takes about 120
+MAX_MSGPACK_CONTAINERS = 8  # maps and arrays in a msgpack body; an InferRequest has two maps
+MAX_MSGPACK_ITEMS = 64  # entries of one msgpack map or array
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in [
         (400, "bad bitstream or request (code says which)"),
         (401, "missing or wrong API key"),
+        (408, "the body did not arrive in time (body_timeout)"),
         (409, "bitstream from another codec (codec_mismatch)"),
-        (413, "body over the configured limit"),
+        (413, "body over the configured limit, or (/reconstruct) an image over the pixel limit"),
         (415, "unsupported content type"),
         (422, "bad prompt, options or size"),
         (503, "not ready yet, or busy: retry after the Retry-After seconds"),
@@ -97,41 +105,82 @@ RECONSTRUCT_BODY = {
 }
 
 
-class BodyLimit:
-    """Refuse bodies over ``max_bytes`` (413): by Content-Length up front, else while streaming."""
+def _framing_refusal(headers: list[tuple[bytes, bytes]], max_bytes: int) -> tuple[ErrorCode, str] | None:
+    """Why a request's framing headers are refused before its body is read, or None: Content-Length
+    beside Transfer-Encoding, or given twice with different values (each server would frame the body
+    its own way), a Content-Length that is not a plain decimal, or one over ``max_bytes``."""
+    lengths = {value for name, value in headers if name == b"content-length"}
+    if not lengths:
+        return None
+    if any(name == b"transfer-encoding" for name, _ in headers):
+        return ErrorCode.BAD_REQUEST, "Content-Length and Transfer-Encoding together are ambiguous: send one of them"
+    if len(lengths) > 1:
+        return ErrorCode.BAD_REQUEST, "Content-Length is given twice with different values"
+    (declared,) = lengths
+    if not declared.isdigit():
+        return ErrorCode.BAD_REQUEST, "Content-Length is not a plain decimal number"
+    if int(declared) > max_bytes:
+        return ErrorCode.BODY_TOO_LARGE, f"request body of {int(declared)} bytes is over this gateway's limit of {max_bytes}"
+    return None
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class BodyLimit:
+    """Guards every request body before the app reads it: ambiguous framing (400) is refused up front,
+    a body over ``max_bytes`` (413) as soon as it shows, and a body that is not complete within
+    ``timeout_s``, or that after ``grace_s`` averages under ``min_rate`` bytes/s, with 408. A refusal
+    sent before the whole body is in closes the connection, so a stalled upload holds it no longer."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, min_rate: int, grace_s: float) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.timeout_s, self.min_rate, self.grace_s = timeout_s, min_rate, grace_s
+
+    def _allowed_s(self, seen: int) -> float:
+        """Seconds after the headers by which more than ``seen`` bytes must have come."""
+        return min(self.timeout_s, self.grace_s + seen / self.min_rate)
+
+    def _too_slow(self, seen: int) -> str:
+        if self._allowed_s(seen) >= self.timeout_s:
+            return f"the request body was not complete within {self.timeout_s:g} s"
+        return f"the request body came slower than {self.min_rate} bytes/s ({seen} bytes in {self._allowed_s(seen):.1f} s)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            code, message = (
-                (ErrorCode.BODY_TOO_LARGE, f"request body of {int(declared)} bytes is over this gateway's limit of {self.max_bytes}")
-                if declared.isdigit()
-                else (ErrorCode.BAD_REQUEST, "Content-Length is not a number")
-            )
+        refusal = _framing_refusal(scope["headers"], self.max_bytes)
+        if refusal is not None:
+            code, message = refusal
             await JSONResponse(error_body(code, message), status_of(code), headers={"Connection": "close"})(scope, receive, send)
             return
-        seen = 0
+        start, seen, done, refused = time.monotonic(), 0, False, False
 
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+        async def guarded() -> Message:
+            nonlocal seen, done, refused
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), start + self._allowed_s(seen) - time.monotonic())
+            except asyncio.TimeoutError:
+                refused = True
+                raise ApiError(ErrorCode.BODY_TIMEOUT, self._too_slow(seen)) from None
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
+                refused = True
                 raise ApiError(ErrorCode.BODY_TOO_LARGE, f"request body is over this gateway's limit of {self.max_bytes} bytes")
+            done = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited, send)
+        async def closing(message: Message) -> None:
+            if refused and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, guarded, closing)
 
 
 class Admission:
-    """At most ``limit`` requests inside the gateway at once; the rest get 503 ``busy`` at once
-    (a client backs off and retries) instead of piling up."""
+    """At most ``limit`` requests past their upload at once (queued for the models or running); the
+    rest get 503 ``busy`` at once (a client backs off and retries) instead of piling up."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.count, self._lock = limit, 0, threading.Lock()
@@ -147,6 +196,18 @@ class Admission:
         finally:
             with self._lock:
                 self.count -= 1
+
+
+def _bearer_token(authorization: str) -> str | None:
+    """KEY of ``Bearer KEY`` (the scheme in any case), or None for any other form."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _presented_keys(request: Request) -> list[str | None]:
+    """Every key a request presents: each Authorization header's bearer token (None where it is no
+    ``Bearer KEY``) and each X-API-Key value (an empty one counts, as a wrong key)."""
+    return [*map(_bearer_token, request.headers.getlist("authorization")), *request.headers.getlist("x-api-key")]
 
 
 def wants_msgpack(request: Request) -> bool:
@@ -172,6 +233,72 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+class _Utf8FormParser(MultiPartParser):
+    """Starlette's multipart parser with text fields read as strict UTF-8: starlette falls back to
+    latin-1, which turns other bytes into a garbled prompt where msgpack refuses them."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            super().on_part_end()
+            return
+        try:
+            self.items.append((part.field_name, part.data.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"form field {part.field_name!r} is not UTF-8 text") from None
+
+
+@asynccontextmanager
+async def _form(request: Request, max_fields: int) -> AsyncIterator[FormData]:
+    """The multipart body (one file part at most); its spooled file is closed when the block ends."""
+    try:
+        form = await _Utf8FormParser(request.headers, request.stream(), max_files=1, max_fields=max_fields).parse()
+    except MultiPartException as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"multipart body cannot be read: {exc.message}") from None
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
+def _unpack(body: bytes) -> Any:
+    """A msgpack body, with its text as strict UTF-8 and bounded nesting and size: at most
+    ``MAX_MSGPACK_CONTAINERS`` maps or arrays of ``MAX_MSGPACK_ITEMS`` entries each, so a few MiB
+    of nested empty arrays cannot become hundreds of MiB of Python objects."""
+    built = 0
+
+    def count(container: Any) -> Any:
+        nonlocal built
+        built += 1
+        if built > MAX_MSGPACK_CONTAINERS:
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"the msgpack body holds more than {MAX_MSGPACK_CONTAINERS} maps or arrays")
+        return container
+
+    try:
+        return msgpack.unpackb(
+            body, raw=False, object_hook=count, list_hook=count, max_map_len=MAX_MSGPACK_ITEMS, max_array_len=MAX_MSGPACK_ITEMS
+        )
+    except UnicodeDecodeError:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "a text field of the msgpack body is not UTF-8") from None
+    except msgpack.StackError:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "the msgpack body nests too deep") from None
+    except ApiError:  # the container count's refusal, a ValueError too
+        raise
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_options(text: str) -> Any:
+    """The multipart ``options`` field: a JSON object of at most ``MAX_OPTIONS_CHARS`` characters
+    (which also bounds its nesting below Python's recursion limit)."""
+    if len(text) > MAX_OPTIONS_CHARS:
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"options has {len(text)} characters; at most {MAX_OPTIONS_CHARS}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "options must be a JSON object, e.g. {\"top_k\": 3}") from None
+
+
 async def _bitstream_part(form: Any) -> bytes:
     """The bytes of the multipart file part ``bitstream``."""
     upload = form.get("bitstream")
@@ -183,21 +310,14 @@ async def _bitstream_part(form: Any) -> bytes:
 async def _read_infer_request(request: Request) -> InferRequest:
     kind = _content_type(request)
     if kind in MSGPACK_TYPES:
-        body = await request.body()
-        try:
-            raw = msgpack.unpackb(body, raw=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__})") from None
+        raw = _unpack(await request.body())
         if not isinstance(raw, dict):
             raise ApiError(ErrorCode.BAD_REQUEST, "msgpack body must be a map with bitstream and prompt")
     elif kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=8) as form:
+        async with _form(request, max_fields=8) as form:
             raw = {**form, "bitstream": await _bitstream_part(form)}
-        if "options" in raw:
-            try:
-                raw["options"] = json.loads(raw["options"])
-            except json.JSONDecodeError:
-                raise ApiError(ErrorCode.INVALID_REQUEST, "options must be a JSON object, e.g. {\"top_k\": 3}") from None
+        if isinstance(raw.get("options"), str):
+            raw["options"] = _parse_options(raw["options"])
     else:
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the request as application/msgpack or multipart/form-data")
     try:
@@ -211,7 +331,7 @@ async def _read_bitstream_body(request: Request) -> bytes:
     if kind == "application/octet-stream":
         return await request.body()
     if kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=1) as form:
+        async with _form(request, max_fields=1) as form:
             return await _bitstream_part(form)
     raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the bitstream as application/octet-stream or multipart/form-data")
 
@@ -245,14 +365,21 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         version="1",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+        min_rate=settings.min_upload_bytes_per_s, grace_s=settings.upload_grace_s,
+    )
     admission = Admission(settings.max_queue)
 
+    def known(key: str | None) -> bool:
+        return key is not None and any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
+
     def authorized(request: Request) -> None:
+        """Every key the request presents must be a configured one, and it must present one."""
         if not settings.api_keys:
             return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not any(secrets.compare_digest(given.encode(), key.encode()) for key in settings.api_keys):
+        presented = _presented_keys(request)
+        if not presented or not all(known(key) for key in presented):
             raise ApiError(ErrorCode.UNAUTHORIZED, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY")
 
     def ready_gateway() -> Gateway:
@@ -279,6 +406,12 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {400: ErrorCode.BAD_REQUEST, 404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorCode.HTTP_ERROR)
         return respond(request, error_body(code, str(exc.detail)), exc.status_code, exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        """An aborted upload is the client's doing: one log line, no traceback (the answer reaches nobody)."""
+        log.info("client disconnected before its request body was in: %s %s", request.method, request.url.path)
+        return respond(request, error_body(ErrorCode.BAD_REQUEST, "the client disconnected during the upload"), ErrorCode.BAD_REQUEST.status)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
@@ -309,8 +442,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         dependencies=[Depends(authorized)],
     )
     async def infer(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        req = await _read_infer_request(request)  # before the slot: a slow upload holds no queue place
         with admission.slot():
-            req = await _read_infer_request(request)
             result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options)
         answer = InferResponse(
             text=result.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
@@ -328,8 +461,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         dependencies=[Depends(authorized)],
     )
     async def reconstruct(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        data = await _read_bitstream_body(request)
         with admission.slot():
-            data = await _read_bitstream_body(request)
             png = await run_in_threadpool(loaded.reconstruct, data)
         return Response(png, media_type="image/png")
 

@@ -91,10 +91,24 @@ class Gateway:
         answer.timings_ms["server_total"] = (time.perf_counter() - start) * 1e3
         return answer
 
+    def _check_pixels(self, data: bytes) -> Bitstream:
+        """The parsed container, refused (``image_too_large``) if its image is over ``max_reconstruct_pixels``:
+        the header says the size before any decoding, and g_s's work and memory grow with the area."""
+        stream = Bitstream.from_bytes(data, max_side=self.pipeline.max_side)
+        h, w = stream.image_size
+        if h * w > self.settings.max_reconstruct_pixels:
+            raise ComneckInputError(
+                f"the bitstream holds a {w}x{h} image ({h * w} pixels); /reconstruct takes at most "
+                f"{self.settings.max_reconstruct_pixels} pixels",
+                ErrorCode.IMAGE_TOO_LARGE,
+            )
+        return stream
+
     def reconstruct(self, data: bytes) -> bytes:
         """g_s on the decoded latents, cropped to the original size, as PNG bytes (for people, not the MLLM)."""
+        stream = self._check_pixels(data)
         with self._lock:
-            image = to_image(self.pipeline.reconstruct(data))
+            image = to_image(self.pipeline.reconstruct(stream))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()

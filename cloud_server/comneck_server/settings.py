@@ -49,6 +49,12 @@ class ServerSettings(BaseSettings):
         description="accepted API keys, comma-separated (prefer the COMNECK_API_KEYS variable); empty: no authentication",
     )
     max_body_bytes: int = Field(8 << 20, gt=0, description="largest request body in bytes (413 beyond)")
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds from the request's headers to the end of its body (408 beyond)")
+    min_upload_bytes_per_s: int = Field(
+        1024, gt=0, description="slowest average upload rate accepted once the grace period is over (408 below)"
+    )
+    upload_grace_s: float = Field(5.0, ge=0, description="seconds an upload may take before the minimum rate applies")
+    max_reconstruct_pixels: int = Field(1024 * 1024, gt=0, description="largest image (height x width) /reconstruct decodes (413 beyond)")
     max_image_side: int = Field(4096, gt=0, description="largest image side a bitstream may declare")
     max_prompt_chars: int = Field(4000, gt=0, description="longest prompt in characters")
     decode_workers: int = Field(

@@ -23,7 +23,7 @@ from comneck.image import RESIZE_POLICIES, padding_of, to_image, unpad
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
 from comneck.presets import PRESETS, get_preset
 
-from .client import GatewayClient
+from .client import DEFAULT_RETRIES, GatewayClient
 from .encoder import EdgeEncoder, EncodedImage
 from .report import format_answer
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="photo -> .cnk bitstream (offline), or -> answer from a gateway (--server)",
         description="Encode a photo and print bpp from the real byte count. With --server URL --prompt TEXT, "
         "send the bitstream to a ComNeck gateway and print its answer with timings; 429/503 answers are "
-        "retried with backoff.",
+        "retried after the server's Retry-After with a jittered backoff.",
     )
     enc.add_argument("image", help="photo file (JPEG, PNG, ...)")
     enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk; none with --server)")
@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--backend", help="backend name (default: the gateway's first; see GET /v1/models)")
     ask.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="generation option, e.g. top_k=3 (repeatable)")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
-    ask.add_argument("--retries", type=int, default=3, help="retries on 429/503, with exponential backoff (default 3)")
+    ask.add_argument(
+        "--retries", type=int, default=DEFAULT_RETRIES,
+        help=f"retries on 429/503, after Retry-After plus a jittered exponential backoff (default {DEFAULT_RETRIES})",
+    )
     ask.add_argument("--api-key", help="API key (default: the COMNECK_API_KEY environment variable)")
     ask.add_argument("--format", default="msgpack", choices=("msgpack", "multipart"), help="request body encoding (default msgpack)")
     ask.add_argument("--json", action="store_true", help="print the gateway's whole response as JSON")

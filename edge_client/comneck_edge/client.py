@@ -1,13 +1,14 @@
 """HTTP client for the ComNeck gateway: send a bitstream and a prompt, get the answer.
 
-Retries with exponential backoff (or the server's Retry-After) on 429 and 503; every
-failure is a :class:`GatewayError` with a one-line message and a machine-readable code.
+Retries on 429 and 503, waiting the server's Retry-After (if any) plus a random share of an
+exponential backoff, so that clients refused together come back spread out; every failure is a :class:`GatewayError` with a one-line message and a machine-readable code.
 Needs httpx and msgpack (the ``edge`` extra), nothing from the server side.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import msgpack
 from comneck.errors import ComneckInputError, ErrorCode
 
 RETRY_STATUSES = (429, 503)
+DEFAULT_RETRIES = 6  # with jitter, enough for 2x --max-queue clients sending back to back (docs/benchmarks.md)
 MAX_BACKOFF_S = 30.0
 Format = Literal["msgpack", "multipart"]
 
@@ -53,7 +55,7 @@ class GatewayClient:
         url: str,
         api_key: str | None = None,
         timeout: float = 60.0,
-        retries: int = 3,
+        retries: int = DEFAULT_RETRIES,
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -73,6 +75,13 @@ class GatewayClient:
     def close(self) -> None:
         self._http.close()
 
+    def _retry_delay(self, response: httpx.Response, attempt: int) -> float:
+        """Seconds before retry ``attempt + 1``: never sooner than the server's Retry-After, plus a
+        uniform share of ``backoff * 2**attempt`` (jitter: refused together, retried apart)."""
+        retry_after = response.headers.get("retry-after", "")
+        floor = float(retry_after) if retry_after.isdigit() else 0.0
+        return min(floor + random.uniform(0, self.backoff * 2**attempt), MAX_BACKOFF_S)
+
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request, retried on 429/503; raises :class:`GatewayError` for anything but a 2xx."""
         for attempt in range(self.retries + 1):
@@ -87,9 +96,7 @@ class GatewayClient:
                 raise GatewayError(ErrorCode.UNREACHABLE, f"cannot reach {self.url}: {reason}") from None
             if response.status_code not in RETRY_STATUSES or attempt == self.retries:
                 break
-            retry_after = response.headers.get("retry-after", "")
-            delay = float(retry_after) if retry_after.isdigit() else self.backoff * 2**attempt
-            time.sleep(min(delay, MAX_BACKOFF_S))
+            time.sleep(self._retry_delay(response, attempt))
         if response.is_success:
             return response
         try:
