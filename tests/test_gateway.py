@@ -174,7 +174,7 @@ def test_ambiguous_framing_is_refused_before_the_body(gateway, headers):
 
 
 @pytest.fixture
-def no_decoding(monkeypatch, tiny_models):
+def no_decoding(monkeypatch, tiny_pipeline):
     """Entropy decoding replaced by a recorder that fails the request: what a test must not reach."""
     calls = []
 
@@ -182,7 +182,7 @@ def no_decoding(monkeypatch, tiny_models):
         calls.append(latents)
         raise AssertionError("entropy decoding ran")
 
-    monkeypatch.setattr(tiny_models.codec, "entropy_decode", refuse)
+    monkeypatch.setattr(tiny_pipeline, "entropy_decode", refuse)
     return calls
 
 
