@@ -12,7 +12,7 @@ one run to the next). Decoding is made a pure function of the container's bytes 
   altered one is refused with ``corrupt_bitstream``.
 
 Re-encoding costs one rANS encoding of the symbols (no network runs again); the cost is
-measured by ``benchmarks/bench_bitstream.py``. Written here rather than taken from a library:
+measured by ``benchmarks/bench_decoding.py``. Written here rather than taken from a library:
 the streams are CompressAI's own format, which no bounds-checked coder reads.
 """
 
