@@ -29,6 +29,8 @@ _ARCHS: dict[str, type[nn.Module]] = {
 
 #: g_a downsamples by 16: y has H/16 x W/16 positions; z (after h_a) H/64 x W/64.
 LATENT_STRIDE = 16
+
+
 @dataclass(frozen=True)
 class EncodedLatents:
     """Entropy-coded latents of a batch: CompressAI's strings, indexed [stream][batch item].

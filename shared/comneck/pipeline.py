@@ -1,7 +1,8 @@
 """The cloud path as a library: bitstream -> y_hat -> neck tokens -> CLIP tail -> backend -> answer.
 
-Composed here once and used by the gateway, the trainer's evaluation of it, the benchmarks and
-the complexity report. Each step is also public, for callers that need one part:
+Composed here once and used by the gateway and the benchmarks; the trainer's student and the
+complexity report use its neck + tail composition (:func:`latent_features`). Each step is also
+public, for callers that need one part:
 
 * :meth:`Pipeline.parse` reads a container and runs the request's checks once (codec
   fingerprint, latent grid);
