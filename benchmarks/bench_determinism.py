@@ -2,8 +2,9 @@
 
 Configurations vary what may change float results between an edge device and a gateway: torch
 CPU threads (1/2/4), batch size (1/4, encoding and decoding), oneDNN (mkldnn) on/off, and the
-device that encodes (CUDA when present). Each pair encodes the same N images (the bundled photos,
-cropped and flipped) and decodes them, counting per image:
+device (CUDA when present, encoding and decoding). Each pair encodes the same N images (the
+bundled photos, cropped and flipped) and decodes them, once per way of evaluating the entropy
+parameters (``fixed``: comneck.fixed_point, the default; ``float``: CompressAI's), counting per image:
 
 * symbol mismatches: decoded y_hat elements that differ from the encoder's by a whole step
   (another symbol, so the rest of the stream would be garbage),
@@ -13,7 +14,7 @@ cropped and flipped) and decodes them, counting per image:
 
 Not a timed test: a report, printed. Results and the command are in docs/bitstream.md.
 
-    .venv/bin/python benchmarks/bench_determinism.py [--preset tiny] [--images 8]
+    .venv/bin/python benchmarks/bench_determinism.py [--preset tiny] [--images 8] [--entropy-params both]
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ def images(preset: Preset, count: int) -> torch.Tensor:
             return torch.cat(out)
 
 
-def encode(codec: ElicCodec, x: torch.Tensor, config: Config) -> tuple[list[EncodedLatents], list[torch.Tensor]]:
+def encode(codec: ElicCodec, x: torch.Tensor, config: Config, fixed_point: bool) -> tuple[list[EncodedLatents], list[torch.Tensor]]:
     config.apply()
     model = codec.to(config.device)
     latents, y_hats = [], []
     for start in range(0, x.shape[0], config.batch):
-        batch, y = model.analyze(x[start : start + config.batch].to(config.device))
+        batch, y = model.analyze(x[start : start + config.batch].to(config.device), fixed_point)
         latents += [batch.item(i) for i in range(batch.batch_size)]
         y_hats += list(y.cpu().split(1))
     codec.to("cpu")
@@ -77,14 +78,16 @@ def encode(codec: ElicCodec, x: torch.Tensor, config: Config) -> tuple[list[Enco
 def decode(codec: ElicCodec, latents: list[EncodedLatents], config: Config) -> list[torch.Tensor | None]:
     """Decoded y_hat per image (None: refused), ``config.batch`` images per decoder call."""
     config.apply()
+    model = codec.to(config.device)
     out: list[torch.Tensor | None] = []
     for start in range(0, len(latents), config.batch):
         group = latents[start : start + config.batch]
-        joined = EncodedLatents([[s for item in group for s in item.strings[k]] for k in range(len(group[0].strings))], group[0].padded_size)
+        strings = [[s for item in group for s in item.strings[k]] for k in range(len(group[0].strings))]
         try:
-            out += list(codec.entropy_decode(joined).split(1))
+            out += list(model.entropy_decode(EncodedLatents(strings, group[0].padded_size, group[0].fixed_point)).cpu().split(1))
         except ComneckInputError:
             out += [None] * len(group)
+    codec.to("cpu")
     return out
 
 
@@ -92,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--entropy-params", default="both", choices=("fixed", "float", "both"), help="which evaluation(s) to test")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     codec = build_codec(preset)
@@ -99,12 +103,20 @@ def main() -> None:
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     configs = [Config(t, b, d, dev) for dev in devices for t in (1, 2, 4) for b in (1, 4) for d in (True, False)]
     reference = Config(1, 1, True)
-    pairs = [(reference, c) for c in configs if c.device == "cpu"] + [(c, reference) for c in configs if c != reference]
+    pairs = [(reference, reference)] + [(reference, c) for c in configs if c != reference] + [(c, reference) for c in configs if c != reference]
     print(f"preset {preset.name}, {args.images} images; {RANDOM_WEIGHTS_NOTE}")
+    for mode in ("fixed", "float") if args.entropy_params == "both" else (args.entropy_params,):
+        report(codec, x, pairs, mode == "fixed")
+
+
+def report(codec: ElicCodec, x: torch.Tensor, pairs: list[tuple[Config, Config]], fixed_point: bool) -> None:
+    """Encode once per encoding configuration, decode every pair, print a row per pair and the totals."""
+    print(f"\nentropy parameters: {'fixed point' if fixed_point else 'float (CompressAI)'}")
     print(f"{'encode':<20} {'decode':<20} {'symbol mism.':>12} {'y_hat mism.':>12} {'max |dy|':>10} {'refused':>8}")
+    encoded = {enc: encode(codec, x, enc, fixed_point) for enc in dict.fromkeys(enc for enc, _ in pairs)}
     totals = [0, 0, 0]
     for enc, dec in pairs:
-        latents, y_edge = encode(codec, x, enc)
+        latents, y_edge = encoded[enc]
         decoded = decode(codec, latents, dec)
         symbols = floats = refused = 0
         worst = 0.0

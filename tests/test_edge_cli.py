@@ -29,6 +29,16 @@ def test_encode_then_decode_restores_the_size_and_reports_real_bpp(odd_photo, tm
     assert Image.open(recon).size == (100, 75)
 
 
+@pytest.mark.parametrize("params, flag", [("fixed", 0x80), ("float", 0)])
+def test_entropy_params_are_chosen_recorded_and_decoded(odd_photo, tmp_path, params, flag):
+    cnk, recon = tmp_path / "odd.cnk", tmp_path / "recon.png"
+    run = edge("encode", str(odd_photo), "-o", str(cnk), "--entropy-params", params)
+    assert run.returncode == 0, run.stderr
+    assert f"{'fixed-point' if flag else 'float'} entropy parameters" in run.stdout
+    assert cnk.read_bytes()[5] & 0x80 == flag
+    assert edge("decode", str(cnk), "-o", str(recon)).returncode == 0 and Image.open(recon).size == (256, 256)  # paper policy
+
+
 def test_default_output_name_and_paper_policy(odd_photo, tmp_path):
     photo = tmp_path / "shot.png"
     photo.write_bytes(odd_photo.read_bytes())

@@ -62,12 +62,22 @@ def image(side: int = 64, seed: int = 1) -> torch.Tensor:
 
 
 def check_latents_match(codec, official, x: torch.Tensor) -> None:
-    latents, y_coded = codec.analyze(x)
-    y_decoded = codec.entropy_decode(latents)
     reference = official.y_hat(x)
+    latents, y_coded = codec.analyze(x, fixed_point=False)
+    y_decoded = codec.entropy_decode(latents)
     assert torch.equal(y_decoded, y_coded)  # the rANS round trip is exact
     assert (y_decoded - reference).abs().max() < 1e-5  # same symbols; means agree to float rounding (a step is 1)
     assert (reference.round() != 0).float().mean() > 0.2  # and the latents are not trivially zero
+    check_fixed_point_close(codec, x, reference)
+
+
+def check_fixed_point_close(codec, x: torch.Tensor, reference: torch.Tensor) -> None:
+    """Fixed point: an exact round trip, means within the grid's rounding of the float ones; where
+    y - mean sits on a rounding boundary, the symbol may be the neighbouring one."""
+    latents, y_coded = codec.analyze(x)
+    assert latents.fixed_point and torch.equal(codec.entropy_decode(latents), y_coded)
+    off = (y_coded - reference).abs()
+    assert ((off - off.round()).abs() < 0.01).all() and (off > 0.01).float().mean() < 0.01
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +133,8 @@ def test_compressai_official_state_dicts_and_the_pre_1_2_7_refusal(tmp_path):
     x = image()
     net.update(force=True)
     with torch.no_grad():
-        assert torch.equal(codec.entropy_decode(codec.analyze(x)[0]), net.compress(x)["y_hat"])
+        assert torch.equal(codec.entropy_decode(codec.analyze(x, fixed_point=False)[0]), net.compress(x)["y_hat"])
+        check_fixed_point_close(codec, x, net.compress(x)["y_hat"])
     old = net.state_dict()  # CompressAI < 1.2.7: channel context was a ramp to max(N, ...) channels
     for k in range(1, len(cfg.groups)):
         p = f"latent_codec.y.channel_context.y{k}."

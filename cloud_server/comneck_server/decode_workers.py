@@ -28,7 +28,8 @@ _START_TIMEOUT_S = 300.0  # building the paper codec and reading its weights, on
 
 
 def _serve(conn: Connection, preset: Preset, weights: Path | None, fingerprint: bytes) -> None:
-    """A worker's loop: build the codec, then decode (strings, padded size) -> y_hat until told to stop."""
+    """A worker's loop: build the codec, then decode (strings, padded size, fixed point) -> y_hat
+    until told to stop."""
     from comneck.models import build_codec
 
     codec = build_codec(preset, weights)
@@ -43,9 +44,8 @@ def _serve(conn: Connection, preset: Preset, weights: Path | None, fingerprint: 
             return
         if request is None:
             return
-        strings, padded_size = request
         try:
-            y_hat = codec.entropy_decode(EncodedLatents(strings, padded_size))
+            y_hat = codec.entropy_decode(EncodedLatents(*request))
             conn.send(("ok", y_hat.numpy()))
         except ComneckInputError as exc:
             conn.send(("refused", (str(exc.code), str(exc))))
@@ -103,7 +103,7 @@ class DecodeWorkers:
         """y_hat of one container, decoded in a worker; a worker's crash or overrun answers a coded 4xx."""
         worker = self._idle.get()
         try:
-            worker.conn.send((latents.strings, latents.padded_size))
+            worker.conn.send((latents.strings, latents.padded_size, latents.fixed_point))
             if not worker.conn.poll(self.timeout_s):
                 worker = self._replace(worker)
                 raise ComneckInputError(f"decoding took longer than this gateway's {self.timeout_s:g} s limit", ErrorCode.DECODE_TIMEOUT)

@@ -123,6 +123,7 @@ class Gateway:
                 "fingerprint": self.models.codec_fingerprint.hex(),
                 "weights": {"layout": info.layout, "scenario": info.scenario, "rate": info.rate} if info else None,
                 "rates": {str(k): v for k, v in RATE_LAMBDAS.items()},
+                "entropy_params": ["fixed-point", "float"],  # both decode; docs/bitstream.md
                 "input_size": [preset.image_size, preset.image_size],
             },
             "neck": {"width": preset.neck.width, "layers": preset.neck.layers, "tokens": preset.neck.grid**2 + 1},

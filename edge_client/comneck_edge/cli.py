@@ -59,7 +59,8 @@ def _encode(args: argparse.Namespace) -> str:
         raise ComneckInputError("--server needs --prompt (the question for the model)")
     if args.prompt is not None and not args.server:
         raise ComneckInputError("--prompt goes with --server URL (offline encoding asks no model)")
-    encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights)
+    encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
+                          fixed_point=args.entropy_params == "fixed")
     encoded = encoder.encode_file(args.image)
     out = Path(args.output) if args.output else None if args.server else Path(args.image).with_suffix(".cnk")
     lines = []
@@ -69,7 +70,8 @@ def _encode(args: argparse.Namespace) -> str:
         except OSError as exc:
             raise ComneckInputError(f"cannot write {out}: {exc.strerror}") from None
         h, w = encoded.bitstream.image_size
-        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {encoder.rate})")
+        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {encoder.rate}, "
+                     f"{encoded.entropy_params} entropy parameters)")
     if args.server:
         lines.append(_ask(args, encoded))
     elif encoder.random_weights:
@@ -114,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk; none with --server)")
     enc.add_argument("--rate", type=int, default=None, help="rate index 1..4 (lambda 0.004..0.032); default: the codec weights' own, else 1")
     enc.add_argument("--resize", default="paper", choices=RESIZE_POLICIES, help="codec input policy (default: paper)")
+    enc.add_argument(
+        "--entropy-params", default="fixed", choices=("fixed", "float"),
+        help="how the entropy parameters are computed: fixed point, the same on every machine (default), or "
+        "CompressAI's float networks, which a decoder on other hardware may read differently (docs/bitstream.md)",
+    )
     ask = enc.add_argument_group("asking a gateway")
     ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")
     ask.add_argument("--prompt", help="question or instruction for the model (clip-zero-shot: 'Labels: a, b, c')")

@@ -29,17 +29,25 @@ class EncodedImage:
         h, w = self.bitstream.image_size
         return 8.0 * len(self.data) / (h * w)
 
+    @property
+    def entropy_params(self) -> str:
+        """How the container's entropy parameters were computed: ``fixed-point`` or ``float``."""
+        return "fixed-point" if self.bitstream.latents.fixed_point else "float"
+
 
 class EdgeEncoder:
     """Runs ELIC's analysis half and the entropy coder for one preset and rate point."""
 
     def __init__(
-        self, preset: str | Preset = "tiny", rate: int | None = None, resize: ResizePolicy = "paper", codec_weights: str | Path | None = None
+        self, preset: str | Preset = "tiny", rate: int | None = None, resize: ResizePolicy = "paper", codec_weights: str | Path | None = None,
+        fixed_point: bool = True,
     ) -> None:
         """``rate`` defaults to the rate index the codec weights were trained for (1 if unknown);
-        one that contradicts the weights is refused, since the container would misreport it."""
+        one that contradicts the weights is refused, since the container would misreport it.
+        ``fixed_point`` picks the entropy parameters' evaluation (:meth:`ElicCodec.analyze`)."""
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.resize = resize
+        self.fixed_point = fixed_point
         self.codec = build_codec(self.preset, codec_weights)
         trained = self.codec.trained_rate
         if rate is not None and trained is not None and check_rate(rate) != trained:
@@ -63,7 +71,7 @@ class EdgeEncoder:
         check_image_tensor(x)
         start = time.perf_counter()
         padded, _ = pad_to_stride(x)
-        latents, _ = self.codec.analyze(padded)
+        latents, _ = self.codec.analyze(padded, self.fixed_point)
         stream = Bitstream(self.codec.config.arch, self.rate, self.fingerprint, (x.shape[-2], x.shape[-1]), latents)
         data = stream.to_bytes()
         elapsed = (time.perf_counter() - start) * 1e3
@@ -72,10 +80,10 @@ class EdgeEncoder:
 
 def encode(
     photo: str | Path | bytes, preset: str | Preset = "tiny", rate: int | None = None, resize: ResizePolicy = "paper",
-    codec_weights: str | Path | None = None,
+    codec_weights: str | Path | None = None, fixed_point: bool = True,
 ) -> bytes:
     """A photo (path or file bytes) -> the ComNeck container to send to a gateway (docs/bitstream.md).
 
     One call builds the codec; to encode many photos, keep an :class:`EdgeEncoder`.
     """
-    return EdgeEncoder(preset, rate, resize, codec_weights).encode_file(photo).data
+    return EdgeEncoder(preset, rate, resize, codec_weights, fixed_point).encode_file(photo).data

@@ -23,7 +23,7 @@ def format_answer(encoded: EncodedImage, response: dict[str, Any], round_trip_ms
     if labels:
         lines.append("ranking      " + ", ".join(f"{item['label']} {item['probability']:.3f}" for item in labels))
     lines += [
-        f"bitstream    {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, rate {encoded.bitstream.rate})",
+        f"bitstream    {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, rate {encoded.bitstream.rate}, {encoded.entropy_params} entropy parameters)",
         f"edge (ms)    {_ms(encoded.timings_ms)}",
         f"network (ms) {max(round_trip_ms - server['server_total'], 0.0):.1f} (round trip {round_trip_ms:.1f} less server time)",
         f"server (ms)  {_ms(server)}",

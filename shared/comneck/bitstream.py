@@ -1,7 +1,8 @@
 """The ComNeck bitstream container (format spec: docs/bitstream.md).
 
-One image per container: a fixed 16-byte header (magic, version, codec id, rate index,
-codec-weight fingerprint), varint sizes and stream lengths, the rANS streams, a CRC32.
+One image per container: a fixed 16-byte header (magic, version, codec id and the fixed-point
+flag, rate index, codec-weight fingerprint), varint sizes and stream lengths, the rANS streams,
+a CRC32.
 Parsing never trusts the input: every failure is a :class:`BitstreamError` with a
 machine-readable ``code``, so a gateway answers 4xx and keeps serving.
 """
@@ -22,6 +23,9 @@ VERSION = 1
 FINGERPRINT_BYTES = 8
 #: Codec ids on the wire; 0 is reserved.
 CODEC_IDS: dict[str, int] = {"elic2022-chandelier": 1, "elic2022-official": 2}
+#: Set in the codec id byte when the entropy parameters were evaluated in fixed point
+#: (comneck.fixed_point); clear: CompressAI's float path, as in containers written before it.
+FIXED_POINT_FLAG = 0x80
 #: Largest image side a parser accepts unless told otherwise.
 DEFAULT_MAX_SIDE = 8192
 _HEADER = struct.Struct(">4sBBB8s")  # magic, version, codec id, rate, fingerprint
@@ -91,7 +95,8 @@ class Bitstream:
             raise ValueError("a bitstream holds one image; encode batch items separately")
         if len(self.fingerprint) != FINGERPRINT_BYTES:
             raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
-        out = bytearray(_HEADER.pack(MAGIC, VERSION, CODEC_IDS[self.codec], self.rate, self.fingerprint))
+        codec_byte = CODEC_IDS[self.codec] | (FIXED_POINT_FLAG if self.latents.fixed_point else 0)
+        out = bytearray(_HEADER.pack(MAGIC, VERSION, codec_byte, self.rate, self.fingerprint))
         for value in (*self.image_size, *self.latents.padded_size, len(self.latents.strings)):
             _put_varint(value, out)
         streams = [stream[0] for stream in self.latents.strings]
@@ -125,7 +130,7 @@ class Bitstream:
             if not data.startswith(MAGIC[: len(data)]) or not data:
                 raise BitstreamError(ErrorCode.BAD_MAGIC, "not a ComNeck bitstream (wrong magic bytes)")
             raise BitstreamError(ErrorCode.TRUNCATED, f"bitstream is truncated ({len(data)} bytes)")
-        magic, version, codec_id, rate, fingerprint = _HEADER.unpack_from(data)
+        magic, version, codec_byte, rate, fingerprint = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise BitstreamError(ErrorCode.BAD_MAGIC, "not a ComNeck bitstream (wrong magic bytes)")
         if version != VERSION:
@@ -141,6 +146,7 @@ class Bitstream:
         (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
         if zlib.crc32(data[: -_CRC.size]) != crc:
             raise BitstreamError(ErrorCode.CRC_MISMATCH, "bitstream is corrupted (CRC32 mismatch)")
+        codec_id = codec_byte & ~FIXED_POINT_FLAG
         codec = next((name for name, i in CODEC_IDS.items() if i == codec_id), None)
         if codec is None:
             raise BitstreamError(ErrorCode.UNKNOWN_CODEC, f"bitstream names codec id {codec_id}, unknown to this build")
@@ -150,5 +156,5 @@ class Bitstream:
             raise BitstreamError(ErrorCode.BAD_SIZE, f"image size {w}x{h} is outside 1..{max_side}")
         if (ph, pw) != padding_of(h, w).padded_size(h, w):
             raise BitstreamError(ErrorCode.BAD_SIZE, f"padded size {pw}x{ph} does not match image size {w}x{h}")
-        latents = EncodedLatents([[s] for s in streams], (ph, pw))
+        latents = EncodedLatents([[s] for s in streams], (ph, pw), bool(codec_byte & FIXED_POINT_FLAG))
         return cls(codec, rate, fingerprint, (h, w), latents)

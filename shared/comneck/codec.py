@@ -16,6 +16,8 @@ from compressai.models import Elic2022Chandelier, Elic2022Official
 from torch import nn
 
 from .errors import ComneckInputError, ErrorCode
+from .fixed_point import fixed_point_parameters
+from .fixed_point import install as install_fixed_point
 from .image import CODEC_STRIDE, check_image_tensor
 from .presets import CodecConfig
 from .provenance import WeightsInfo
@@ -41,6 +43,9 @@ class EncodedLatents:
 
     strings: list[list[bytes]]
     padded_size: tuple[int, int]
+    #: True: the entropy parameters were evaluated in fixed point (:mod:`comneck.fixed_point`),
+    #: so any machine decodes the same symbols; False: CompressAI's float path.
+    fixed_point: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -52,7 +57,7 @@ class EncodedLatents:
 
     def item(self, index: int) -> "EncodedLatents":
         """The latents of one image of the batch."""
-        return EncodedLatents([[stream[index]] for stream in self.strings], self.padded_size)
+        return EncodedLatents([[stream[index]] for stream in self.strings], self.padded_size, self.fixed_point)
 
 
 class ElicCodec(nn.Module):
@@ -97,18 +102,24 @@ class ElicCodec(nn.Module):
                     module.weight.mul_(module.mask)
 
     def update_entropy_tables(self) -> None:
-        """Rebuild the rANS CDF tables from the current weights (after init, loading or training)."""
+        """Rebuild the rANS CDF tables and the fixed-point parameter networks from the current
+        weights (after init, loading or training)."""
         self.model.update(force=True)
+        install_fixed_point(self.model)
 
     @torch.inference_mode()
-    def analyze(self, x: torch.Tensor) -> tuple[EncodedLatents, torch.Tensor]:
-        """Encode a padded batch [B, 3, H, W] (H, W multiples of 64) -> (strings, y_hat as coded)."""
+    def analyze(self, x: torch.Tensor, fixed_point: bool = True) -> tuple[EncodedLatents, torch.Tensor]:
+        """Encode a padded batch [B, 3, H, W] (H, W multiples of 64) -> (strings, y_hat as coded).
+
+        ``fixed_point`` (the default) evaluates the entropy parameters in fixed point, so every
+        decoder machine reads the same symbols; False gives CompressAI's own float bitstreams."""
         check_image_tensor(x)
         h, w = x.shape[-2:]
         if h % CODEC_STRIDE or w % CODEC_STRIDE:
             raise ComneckInputError(f"codec input must be padded to multiples of {CODEC_STRIDE}, got {h}x{w}")
-        out = self.model.compress(x)
-        return EncodedLatents(out["strings"], (int(h), int(w))), out["y_hat"]
+        with fixed_point_parameters(fixed_point):
+            out = self.model.compress(x)
+        return EncodedLatents(out["strings"], (int(h), int(w)), fixed_point), out["y_hat"]
 
     def stream_symbols(self, padded_size: tuple[int, int]) -> list[int]:
         """How many symbols each stream of one image holds, in stream order: per channel group an
@@ -120,7 +131,8 @@ class ElicCodec(nn.Module):
 
     @torch.inference_mode()
     def entropy_decode(self, latents: EncodedLatents) -> torch.Tensor:
-        """Strings -> y_hat [B, M, H/16, W/16]; g_s is never run here. Untrusted strings are safe:
+        """Strings -> y_hat [B, M, H/16, W/16], with the entropy parameters evaluated the way the
+        encoder did (``latents.fixed_point``); g_s is never run here. Untrusted strings are safe:
         :mod:`comneck.safe_decoding` keeps the decoder inside its buffers and refuses streams that
         do not hold exactly the grid's symbols (``corrupt_bitstream``)."""
         if len(latents.strings) != self.num_streams:
@@ -130,7 +142,8 @@ class ElicCodec(nn.Module):
         yh, yw = h // LATENT_STRIDE, w // LATENT_STRIDE
         shape = {"y": [(c, yh, yw) for c in self.config.groups], "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE)}
         install_checking_coders(self.model)  # again: copies of an entropy model come with a plain coder
-        with checked_streams(latents.strings, self.stream_symbols(latents.padded_size)) as padded:
+        symbols = self.stream_symbols(latents.padded_size)
+        with checked_streams(latents.strings, symbols) as padded, fixed_point_parameters(latents.fixed_point):
             y_hat = self.model.latent_codec.decompress(padded, shape)["y_hat"]
         if not bool(torch.isfinite(y_hat).all()):
             raise ComneckInputError("the entropy-coded streams decode to latents that are not finite", ErrorCode.CORRUPT_BITSTREAM)
