@@ -5,7 +5,8 @@ Starts ``comneck-server`` (tiny preset, loopback) with ``--max-queue`` slots, th
 to back through its own :class:`GatewayClient` (its retry policy: ``--retries`` on 429/503,
 waiting at least Retry-After, with jitter). Prints the success rate, the fewest and most
 successes of one client, the failures by code and the server's resident memory after each
-round. Stops by itself: no new request starts after ``--deadline`` seconds. Linux (reads /proc).
+round, and at the end the growth over the first and the second half of the rounds (a soak:
+many rounds of a load the gateway can carry, e.g. ``--clients 16 --rounds 12``). Stops by itself: no new request starts after ``--deadline`` seconds. Linux (reads /proc).
 
     .venv/bin/python benchmarks/bench_overload.py [--clients 32] [--requests 10] [--rounds 3]
 """
@@ -73,18 +74,22 @@ def main() -> None:
           f"requests x {args.rounds} rounds, client retries {args.retries}")
     with local_gateway("tiny", "--max-queue", str(args.max_queue)) as gateway:
         gateway.infer(data, PROMPT)  # warm-up
-        print(f"server RSS after start and one request: {server_rss_mib():.1f} MiB", flush=True)
+        rss = [server_rss_mib()]
+        print(f"server RSS after start and one request: {rss[0]:.1f} MiB", flush=True)
         for round_ in range(1, args.rounds + 1):
             start = time.perf_counter()
             successes, failures = run_round(gateway.url, data, args.clients, args.requests, args.retries, stop_at)
             elapsed = time.perf_counter() - start
             sent = sum(successes) + sum(failures.values())
+            rss.append(server_rss_mib())
             print(
                 f"round {round_}: {sum(successes)}/{sent} succeeded ({100 * sum(successes) / max(sent, 1):.1f}%) in {elapsed:.1f} s "
                 f"({sum(successes) / elapsed:.1f}/s); per client min {min(successes)} max {max(successes)}; "
-                f"failures {dict(failures) or 'none'}; server RSS {server_rss_mib():.1f} MiB",
+                f"failures {dict(failures) or 'none'}; server RSS {rss[-1]:.1f} MiB",
                 flush=True,
             )
+    half = len(rss) // 2
+    print(f"server RSS growth: first {half} rounds {rss[half] - rss[0]:+.1f} MiB, last {len(rss) - 1 - half} rounds {rss[-1] - rss[half]:+.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,33 @@ def test_infer_runs_the_latent_path_once_and_reports_it(gateway, encoded, tiny_m
     assert (result.text, result.details) == (expected.text, expected.details)
 
 
+def test_model_work_runs_one_request_at_a_time_on_one_thread(gateway, encoded, monkeypatch):
+    """Many request threads, one model thread (one malloc arena: docs/benchmarks.md, "Memory")."""
+    seen, running, overlap, lock = set(), [0], [False], threading.Lock()
+    run = gateway.pipeline.run
+
+    def watched(*args, **kwargs):
+        with lock:
+            seen.add(threading.current_thread().name)
+            running[0] += 1
+            overlap[0] |= running[0] > 1
+        try:
+            return run(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(gateway.pipeline, "run", watched)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(gateway.infer(encoded.data, PROMPT).text)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 4 and len(set(answers)) == 1
+    assert len(seen) == 1 and next(iter(seen)).startswith("comneck-model") and not overlap[0]
+
+
 def test_reconstruct_returns_the_g_s_image(gateway, encoded, tiny_models):
     png = Image.open(io.BytesIO(gateway.reconstruct(encoded.data)))
     assert png.format == "PNG" and png.size == (256, 256)

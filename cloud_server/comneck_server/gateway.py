@@ -1,15 +1,20 @@
 """The gateway's work, apart from HTTP: the library pipeline (:mod:`comneck.pipeline`) behind
-a model lock, with the gateway's own limits and its description for /v1/models.
+one model thread, with the gateway's own limits and its description for /v1/models.
 
-Models load once (:meth:`Gateway.load`); requests run one at a time under a lock, since
-each already uses every core (CPU) or the whole stream (GPU).
+Models load once (:meth:`Gateway.load`); requests run one at a time, since each already uses
+every core (CPU) or the whole stream (GPU), and always on the same thread: model work from many
+request threads would give each its own glibc malloc arena, each keeping freed memory, so the
+resident size would creep up with the number of threads that ever ran a model
+(docs/benchmarks.md, "Memory").
 """
 
 from __future__ import annotations
 
 import io
-import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -23,6 +28,8 @@ from comneck.presets import RATE_LAMBDAS
 from .decode_workers import DecodeWorkers
 from .settings import ServerSettings
 
+T = TypeVar("T")
+
 
 class Gateway:
     """A loaded pipeline and the settings it serves under; thread-safe."""
@@ -32,7 +39,17 @@ class Gateway:
         self.models = pipeline.models
         self.settings = settings
         self.workers = workers
-        self._lock = threading.Lock()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-model")
+
+    def _on_model_thread(self, work: Callable[[], T]) -> tuple[T, float]:
+        """Run ``work`` on the one model thread after the requests before it; (its result, the
+        perf_counter time it started)."""
+
+        def timed() -> tuple[T, float]:
+            started = time.perf_counter()
+            return work(), started
+
+        return self._model_thread.submit(timed).result()
 
     @classmethod
     def load(cls, settings: ServerSettings) -> "Gateway":
@@ -52,7 +69,9 @@ class Gateway:
         return gateway
 
     def close(self) -> None:
-        """Stop the decode workers (the process's exit stops them too)."""
+        """Stop the model thread (after the work it holds) and the decode workers (the process's
+        exit stops them too)."""
+        self._model_thread.shutdown()
         if self.workers is not None:
             self.workers.close()
 
@@ -67,7 +86,7 @@ class Gateway:
         latents, _ = codec.analyze(torch.full((1, 3, side, side), 0.5))
         stream = Bitstream(codec.config.arch, codec.trained_rate or 1, self.models.codec_fingerprint, (side, side), latents)
         taps = [backend.spec.tap for backend in self.backends.values()]
-        self.pipeline.features(self.pipeline.decode([self.pipeline.check(stream)]), taps)
+        self._on_model_thread(lambda: self.pipeline.features(self.pipeline.decode([self.pipeline.check(stream)]), taps))
 
     def _check_prompt_length(self, prompt: str) -> None:
         if len(prompt) > self.settings.max_prompt_chars:
@@ -79,14 +98,12 @@ class Gateway:
     def infer(
         self, data: bytes, prompt: str, task: str | None = None, backend: str | None = None, options: GenerationOptions | None = None
     ) -> Answer:
-        """Check the request (cheap checks first), then decode, neck, CLIP tail and backend under the lock."""
+        """Check the request (cheap checks first), then decode, neck, CLIP tail and backend on the model thread."""
         start = time.perf_counter()
         self._check_prompt_length(prompt)
         request = self.pipeline.prepare([data], [prompt], task, backend)
         parsed = time.perf_counter()
-        with self._lock:
-            queued = time.perf_counter()
-            (answer,) = self.pipeline.run(request, options)
+        (answer,), queued = self._on_model_thread(lambda: self.pipeline.run(request, options))
         answer.timings_ms = {"parse": (parsed - start) * 1e3, "queue": (queued - parsed) * 1e3, **answer.timings_ms}
         answer.timings_ms["server_total"] = (time.perf_counter() - start) * 1e3
         return answer
@@ -107,8 +124,8 @@ class Gateway:
     def reconstruct(self, data: bytes) -> bytes:
         """g_s on the decoded latents, cropped to the original size, as PNG bytes (for people, not the MLLM)."""
         stream = self._check_pixels(data)
-        with self._lock:
-            image = to_image(self.pipeline.reconstruct(stream))
+        x_hat, _ = self._on_model_thread(lambda: self.pipeline.reconstruct(stream))
+        image = to_image(x_hat)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
