@@ -92,8 +92,9 @@ def test_zero_shot_equals_clip_zero_shot_classification(tiny_models):
 
 
 def test_backend_registry(tiny_models):
-    assert parse_backend_arg("clip-zero-shot") == ("clip-zero-shot", None)
-    assert parse_backend_arg("clip-zero-shot=/w/x") == ("clip-zero-shot", Path("/w/x"))
+    assert parse_backend_arg("clip-zero-shot") == ("clip-zero-shot", None, {})
+    assert parse_backend_arg("clip-zero-shot=/w/x") == ("clip-zero-shot", Path("/w/x"), {})
+    assert parse_backend_arg("shikra=/w/delta, base=/w/llama") == ("shikra", Path("/w/delta"), {"base": "/w/llama"})
     backend = zero_shot(tiny_models)
     assert backend.spec is BACKENDS["clip-zero-shot"]
     assert backend.spec.tap == ClipTap("embedding", tokens="cls") and backend.spec.tasks == ("classify",)
@@ -102,9 +103,10 @@ def test_backend_registry(tiny_models):
         with pytest.raises(ComneckInputError) as info:
             parse_backend_arg(bad)
         assert info.value.code == "unknown_backend"
-    with pytest.raises(ComneckInputError) as info:
-        parse_backend_arg("clip-zero-shot=")
-    assert info.value.code == "bad_settings"
+    for bad in ("clip-zero-shot=", "clip-zero-shot=/w,base=/b", "shikra=/w,bass=/b", "shikra=/w,base="):
+        with pytest.raises(ComneckInputError) as info:
+            parse_backend_arg(bad)
+        assert info.value.code == "bad_settings"
 
 
 @pytest.fixture
@@ -118,13 +120,17 @@ def registered(monkeypatch):
     return spec
 
 
-def test_a_backend_whose_clip_does_not_match_is_refused_in_one_line(registered, tiny_models, tmp_path):
+def test_a_backend_whose_clip_does_not_match_is_refused_in_one_line(registered, monkeypatch, tiny_models, tmp_path):
     weights = tmp_path / "published"
     weights.mkdir()
+    # the tiny CLIP stands in for ViT-L/14 at 224 px: weights for that tower pass the check
+    assert load_backend("test-llm", weights, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip, split_block=2)
+    monkeypatch.setitem(BACKENDS, "test-llm", dataclasses.replace(registered, clip=ClipRequirement("ViT-L-14-336", 336)))
     with pytest.raises(ComneckInputError) as info:
         load_backend("test-llm", weights, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip, split_block=2)
     assert info.value.code == "bad_settings" and "\n" not in str(info.value)
-    assert str(info.value) == "backend test-llm reads ViT-L-14 at 224 px; this gateway's preset runs tiny-ViT-14 at 224 px"
+    assert str(info.value) == ("backend test-llm reads ViT-L-14-336 at 336 px; this gateway's preset runs tiny-ViT-14 "
+                               "(standing in for ViT-L-14) at 224 px")
     # without published weights it is built at the loaded CLIP's size: no mismatch
     assert load_backend("test-llm", clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip, split_block=2)
 
@@ -147,13 +153,15 @@ def test_missing_packages_and_weights_are_refused_with_the_install_hint(register
     assert "give its weights (model.safetensors)" in str(info.value)
 
 
-def test_the_server_refuses_a_mismatched_backend_at_start_up(registered, tmp_path, capsys):
+def test_the_server_refuses_a_mismatched_backend_at_start_up(registered, monkeypatch, tmp_path, capsys):
     from comneck_server.cli import main
 
+    monkeypatch.setitem(BACKENDS, "test-llm", dataclasses.replace(registered, clip=ClipRequirement("ViT-L-14-336", 336)))
     weights = tmp_path / "published"
     weights.mkdir()
     assert main(["--preset", "tiny", "--backend", f"test-llm={weights}"]) == 2
     err = capsys.readouterr().err
-    assert err == "comneck-server: error: backend test-llm reads ViT-L-14 at 224 px; this gateway's preset runs tiny-ViT-14 at 224 px\n"
+    assert err == ("comneck-server: error: backend test-llm reads ViT-L-14-336 at 336 px; this gateway's preset runs tiny-ViT-14 "
+                   "(standing in for ViT-L-14) at 224 px\n")
     assert main(["--preset", "tiny", "--backend", "clip-zero-shot", "--backend", "clip-zero-shot"]) == 2
     assert "given twice" in capsys.readouterr().err

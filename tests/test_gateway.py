@@ -261,6 +261,8 @@ def test_settings_from_the_environment_and_flags(monkeypatch):
     assert settings.backend_args == ["clip-zero-shot"]
     repeated = ServerSettings(_cli_parse_args=["--backend", "clip-zero-shot", "--backend", "other=/w"])
     assert repeated.backend_args == ["clip-zero-shot", "other=/w"]
+    monkeypatch.setenv("COMNECK_BACKEND", "shikra=/d,base=/b,clip-zero-shot")
+    assert ServerSettings(_cli_parse_args=[]).backend_args == ["shikra=/d,base=/b", "clip-zero-shot"]
     monkeypatch.setenv("COMNECK_BACKEND", "clip-zero-shot")
     assert ServerSettings(_cli_parse_args=[]).backend_args == ["clip-zero-shot"]
     assert dataclasses.asdict(settings.weight_files) == {"codec": None, "neck": None, "clip": None}

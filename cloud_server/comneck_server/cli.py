@@ -33,10 +33,10 @@ def parse_settings(argv: list[str]) -> ServerSettings:
         raise ComneckInputError(str(exc).splitlines()[0], ErrorCode.BAD_SETTINGS) from None
     preset = get_preset(settings.preset)
     backends = [parse_backend_arg(arg) for arg in settings.backend_args]
-    if len({name for name, _ in backends}) != len(backends):
-        raise ComneckInputError(f"a backend is given twice: {', '.join(name for name, _ in backends)}", ErrorCode.BAD_SETTINGS)
-    for name, weights in backends:
-        check_backend(name, weights, preset.clip, preset.split_block)
+    if len({arg.name for arg in backends}) != len(backends):
+        raise ComneckInputError(f"a backend is given twice: {', '.join(arg.name for arg in backends)}", ErrorCode.BAD_SETTINGS)
+    for name, weights, options in backends:
+        check_backend(name, weights, preset.clip, preset.split_block, options)
     check_device(settings.device)
     for part, path in vars(settings.weight_files).items():
         if path is not None:

@@ -101,9 +101,9 @@ class Gateway:
         """Check the request (cheap checks first), then decode, neck, CLIP tail and backend on the model thread."""
         start = time.perf_counter()
         self._check_prompt_length(prompt)
-        request = self.pipeline.prepare([data], [prompt], task, backend)
+        request = self.pipeline.prepare([data], [prompt], task, backend, options)
         parsed = time.perf_counter()
-        (answer,), queued = self._on_model_thread(lambda: self.pipeline.run(request, options))
+        (answer,), queued = self._on_model_thread(lambda: self.pipeline.run(request))
         answer.timings_ms = {"parse": (parsed - start) * 1e3, "queue": (queued - parsed) * 1e3, **answer.timings_ms}
         answer.timings_ms["server_total"] = (time.perf_counter() - start) * 1e3
         return answer

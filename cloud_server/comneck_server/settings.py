@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from comneck.backends import BACKENDS
 from comneck.models import WeightFiles
 
 
@@ -38,8 +39,9 @@ class ServerSettings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="neck/CLIP/backend precision")
     backend: Annotated[list[str], NoDecode] = Field(
         [],
-        description="a backend to load, NAME or NAME=WEIGHTS (its published checkpoint); repeat the flag for more, the first "
-        "is the default; default clip-zero-shot (COMNECK_BACKEND takes a comma-separated list)",
+        description="a backend to load, NAME or NAME=WEIGHTS (its published checkpoint), with path options as "
+        "NAME=WEIGHTS,KEY=PATH (shikra's delta: shikra=DELTA,base=LLAMA); repeat the flag for more, the first is the "
+        "default; default clip-zero-shot (COMNECK_BACKEND takes a comma-separated list)",
     )
     backends: Annotated[list[str], NoDecode] = Field([], description="the older spelling of --backend: names, comma-separated")
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
@@ -73,9 +75,23 @@ class ServerSettings(BaseSettings):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
         return value
 
+    @field_validator("backend", "backends", mode="after")
+    @classmethod
+    def _join_options(cls, parts: list[str]) -> list[str]:
+        """Put ``KEY=PATH`` options (``shikra=DELTA,base=LLAMA``) back onto the backend they follow:
+        a part named for an option of the backend before it continues that backend."""
+        joined: list[str] = []
+        for part in parts:
+            before = BACKENDS.get(joined[-1].partition("=")[0].strip()) if joined else None
+            if before is not None and part.partition("=")[0].strip() in before.options:
+                joined[-1] += "," + part
+            else:
+                joined.append(part)
+        return joined
+
     @property
     def backend_args(self) -> list[str]:
-        """The backends to load, ``NAME`` or ``NAME=WEIGHTS``, the default first."""
+        """The backends to load, ``NAME``, ``NAME=WEIGHTS`` or ``NAME=WEIGHTS,KEY=PATH``, the default first."""
         return [*self.backend, *self.backends] or ["clip-zero-shot"]
 
     @property

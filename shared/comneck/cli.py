@@ -21,6 +21,8 @@ def _complexity(args: argparse.Namespace) -> str:
 
 
 def _convert(args: argparse.Namespace) -> str:
+    if args.base is not None:
+        return _merge_shikra(args)
     from .convert import convert
 
     manifest = convert(args.source, args.output, get_preset(args.preset), args.scenario, args.rate, args.force)
@@ -35,6 +37,19 @@ def _convert(args: argparse.Namespace) -> str:
         lines.append(f"clip lacks: {', '.join(manifest['clip_missing_parts'])} (they stay random; outputs that use them say so)")
     lines.append(f"serve: comneck-server --preset {args.preset} --weights {args.output}")
     return "\n".join(lines)
+
+
+def _merge_shikra(args: argparse.Namespace) -> str:
+    """``comneck convert DELTA --base LLAMA -o OUT``: the merged Shikra folder, written once."""
+    from .backends.shikra import ShikraWeights, write_merged
+    from .weights_folder import check_target
+
+    check_target(args.output, args.force)
+    weights = ShikraWeights(args.source, args.base)
+    weights.config  # refuse a folder that is not Shikra's before the slow part
+    files = write_merged(weights, args.output)
+    return (f"wrote {args.output}: {len(files)} safetensors shard(s), config.json and the tokenizer (Shikra delta + LLaMA base, "
+            f"merged as apply_delta.py does)\nserve: comneck-server --backend shikra={args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,11 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         "write OUTPUT/{codec,neck,clip}.safetensors with OUTPUT/comneck.json. Release files d{1,2,3}_{1..4}.pth.tar "
         "name their scenario and rate; --scenario/--rate override or supply them. See docs/checkpoints.md.",
     )
-    cv.add_argument("source", type=Path, help="weight file: d1_1.pth.tar, an ELIC .pth.tar, a CompressAI state dict, a CLIP .pt/.bin/.safetensors")
+    cv.add_argument("source", type=Path, help="weight file: d1_1.pth.tar, an ELIC .pth.tar, a CompressAI state dict, a CLIP .pt/.bin/.safetensors; "
+                    "or the shikra-7b-delta-v1 folder with --base")
     cv.add_argument("-o", "--output", type=Path, required=True, help="folder to write (must be new or empty unless --force)")
     cv.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="network sizes the weights must fit (default: paper)")
     cv.add_argument("--scenario", choices=("d1", "d2", "d3"), help="training scenario, when the file name does not say")
     cv.add_argument("--rate", type=int, choices=(1, 2, 3, 4), help="rate index 1..4 (lambda 0.004..0.032), when the file name does not say")
+    cv.add_argument("--base", type=Path, help="with a Shikra delta folder as SOURCE: its LLaMA-7B base (Hugging Face format); "
+                    "OUTPUT becomes the merged Shikra folder for `comneck-server --backend shikra=OUTPUT`")
     cv.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
     cv.add_argument("--json", action="store_true", help="print the manifest as JSON")
     cv.set_defaults(func=_convert)

@@ -60,13 +60,14 @@ def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 @dataclass
 class Request:
-    """A batch that passed every cheap check: parsed containers, prompts, the backend and task."""
+    """A batch that passed every cheap check: parsed containers, prompts, the backend, task and options."""
 
     streams: list[Bitstream]
     sizes: list[int]  # container bytes per item
     prompts: list[str]
     backend: Backend
     task: str
+    options: GenerationOptions = field(default_factory=GenerationOptions)
 
 
 @dataclass
@@ -150,26 +151,26 @@ class Pipeline:
         """Build the preset's networks from the weight sources the server takes (a ``comneck convert``
         folder or training export, a release ``d1_1.pth.tar``, or one source per network; none:
         seeded random weights, which every answer then says) and load ``backends`` (``NAME`` or
-        ``NAME=WEIGHTS``)."""
+        ``NAME=WEIGHTS[,KEY=PATH]``)."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         specs = [parse_backend_arg(arg) for arg in backends]
         dev, dt = check_device(device), check_dtype(dtype)
         files = WeightFiles.bundle(*(Path(p) if p is not None else None for p in (weights, codec_weights, neck_weights, clip_weights)))
         pipeline = cls(build_cloud_models(preset, files).to(dev, dt), max_side)
-        for name, backend_weights in specs:
-            pipeline.add_backend(name, backend_weights)
+        for name, backend_weights, options in specs:
+            pipeline.add_backend(name, backend_weights, options)
         return pipeline
 
     @property
     def preset(self) -> Preset:
         return self.models.preset
 
-    def add_backend(self, name: str, weights: str | Path | None = None) -> Backend:
+    def add_backend(self, name: str, weights: str | Path | None = None, options: dict[str, str] | None = None) -> Backend:
         """Load a registered backend against this pipeline's CLIP (refused in one line if it does not fit)."""
         if name in self.backends:
             raise ComneckInputError(f"backend {name} is loaded twice", ErrorCode.BAD_SETTINGS)
         backend = load_backend(
-            name, weights, clip_model=self.models.clip_model, clip_config=self.preset.clip, split_block=self.preset.split_block,
+            name, weights, options, clip_model=self.models.clip_model, clip_config=self.preset.clip, split_block=self.preset.split_block,
             clip_random=any(part.startswith("clip") for part in self.models.random_parts), device=self.device, dtype=self.dtype,
         )
         self.backends[name] = backend
@@ -228,21 +229,22 @@ class Pipeline:
         return chosen, task
 
     def prepare(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], task: str | None = None,
-                backend: str | None = None) -> Request:
+                backend: str | None = None, options: GenerationOptions | None = None) -> Request:
         """Every check that needs no decoding, once per item: backend, task and prompts first (cheapest),
         then each container."""
         if len(items) != len(prompts) or not items:
             raise ComneckInputError(f"give one prompt per bitstream (got {len(items)} bitstreams, {len(prompts)} prompts)")
         chosen, task = self.backend_for(task, backend)
+        options = options or GenerationOptions()
         for prompt in prompts:
             if not prompt.strip():
                 raise ComneckInputError("the prompt is empty", ErrorCode.EMPTY_PROMPT)
-            chosen.check_prompt(prompt, task)
+            chosen.check_prompt(prompt, task, options)
         streams = [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items]
         sizes = [len(item) if isinstance(item, bytes) else len(item.to_bytes()) for item in items]
-        return Request(streams, sizes, list(prompts), chosen, task)
+        return Request(streams, sizes, list(prompts), chosen, task, options)
 
-    def run(self, request: Request, options: GenerationOptions | None = None) -> list[Answer]:
+    def run(self, request: Request) -> list[Answer]:
         """Decode, one batched neck + tail pass, the backend: a :class:`Request` -> one answer per item."""
         clock = _Clock(self.device)
         y_hats, decode_ms = [], []
@@ -252,14 +254,14 @@ class Pipeline:
         tap, timings = request.backend.spec.tap, {}
         features = self.features(y_hats, [tap], timings)
         clock.lap()
-        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, options or GenerationOptions())
+        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, request.options)
         timings["backend"] = clock.lap()
         return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **timings}) for i, answer in enumerate(answers)]
 
     def answer(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], backend: str | None = None,
                task: str | None = None, options: GenerationOptions | None = None) -> list[Answer]:
         """The whole path for a batch: containers (bytes or parsed) + prompts -> answers."""
-        return self.run(self.prepare(items, prompts, task, backend), options)
+        return self.run(self.prepare(items, prompts, task, backend, options))
 
     def _answer(self, request: Request, i: int, answer: BackendAnswer, timings: dict[str, float]) -> Answer:
         stream = request.streams[i]

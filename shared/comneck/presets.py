@@ -51,6 +51,18 @@ class ClipConfig:
     name: str
     model_cfg: dict[str, Any] = field(hash=False)
     quick_gelu: bool = True  # OpenAI's CLIP weights were trained with QuickGELU
+    #: The published CLIP whose geometry a small test tower copies (image size, patch grid), so
+    #: backends checked against that CLIP accept tiny checkpoints written for the stand-in.
+    stands_for: str | None = None
+
+    @property
+    def arch(self) -> str:
+        """The open_clip architecture backends compare against: the stand-in's original, or its own name."""
+        return self.stands_for or self.name
+
+    def describe(self) -> str:
+        stand_in = f" (standing in for {self.stands_for})" if self.stands_for else ""
+        return f"{self.name}{stand_in} at {self.image_size} px"
 
     @property
     def width(self) -> int:
@@ -109,7 +121,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny",
         codec=CodecConfig(N=32, M=40, groups=(2, 2, 4, 8, 24)),
         neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=16),
-        clip=ClipConfig("tiny-ViT-14", _TINY_CLIP),
+        clip=ClipConfig("tiny-ViT-14", _TINY_CLIP, stands_for="ViT-L-14"),
         unet_base=8,
     ),
 }

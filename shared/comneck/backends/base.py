@@ -54,6 +54,8 @@ class BackendSpec:
       names checked at load time.
     * ``random_init``: without weights it builds a seeded random model and says so.
     * ``example_prompt``: a prompt it answers (shown by /v1/models, used by the contract test).
+    * ``options``: names of the path options ``--backend NAME=WEIGHTS,KEY=PATH`` may add
+      (Shikra's delta takes ``base``).
     """
 
     name: str
@@ -67,11 +69,12 @@ class BackendSpec:
     packages: tuple[str, ...] = ()
     random_init: bool = True
     example_prompt: str = ""
+    options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class BackendContext:
-    """What a backend gets when it loads: its weights (None: random) and the gateway's CLIP."""
+    """What a backend gets when it loads: its weights (None: random), path options and the gateway's CLIP."""
 
     spec: BackendSpec
     weights: Path | None
@@ -80,6 +83,7 @@ class BackendContext:
     clip_random: bool  # the CLIP holds random weights
     device: torch.device
     dtype: torch.dtype
+    options: dict[str, str] = field(default_factory=dict)
 
 
 class GenerationOptions(BaseModel):
@@ -94,6 +98,9 @@ class GenerationOptions(BaseModel):
     logprobs: int = Field(0, ge=0, le=20, description="top log-probabilities to return per generated token (0: none)")
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="seed for sampling (temperature > 0); same seed, same tokens"
+    )
+    template: int | None = Field(
+        None, ge=0, description="which of the backend's own prompt templates wraps the prompt (shikra; default 0)"
     )
 
 
@@ -116,8 +123,9 @@ class Backend(Protocol):
     spec: BackendSpec
     random_weights: bool
 
-    def check_prompt(self, prompt: str, task: str) -> None:
-        """Refuse a prompt this backend cannot use (``bad_prompt``), cheaply: it runs before decoding."""
+    def check_prompt(self, prompt: str, task: str, options: GenerationOptions) -> None:
+        """Refuse a prompt this backend cannot use (``bad_prompt``, ``unknown_template``,
+        ``prompt_too_long``), cheaply: it runs before decoding."""
         ...
 
     def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions) -> list[BackendAnswer]:

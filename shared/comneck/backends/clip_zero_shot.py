@@ -61,7 +61,7 @@ class ClipZeroShot:
             self._text_cache.update(zip(missing, label_embeddings(self.clip, self.tokenizer, missing)))
         return torch.stack([self._text_cache[label] for label in labels])
 
-    def check_prompt(self, prompt: str, task: str) -> None:
+    def check_prompt(self, prompt: str, task: str, options: GenerationOptions) -> None:
         parse_labels(prompt)
 
     @torch.inference_mode()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
 from ..presets import ClipConfig
-from .base import Backend, BackendContext, BackendSpec, ClipTap
+from .base import Backend, BackendContext, BackendSpec, ClipRequirement, ClipTap
 
 BACKENDS: dict[str, BackendSpec] = {
     "clip-zero-shot": BackendSpec(
@@ -27,6 +28,21 @@ BACKENDS: dict[str, BackendSpec] = {
         tasks=("classify",),
         tap=ClipTap("embedding", tokens="cls"),
         example_prompt="What is in the photo? Labels: cow, horse, dog, beach, city street",
+    ),
+    "shikra": BackendSpec(
+        name="shikra",
+        target="comneck.backends.shikra:Shikra",
+        description="Shikra-7B: a box for a referring expression (rec), short answers (vqa) and captions, from "
+        "block 23's patch tokens through LLaMA-7B",
+        tasks=("rec", "vqa", "caption"),
+        tap=ClipTap("hidden", block=-2, tokens="patches"),
+        clip=ClipRequirement("ViT-L-14", 224),
+        weight_files=("config.json", "tokenizer.model", "added_tokens.json", "pytorch_model-*.bin or model*.safetensors"),
+        extra="llm",
+        packages=("transformers", "sentencepiece"),
+        random_init=False,
+        example_prompt="the cow",
+        options=("base",),
     ),
 }
 
@@ -39,14 +55,32 @@ def get_spec(name: str) -> BackendSpec:
         raise ComneckInputError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}", ErrorCode.UNKNOWN_BACKEND) from None
 
 
-def parse_backend_arg(value: str) -> tuple[str, Path | None]:
-    """``NAME`` or ``NAME=WEIGHTS`` (a file or folder in the backend's published layout) -> (name, weights)."""
-    name, sep, weights = value.partition("=")
+class BackendArg(NamedTuple):
+    """One ``--backend`` value: the name, its weights (None: random) and path options (``base``)."""
+
+    name: str
+    weights: Path | None = None
+    options: dict[str, str] = {}
+
+
+def parse_backend_arg(value: str) -> BackendArg:
+    """``NAME``, ``NAME=WEIGHTS`` (a file or folder in the backend's published layout) or
+    ``NAME=WEIGHTS,KEY=PATH,...`` (options the backend's spec names, e.g. a delta's ``base``)."""
+    name, sep, rest = value.partition("=")
     name = name.strip()
-    get_spec(name)
+    spec = get_spec(name)
+    weights, *pairs = rest.split(",") if sep else [""]
     if sep and not weights.strip():
         raise ComneckInputError(f"--backend {value!r}: give the weights after '=' or drop the '='", ErrorCode.BAD_SETTINGS)
-    return name, Path(weights.strip()) if sep else None
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, path = (part.strip() for part in pair.partition("="))
+        if key not in spec.options or not eq or not path:
+            known = ", ".join(f"{k}=PATH" for k in spec.options) or "none"
+            raise ComneckInputError(f"--backend {value!r}: {pair.strip()!r} is not an option of {name} (options: {known})",
+                                    ErrorCode.BAD_SETTINGS)
+        options[key] = path
+    return BackendArg(name, Path(weights.strip()) if sep else None, options)
 
 
 def check_packages(spec: BackendSpec) -> None:
@@ -60,9 +94,9 @@ def check_packages(spec: BackendSpec) -> None:
 def check_clip(spec: BackendSpec, clip: ClipConfig, split_block: int, with_weights: bool) -> None:
     """Refuse a backend the loaded CLIP cannot feed: published weights need the CLIP they were
     trained on (random ones are built at the loaded CLIP's size), and the tap must lie in the CLIP tail."""
-    if with_weights and spec.clip is not None and (clip.name, clip.image_size) != (spec.clip.arch, spec.clip.image_size):
+    if with_weights and spec.clip is not None and (clip.arch, clip.image_size) != (spec.clip.arch, spec.clip.image_size):
         raise ComneckInputError(
-            f"backend {spec.name} reads {spec.clip.describe()}; this gateway's preset runs {clip.name} at {clip.image_size} px",
+            f"backend {spec.name} reads {spec.clip.describe()}; this gateway's preset runs {clip.describe()}",
             ErrorCode.BAD_SETTINGS,
         )
     block = spec.tap.block_index(clip.layers)
@@ -73,14 +107,16 @@ def check_clip(spec: BackendSpec, clip: ClipConfig, split_block: int, with_weigh
         )
 
 
-def check_backend(name: str, weights: str | Path | None, clip: ClipConfig, split_block: int) -> BackendSpec:
-    """Every check that needs no loading (name, weights present, packages, CLIP and tap), for
-    start-up to refuse a bad ``--backend`` in one line before any model loads."""
+def check_backend(name: str, weights: str | Path | None, clip: ClipConfig, split_block: int,
+                  options: dict[str, str] | None = None) -> BackendSpec:
+    """Every check that needs no loading (name, weights and option paths present, packages,
+    CLIP and tap), for start-up to refuse a bad ``--backend`` in one line before any model loads."""
     spec = get_spec(name)
     if weights is None and not spec.random_init:
         raise ComneckInputError(f"backend {name} has no random build: give its weights ({', '.join(spec.weight_files)})", ErrorCode.BAD_SETTINGS)
-    if weights is not None and not Path(weights).exists():
-        raise ComneckInputError(f"backend {name}: weights {weights} do not exist", ErrorCode.BAD_SETTINGS)
+    for what, path in [("weights", weights), *(options or {}).items()]:
+        if path is not None and not Path(path).exists():
+            raise ComneckInputError(f"backend {name}: {what} {path} do not exist", ErrorCode.BAD_SETTINGS)
     check_packages(spec)
     check_clip(spec, clip, split_block, weights is not None)
     return spec
@@ -89,6 +125,7 @@ def check_backend(name: str, weights: str | Path | None, clip: ClipConfig, split
 def load_backend(
     name: str,
     weights: str | Path | None = None,
+    options: dict[str, str] | None = None,
     *,
     clip_model: nn.Module,
     clip_config: ClipConfig,
@@ -99,9 +136,9 @@ def load_backend(
 ) -> Backend:
     """Check, import and load the backend ``name`` on ``device``/``dtype``; ``weights`` None builds
     it with random weights (where its spec allows) and it says so."""
-    spec = check_backend(name, weights, clip_config, split_block)
+    spec = check_backend(name, weights, clip_config, split_block, options)
     module, _, cls = spec.target.partition(":")
     backend_cls = getattr(importlib.import_module(module), cls)
     context = BackendContext(spec, Path(weights) if weights is not None else None, clip_model, clip_config, clip_random,
-                             torch.device(device), dtype)
+                             torch.device(device), dtype, dict(options or {}))
     return backend_cls.load(context)

@@ -1,0 +1,151 @@
+"""Hugging Face checkpoint folders read shard by shard, and a LLaMA built from a stream of tensors.
+
+The published MLLM folders (Shikra, Honeybee, LLaVA) hold ``config.json`` and either
+``model*.safetensors`` or ``pytorch_model*.bin`` shards listed by an ``*.index.json``. Tensors are
+read one shard at a time (safetensors lazily, ``.bin`` memory-mapped through
+``torch.load(weights_only=True)``) and moved into a model built on the meta device, so loading a
+7B model holds one copy of it, in the requested dtype, and one shard's file pages at most.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..errors import ComneckInputError, ErrorCode
+
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE = ("model.safetensors", "pytorch_model.bin")
+
+
+def bad(folder: Path, why: str) -> ComneckInputError:
+    return ComneckInputError(f"{folder}: {why}", ErrorCode.BAD_WEIGHTS)
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint folder."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise bad(folder, "not a folder (give the checkpoint folder with config.json)")
+    if not path.is_file():
+        raise bad(folder, "no config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad(folder, f"config.json is not JSON ({exc})") from None
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The folder's weight shards in index order (safetensors preferred when both are there)."""
+    folder = Path(folder)
+    for index_name in _INDEXES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+                raise bad(folder, f"{index_name} is not a shard index ({exc})") from None
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise bad(folder, f"shard {missing[0]} listed in {index_name} is missing")
+            return [folder / n for n in names]
+    for name in _SINGLE:
+        if (folder / name).is_file():
+            return [folder / name]
+    raise bad(folder, "no weights (model*.safetensors or pytorch_model*.bin, with their index when sharded)")
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (key, tensor) of one shard file."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise bad(path.parent, f"{path.name} is not a readable safetensors file ({exc})") from None
+        return
+    try:
+        state = _torch_load(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe pickle is one bad file
+        raise bad(path.parent, f"{path.name} is not a readable weights-only torch file ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise bad(path.parent, f"{path.name} does not hold a state dict of tensors")
+    yield from state.items()
+
+
+def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (key, tensor) of the folder's weights, shard by shard."""
+    for path in weight_files(folder):
+        yield from read_shard(path)
+
+
+def tensor_index(folder: str | Path) -> dict[str, Path]:
+    """Which shard file of ``folder`` holds each key (from the index; a single file is opened)."""
+    folder = Path(folder)
+    files = weight_files(folder)
+    if len(files) == 1:
+        return {key: files[0] for key, _ in read_shard(files[0])}
+    index = next(folder / n for n in _INDEXES if (folder / n).is_file())
+    return {key: folder / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+
+
+def _torch_load(path: Path) -> Any:
+    """A weights-only ``torch.load``, memory-mapped unless the file predates the zip format."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def load_streamed(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
+                  dtype: torch.dtype, device: torch.device) -> None:
+    """Fill ``model`` (built on the meta device) from ``(key, tensor)`` pairs whose keys are
+    ``model``'s own, cast to ``dtype`` on ``device``; every key must come exactly once and fit."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seen: set[str] = set()
+    for key, tensor in tensors:
+        if key not in expected:
+            raise bad(folder, f"unexpected weight {key!r}")
+        if tuple(tensor.shape) != expected[key]:
+            raise bad(folder, f"weight {key!r} has shape {list(tensor.shape)}, expected {list(expected[key])}")
+        _assign(model, key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype))
+        seen.add(key)
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise bad(folder, f"{len(missing)} weights missing, e.g. {missing[0]!r}")
+
+
+def llama_from_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
+                       dtype: torch.dtype, device: torch.device) -> Any:
+    """A transformers ``LlamaForCausalLM`` for ``config`` holding exactly ``tensors``, in eval mode."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    load_streamed(model, tensors, folder, dtype, device)
+    # The rotary table is a buffer computed at construction, not stored: build it where the model lives.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"LLaMA tensors left unloaded: {left[:3]}")
+    return model.eval()

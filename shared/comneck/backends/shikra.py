@@ -1,0 +1,278 @@
+"""Shikra-7B (shikras/shikra @ ff79a4ce): referring expressions -> boxes, through patch tokens.
+
+CLIP block 23's patch tokens (class token dropped: 256 x 1024) go through ``mm_projector`` (one
+Linear to LLaMA's width) and replace the ``<im_patch>`` embeddings between ``<im_start>`` and
+``<im_end>`` in the prompt's input embeddings; LLaMA-7B then decodes greedily (the official eval).
+
+Weights, in the published layouts:
+
+* a merged folder: what the official ``apply_delta.py`` writes, or ``comneck convert``;
+* the published delta folder ``shikra-7b-delta-v1`` with a LLaMA-7B base in Hugging Face format,
+  added the official way (:func:`merged_tensors`).
+
+Prompts: the request's text goes into one of Shikra's own task templates (``<expr>`` for
+``rec``, ``<question>`` for ``vqa``; ``caption`` templates take no text), selected by
+``options.template`` (default 0), inside the ``vicuna_v1.1`` conversation. Boxes in the answer
+are read as the official REC metric reads them (:func:`parse_boxes`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ComneckInputError, ErrorCode
+from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions
+from .engines import HFEngine
+from .hf_checkpoint import bad, iter_tensors, llama_from_tensors, read_config, read_shard, tensor_index
+from .sp_tokenizer import SentencePieceTokenizer
+
+IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
+#: The ``vicuna_v1.1`` conversation (mllm/conversation/base_conversation.py), as the eval renders it.
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+#: Shikra's task templates (config/_base_/dataset/template/{REC,VQA,image_cap}.json), verbatim.
+TEMPLATES: dict[str, list[str]] = {
+    task: items for task, items in json.loads(resources.files(__package__).joinpath("shikra_templates.json").read_text()).items()
+    if task in ("rec", "vqa", "caption")
+}
+_PLACEHOLDER = {"rec": "<expr>", "vqa": "<question>", "caption": None}
+#: PlainBoxFormatter's pattern: ``[x0,y0,x1,y1]``, several boxes joined by ``;``, values in [0, 1].
+_BOXES = re.compile(r"\[\d(?:\.\d*)?(?:,\d(?:\.\d*)?){3}(?:;\d(?:\.\d*)?(?:,\d(?:\.\d*)?){3})*\]")
+_MERGED_KEYS_PREFIX = "model.mm_projector."
+
+
+def render(task: str, text: str, template: int) -> str:
+    """The user turn: ``text`` in template ``template`` of ``task`` (``<image>`` left in place)."""
+    templates = TEMPLATES[task]
+    if not 0 <= template < len(templates):
+        raise ComneckInputError(f"shikra has {len(templates)} {task} templates (0..{len(templates) - 1}); got {template}",
+                                ErrorCode.UNKNOWN_TEMPLATE)
+    placeholder = _PLACEHOLDER[task]
+    question = templates[template]
+    if placeholder is not None:
+        if not text.strip():
+            what = "referring expression" if task == "rec" else "question"
+            raise ComneckInputError(f"shikra's {task} task needs a {what} in the prompt", ErrorCode.BAD_PROMPT)
+        question = question.replace(placeholder, text.strip())
+    return f"{SYSTEM} USER: {question} ASSISTANT:"
+
+
+def parse_boxes(text: str) -> list[list[list[float]]]:
+    """Every ``[...]`` box group in ``text``, each a list of [x0, y0, x1, y1] (normalised)."""
+    return [[[float(v) for v in box.split(",")] for box in group[1:-1].split(";")] for group in _BOXES.findall(text)]
+
+
+def box_in_pixels(box: list[float], width: int, height: int) -> list[float]:
+    """A box normalised to the white-padded square (side max(W, H), the photo centred with
+    offset (side - W) // 2 or (side - H) // 2, as Expand2square pads) -> pixels of the photo."""
+    side = max(width, height)
+    dx, dy = (side - width) // 2, (side - height) // 2
+    x0, y0, x1, y1 = (v * side for v in box)
+    return [x0 - dx, y0 - dy, x1 - dx, y1 - dy]
+
+
+@dataclass(frozen=True)
+class ShikraWeights:
+    """Where a Shikra checkpoint is: a merged folder, or a delta folder plus its LLaMA base."""
+
+    folder: Path
+    base: Path | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config = read_config(self.folder)
+        if "mm_hidden_size" not in config or "hidden_size" not in config:
+            raise bad(self.folder, "config.json is not a Shikra config (no mm_hidden_size / hidden_size)")
+        return config
+
+
+def _llama_config(config: dict[str, Any], tokenizer: SentencePieceTokenizer) -> Any:
+    """A transformers LlamaConfig from a Shikra config.json. Its bos/eos/pad fields are stale
+    (HF-LLaMA 4.28 era: 0/1/-1); the tokenizer's are the real ones (1/2, pad = unk)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        max_position_embeddings=config.get("max_position_embeddings", 2048), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        hidden_act=config.get("hidden_act", "silu"), rope_theta=config.get("rope_theta", 10000.0),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def merged_tensors(weights: ShikraWeights) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged checkpoint's tensors, one at a time. A delta is added to its base as
+    ``apply_delta.py`` does: in the delta's dtype; the embedding and output matrices only on
+    their first (base vocabulary) rows, so the added tokens' rows stay as stored; the projector
+    (absent from the base) as is. Rotary tables some saves carry are skipped (they are computed)."""
+    base_index = tensor_index(weights.base) if weights.base is not None else None
+    open_shard: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def base_tensor(key: str) -> torch.Tensor:
+        path = base_index[key]  # type: ignore[index]
+        if path not in open_shard:  # one base shard held at a time
+            open_shard.clear()
+            open_shard[path] = dict(read_shard(path))
+        return open_shard[path][key]
+
+    for key, tensor in iter_tensors(weights.folder):
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if base_index is None or key.startswith(_MERGED_KEYS_PREFIX):
+            yield key, tensor
+            continue
+        if key not in base_index:
+            raise bad(weights.base, f"the base has no {key!r} to add the delta to")  # type: ignore[arg-type]
+        base = base_tensor(key).to(tensor.dtype)
+        if base.shape == tensor.shape:
+            yield key, tensor + base
+        elif base.ndim == 2 and base.shape[1] == tensor.shape[1] and base.shape[0] < tensor.shape[0]:
+            merged = tensor.clone()
+            merged[: base.shape[0]] += base
+            yield key, merged
+        else:
+            raise bad(weights.base, f"base {key!r} {list(base.shape)} does not fit the delta's {list(tensor.shape)}")
+
+
+def write_merged(weights: ShikraWeights, out: Path, shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """``comneck convert``: the merged checkpoint as the official merge leaves it (Shikra's
+    config.json and tokenizer files, the merged tensors) in safetensors shards of at most
+    ``shard_bytes`` with an index, so start-up reads it instead of adding the delta again.
+    Holds one shard in memory."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        save_file(current, str(out / f"part-{len(parts)}.tmp"), metadata={"format": "pt"})
+        parts.append(list(current))
+        current.clear()
+
+    size = 0
+    for key, tensor in merged_tensors(weights):
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+            size = 0
+        current[key] = tensor.contiguous()
+        size += nbytes
+    if current:
+        flush()
+    names = ["model.safetensors"] if len(parts) == 1 else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for i, name in enumerate(names):
+        (out / f"part-{i}.tmp").replace(out / name)
+    if len(parts) > 1:
+        index = {"metadata": {}, "weight_map": {key: name for name, keys in zip(names, parts) for key in keys}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(weights.config, indent=2))
+    for name in ("tokenizer.model", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json", "generation_config.json"):
+        if (weights.folder / name).is_file():
+            (out / name).write_bytes((weights.folder / name).read_bytes())
+    return [out / name for name in names]
+
+
+class Shikra:
+    """A loaded Shikra: LLaMA behind an :class:`HFEngine`, ``mm_projector`` and the tokenizer."""
+
+    random_weights = False  # it loads published weights only
+
+    def __init__(self, spec: BackendSpec, engine: HFEngine, projector: nn.Linear, tokenizer: SentencePieceTokenizer,
+                 num_patches: int, context_length: int) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.projector = projector
+        self.tokenizer = tokenizer
+        self.num_patches = num_patches
+        self.context_length = context_length
+        self.patch_id, self.start_id, self.end_id = (tokenizer.token_id(t) for t in (IM_PATCH, IM_START, IM_END))
+
+    @classmethod
+    def load(cls, context: BackendContext) -> "Shikra":
+        """Read the checkpoint (merged, or delta + ``base`` option) onto the context's device and dtype."""
+        if context.weights is None:
+            raise ComneckInputError("shikra needs its weights: a merged folder, or the delta folder with base=LLAMA_FOLDER",
+                                    ErrorCode.BAD_SETTINGS)
+        base = context.options.get("base")
+        weights = ShikraWeights(context.weights, Path(base) if base else None)
+        config = weights.config
+        tokenizer = SentencePieceTokenizer.from_folder(weights.folder)
+        if tokenizer.vocab_size != config["vocab_size"]:
+            raise bad(weights.folder, f"the tokenizer has {tokenizer.vocab_size} tokens, config.json says vocab_size {config['vocab_size']}")
+        width = context.clip_config.width
+        if config["mm_hidden_size"] != width:
+            raise bad(weights.folder, f"mm_hidden_size {config['mm_hidden_size']} is not the width {width} of this gateway's CLIP "
+                                      f"({context.clip_config.name}): another vision tower")
+        projector_keys = {"model.mm_projector.weight", "model.mm_projector.bias"}
+        projector: dict[str, torch.Tensor] = {}
+
+        def language_model() -> Iterator[tuple[str, torch.Tensor]]:
+            for key, tensor in merged_tensors(weights):
+                if key in projector_keys:
+                    projector[key] = tensor
+                else:
+                    yield key, tensor
+
+        llama = llama_from_tensors(_llama_config(config, tokenizer), language_model(), weights.folder, context.dtype, context.device)
+        if set(projector) != projector_keys:
+            raise bad(weights.folder, f"missing {sorted(projector_keys - set(projector))[0]!r} (the vision projector)")
+        linear = nn.Linear(config["mm_hidden_size"], config["hidden_size"], device=context.device, dtype=context.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(projector["model.mm_projector.weight"])
+            linear.bias.copy_(projector["model.mm_projector.bias"])
+        return cls(context.spec, HFEngine(llama, tokenizer), linear.eval(), tokenizer, context.clip_config.grid**2,
+                   int(config.get("max_position_embeddings", 2048)))
+
+    def prompt_ids(self, prompt: str, task: str, template: int | None) -> list[int]:
+        """The token ids of the whole prompt, ``<image>`` expanded to ``<im_start>``, the patch
+        tokens and ``<im_end>``, as ShikraConvProcess and the slow tokenizer make them."""
+        image = IM_START + IM_PATCH * self.num_patches + IM_END
+        return self.tokenizer.encode(render(task, prompt, template or 0).replace("<image>", image))
+
+    def check_prompt(self, prompt: str, task: str, options: GenerationOptions) -> None:
+        ids = self.prompt_ids(prompt, task, options.template)
+        if len(ids) + options.max_new_tokens > self.context_length:
+            raise ComneckInputError(
+                f"the prompt takes {len(ids)} tokens and the answer up to {options.max_new_tokens}: more than shikra's "
+                f"context of {self.context_length}", ErrorCode.PROMPT_TOO_LONG)
+
+    @torch.inference_mode()
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions) -> list[BackendAnswer]:
+        """``features``: block-23 patch tokens [B, 256, 1024]; one answer (and box) per prompt."""
+        visual = self.projector(features.to(self.projector.weight.dtype))
+        embeds, prompt_ids = [], []
+        for tokens, prompt in zip(visual, prompts):
+            ids = self.prompt_ids(prompt, task, options.template)
+            embed = self.engine.embed(ids).clone()
+            start = ids.index(self.start_id)
+            if ids[start + 1 + self.num_patches] != self.end_id:
+                raise RuntimeError("the image tokens are not <im_start> + patches + <im_end>")
+            embed[start + 1 : start + 1 + self.num_patches] = tokens.to(embed.dtype)
+            embeds.append(embed)
+            prompt_ids.append(ids)
+        answers = []
+        for ids, out in zip(prompt_ids, self.engine.generate(embeds, options)):
+            details: dict[str, Any] = {"prompt_token_ids": ids, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                                       "template": options.template or 0}
+            if out.logprobs is not None:
+                details["logprobs"] = out.logprobs
+            if task == "rec":
+                groups = parse_boxes(out.text)
+                one = len(groups) == 1 and len(groups[0]) == 1
+                details["box"] = groups[0][0] if one else None
+                if not one:
+                    details["box_note"] = f"the answer holds {sum(map(len, groups))} boxes; REC reads exactly one"
+            answers.append(BackendAnswer(out.text, details))
+        return answers

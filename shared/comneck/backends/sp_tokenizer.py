@@ -1,0 +1,104 @@
+"""LLaMA's sentencepiece tokenizer as the release-era (transformers ~4.28-4.31) slow tokenizer ran it.
+
+Shikra and Honeybee were trained and evaluated with ``LlamaTokenizer(use_fast=False)`` of that
+era: the text is split at added tokens (``<im_start>``, ``<im_patch>``, ``<im_end>``), the
+whitespace next to them is stripped, and every chunk goes through sentencepiece on its own,
+which puts its dummy-prefix space in front of each chunk. transformers 5 ships only the
+tokenizers-backed ``LlamaTokenizer``, whose handling of those boundaries differs, so the
+sentencepiece model (the maintained library the slow tokenizer wrapped) is driven directly here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ComneckInputError, ErrorCode
+
+
+def _clean_up(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: no space before punctuation and English contractions."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+class SentencePieceTokenizer:
+    """``tokenizer.model`` plus the added tokens (``added_tokens.json``) of a LLaMA checkpoint folder.
+
+    ``pad_token_id`` is the unknown token's id, as Shikra (v1) and Honeybee set it.
+    """
+
+    def __init__(self, model_file: str | Path, added_tokens: dict[str, int] | None = None) -> None:
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(model_file))
+        except (OSError, RuntimeError) as exc:
+            raise ComneckInputError(f"{model_file}: not a sentencepiece model ({exc})", ErrorCode.BAD_WEIGHTS) from None
+        self.base_vocab_size = int(self.sp.GetPieceSize())
+        self.added = dict(added_tokens or {})
+        expected = list(range(self.base_vocab_size, self.base_vocab_size + len(self.added)))
+        if sorted(self.added.values()) != expected:
+            raise ComneckInputError(
+                f"added tokens {self.added} must take the ids right after the {self.base_vocab_size}-piece vocabulary",
+                ErrorCode.BAD_WEIGHTS,
+            )
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")") if self.added else None
+        self.bos_token_id = int(self.sp.bos_id())
+        self.eos_token_id = int(self.sp.eos_id())
+        self.unk_token_id = int(self.sp.unk_id())
+        self.pad_token_id = self.unk_token_id
+        self._skipped = {self.bos_token_id, self.eos_token_id, self.unk_token_id, *self.added.values()}
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "SentencePieceTokenizer":
+        """Read ``tokenizer.model`` and, if present, ``added_tokens.json`` from a checkpoint folder."""
+        folder = Path(folder)
+        model = folder / "tokenizer.model"
+        if not model.is_file():
+            raise ComneckInputError(f"{folder}: no tokenizer.model", ErrorCode.BAD_WEIGHTS)
+        added_file = folder / "added_tokens.json"
+        added = json.loads(added_file.read_text()) if added_file.is_file() else {}
+        return cls(model, {str(k): int(v) for k, v in added.items()})
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + len(self.added)
+
+    def token_id(self, token: str) -> int:
+        """The id of an added token (``<im_patch>``, ...)."""
+        try:
+            return self.added[token]
+        except KeyError:
+            raise ComneckInputError(f"the tokenizer has no {token!r} token", ErrorCode.BAD_WEIGHTS) from None
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """``text`` -> ids: split at added tokens with the whitespace beside them stripped, each
+        chunk encoded by sentencepiece on its own (its own dummy prefix), BOS first if asked."""
+        ids = [self.bos_token_id] if bos else []
+        parts = self._split.split(text) if self._split else [text]
+        for i, part in enumerate(parts):
+            if part in self.added:
+                ids.append(self.added[part])
+                continue
+            if i > 0:
+                part = part.lstrip()
+            if i < len(parts) - 1:
+                part = part.rstrip()
+            if part:
+                ids += self.sp.EncodeAsIds(part)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Ids -> text as the slow tokenizer decoded answers (special tokens skipped, spaces
+        before punctuation cleaned up)."""
+        kept = [i for i in ids if not (skip_special_tokens and i in self._skipped) and 0 <= i < self.base_vocab_size]
+        return _clean_up(self.sp.DecodeIds(kept))
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]

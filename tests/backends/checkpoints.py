@@ -1,0 +1,133 @@
+"""Tiny checkpoints in the published layouts of the LLM backends, written by the tests.
+
+Every parameter is random and non-zero. Shapes follow the published configs scaled down: the
+vision width is the tiny CLIP's (64), the LLM is a 2-layer LLaMA of width 48, and the tokenizer
+is a sentencepiece BPE model trained here on the prompts' own text, with byte fallback, as
+LLaMA's is (unk 0, bos 1, eos 2, no pad), plus the models' added tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from comneck.backends.shikra import SYSTEM, TEMPLATES
+
+VISION_WIDTH = 64
+HIDDEN, LAYERS, HEADS, INTERMEDIATE = 48, 2, 4, 96
+SHIKRA_ADDED = {"<im_patch>": 0, "<im_start>": 1, "<im_end>": 2}  # offsets after the base vocabulary
+
+
+def train_tokenizer(path: Path, vocab_size: int = 420) -> int:
+    """Write a LLaMA-style sentencepiece model to ``path``; its vocabulary size."""
+    import sentencepiece
+
+    corpus = [SYSTEM, "USER: ASSISTANT: Answer: [0.120,0.031,0.586,0.975] . the cow on the left, a dog"]
+    corpus += [t for templates in TEMPLATES.values() for t in templates]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 3), model_writer=model, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, character_coverage=1.0, split_digits=True,
+        minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return vocab_size
+
+
+def random_nonzero(shape: tuple[int, ...], generator: torch.Generator, scale: float = 0.5) -> torch.Tensor:
+    """Random values of magnitude at least 0.05 * scale, of random sign."""
+    magnitude = (torch.rand(shape, generator=generator) * 0.95 + 0.05) * scale
+    return torch.where(torch.rand(shape, generator=generator) < 0.5, -magnitude, magnitude)
+
+
+def llama_state(vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A HF ``LlamaForCausalLM`` state dict (``model.*``, ``lm_head.weight``) of the tiny size."""
+    state = {"model.embed_tokens.weight": random_nonzero((vocab, HIDDEN), generator),
+             "model.norm.weight": 1 + random_nonzero((HIDDEN,), generator, 0.2),
+             "lm_head.weight": random_nonzero((vocab, HIDDEN), generator)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name in ("q", "k", "v", "o"):
+            state[f"{p}self_attn.{name}_proj.weight"] = random_nonzero((HIDDEN, HIDDEN), generator)
+        state[f"{p}mlp.gate_proj.weight"] = random_nonzero((INTERMEDIATE, HIDDEN), generator)
+        state[f"{p}mlp.up_proj.weight"] = random_nonzero((INTERMEDIATE, HIDDEN), generator)
+        state[f"{p}mlp.down_proj.weight"] = random_nonzero((HIDDEN, INTERMEDIATE), generator)
+        state[f"{p}input_layernorm.weight"] = 1 + random_nonzero((HIDDEN,), generator, 0.2)
+        state[f"{p}post_attention_layernorm.weight"] = 1 + random_nonzero((HIDDEN,), generator, 0.2)
+    return state
+
+
+def write_shards(folder: Path, state: dict[str, torch.Tensor], shards: int, fmt: str) -> None:
+    """``state`` as ``shards`` files with an index (or one file), the names transformers gives them."""
+    keys = list(state)
+    groups = [keys[i::shards] for i in range(shards)]
+    if fmt == "bin":
+        names = ["pytorch_model.bin"] if shards == 1 else [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+        for name, group in zip(names, groups):
+            torch.save({k: state[k] for k in group}, folder / name)
+        index_name = "pytorch_model.bin.index.json"
+    else:
+        from safetensors.torch import save_file
+
+        names = ["model.safetensors"] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+        for name, group in zip(names, groups):
+            save_file({k: state[k].contiguous() for k in group}, str(folder / name), metadata={"format": "pt"})
+        index_name = "model.safetensors.index.json"
+    if shards > 1:
+        index = {"metadata": {"total_size": 0}, "weight_map": {k: name for name, group in zip(names, groups) for k in group}}
+        (folder / index_name).write_text(json.dumps(index))
+
+
+def shikra_config(vocab: int) -> dict:
+    """The published config.json's fields, at the tiny size (stale bos/eos/pad kept as published)."""
+    return {
+        "architectures": ["ShikraLlamaForCausalLM"], "model_type": "shikra", "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "vocab_size": vocab, "mm_hidden_size": VISION_WIDTH, "mm_use_im_start_end": True, "mm_vision_select_layer": -2,
+        "mm_vision_tower": "openai/clip-vit-large-patch14", "use_mm_proj": True, "bos_token_id": 0, "eos_token_id": 1,
+        "pad_token_id": -1, "torch_dtype": "float16", "transformers_version": "4.28.0.dev0", "hidden_act": "silu",
+    }
+
+
+@dataclass(frozen=True)
+class ShikraFolders:
+    merged: Path
+    delta: Path
+    base: Path
+
+
+def write_shikra(root: Path, fmt: str = "bin", seed: int = 0) -> ShikraFolders:
+    """A LLaMA base, the Shikra delta against it (the published layout: two shards, fp16) and the
+    merged folder ``apply_delta.py`` would write from them (delta + base in fp16, the added
+    tokens' rows as stored)."""
+    g = torch.Generator().manual_seed(seed)
+    folders = ShikraFolders(root / "shikra-merged", root / "shikra-delta", root / "llama-base")
+    for folder in (folders.merged, folders.delta, folders.base):
+        folder.mkdir(parents=True)
+    base_vocab = train_tokenizer(folders.base / "tokenizer.model")
+    vocab = base_vocab + len(SHIKRA_ADDED)
+    base = {k: v.half() for k, v in llama_state(base_vocab, g).items()}
+    delta = {k: v.half() for k, v in llama_state(vocab, g).items()}
+    delta["model.mm_projector.weight"] = random_nonzero((HIDDEN, VISION_WIDTH), g).half()
+    delta["model.mm_projector.bias"] = random_nonzero((HIDDEN,), g).half()
+    merged = {}
+    for key, value in delta.items():
+        merged[key] = value.clone()
+        if key in base:
+            merged[key][: base[key].shape[0]] += base[key]
+    base_config = {**{k: v for k, v in shikra_config(base_vocab).items() if not k.startswith("mm_") and k != "use_mm_proj"},
+                   "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}
+    (folders.base / "config.json").write_text(json.dumps(base_config))
+    write_shards(folders.base, base, 2, fmt)
+    added = {token: base_vocab + offset for token, offset in SHIKRA_ADDED.items()}
+    for folder, state in ((folders.delta, delta), (folders.merged, merged)):
+        (folder / "config.json").write_text(json.dumps(shikra_config(vocab)))
+        (folder / "tokenizer.model").write_bytes((folders.base / "tokenizer.model").read_bytes())
+        (folder / "added_tokens.json").write_text(json.dumps(added))
+        (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+        write_shards(folder, state, 2, fmt)
+    return folders

@@ -1,0 +1,246 @@
+"""Shikra on tiny checkpoints in the published layouts, against transformers' own LlamaForCausalLM."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+import transformers
+from checkpoints import HIDDEN, HEADS, INTERMEDIATE, LAYERS, VISION_WIDTH, write_shikra
+
+from comneck.backends import GenerationOptions, load_backend
+from comneck.backends.shikra import SYSTEM, TEMPLATES, box_in_pixels, parse_boxes, render, write_merged
+from comneck.backends.sp_tokenizer import SentencePieceTokenizer
+from comneck.errors import ComneckInputError
+
+PATCHES = 256
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return write_shikra(tmp_path_factory.mktemp("shikra"))
+
+
+def load(tiny_models, weights, **options):
+    clip = tiny_models.preset.clip
+    return load_backend("shikra", weights, options, clip_model=tiny_models.clip_model, clip_config=clip,
+                        split_block=tiny_models.preset.split_block)
+
+
+@pytest.fixture(scope="module")
+def shikra(tiny_models, folders):
+    return load(tiny_models, folders.merged)
+
+
+def reference_model(folder) -> transformers.LlamaForCausalLM:
+    """transformers' LLaMA with the merged weights, loaded its own way (no comneck code)."""
+    state = {}
+    for name in sorted(folder.glob("pytorch_model-*.bin")):
+        state.update(torch.load(name, weights_only=True))
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                                      num_attention_heads=HEADS, max_position_embeddings=512, rms_norm_eps=1e-6)
+    model = transformers.LlamaForCausalLM(config).eval()
+    projector = torch.nn.Linear(VISION_WIDTH, HIDDEN)
+    projector.weight.data = state.pop("model.mm_projector.weight").float()
+    projector.bias.data = state.pop("model.mm_projector.bias").float()
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.projector = projector
+    return model
+
+
+def reference_embeds(model, tokenizer: SentencePieceTokenizer, prompt: str, features: torch.Tensor) -> torch.Tensor:
+    """The official merge: the embeddings after <im_start> replaced by the projected patches."""
+    text = render("rec", prompt, 0).replace("<image>", "<im_start>" + "<im_patch>" * PATCHES + "<im_end>")
+    ids = tokenizer.encode(text)
+    embeds = model.get_input_embeddings()(torch.tensor(ids)).clone()
+    start = ids.index(tokenizer.token_id("<im_start>"))
+    embeds[start + 1 : start + 1 + PATCHES] = model.projector(features)
+    return embeds
+
+
+def greedy(model, embeds: torch.Tensor, steps: int, eos: int) -> list[int]:
+    """Full forward on the growing, unpadded sequence each step; argmax."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(inputs_embeds=embeds[None]).logits[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([token]))])
+    return out
+
+
+def test_the_prompt_is_the_official_conversation_with_the_image_expanded(shikra):
+    tok = shikra.tokenizer
+    ids = shikra.prompt_ids("the cow", "rec", 7)
+    start = ids.index(tok.token_id("<im_start>"))
+    assert ids[0] == tok.bos_token_id and ids.count(tok.token_id("<im_start>")) == 1
+    assert ids[start + 1 : start + 1 + PATCHES] == [tok.token_id("<im_patch>")] * PATCHES
+    assert ids[start + 1 + PATCHES] == tok.token_id("<im_end>")
+    before, after = TEMPLATES["rec"][7].replace("<expr>", "the cow").split("<image>")
+    # each side of the image is its own sentencepiece call, the spaces beside the image stripped
+    assert ids[1:start] == tok.sp.EncodeAsIds(f"{SYSTEM} USER: {before}".rstrip())
+    assert ids[start + 2 + PATCHES :] == tok.sp.EncodeAsIds(f"{after} ASSISTANT:".lstrip())
+    assert tok.sp.IdToPiece(ids[start + 2 + PATCHES]).startswith("\u2581")  # the dummy-prefix space
+
+
+def test_first_step_logits_and_greedy_ids_equal_transformers_llama(shikra, folders, tiny_models):
+    model = reference_model(folders.merged)
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(3, PATCHES, VISION_WIDTH, generator=g)
+    prompts = ["the cow", "a dog on the left", "the beach"]
+    options = GenerationOptions(max_new_tokens=6, logprobs=5)
+    answers = shikra.generate(features, prompts, "rec", options)
+    for feature, prompt, answer in zip(features, prompts, answers):
+        embeds = reference_embeds(model, shikra.tokenizer, prompt, feature)
+        with torch.no_grad():
+            first = torch.log_softmax(model(inputs_embeds=embeds[None]).logits[0, -1], -1)
+        top = answer.details["logprobs"][0]["top_logprobs"]
+        assert [t["token_id"] for t in top] == first.topk(5).indices.tolist()
+        torch.testing.assert_close(torch.tensor([t["logprob"] for t in top]), first.topk(5).values, atol=1e-5, rtol=0)
+        assert answer.details["token_ids"] == greedy(model, embeds, 6, shikra.tokenizer.eos_token_id)
+        assert answer.details["prompt_token_ids"] == shikra.prompt_ids(prompt, "rec", 0)
+    # a batch of three equals three single calls
+    for i in range(3):
+        (single,) = shikra.generate(features[i : i + 1], prompts[i : i + 1], "rec", options)
+        assert single.details["token_ids"] == answers[i].details["token_ids"]
+
+
+def test_delta_with_base_merged_and_converted_folders_give_the_same_model(shikra, folders, tiny_models, tmp_path):
+    delta = load(tiny_models, folders.delta, base=str(folders.base))
+    converted = tmp_path / "converted"
+    files = write_merged(delta_weights(folders), converted, shard_bytes=20_000)
+    assert len(files) > 1 and (converted / "model.safetensors.index.json").is_file()
+    again = load(tiny_models, converted)
+    reference = shikra.engine.model.state_dict()
+    for other in (delta, again):
+        state = other.engine.model.state_dict()
+        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+        assert torch.equal(other.projector.weight, shikra.projector.weight)
+    features = torch.randn(1, PATCHES, VISION_WIDTH)
+    assert [a.text for a in delta.generate(features, ["the cow"], "rec", GenerationOptions(max_new_tokens=5))] == \
+        [a.text for a in shikra.generate(features, ["the cow"], "rec", GenerationOptions(max_new_tokens=5))]
+
+
+def delta_weights(folders):
+    from comneck.backends.shikra import ShikraWeights
+
+    return ShikraWeights(folders.delta, folders.base)
+
+
+def test_safetensors_shards_load_like_bin_shards(tiny_models, tmp_path, shikra):
+    other = write_shikra(tmp_path, fmt="safetensors")
+    state = load(tiny_models, other.merged).engine.model.state_dict()
+    reference = shikra.engine.model.state_dict()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)  # same seed, same tensors
+
+
+@pytest.mark.parametrize("text, box, note", [
+    ("Answer: [0.120,0.031,0.586,0.975] .", [0.12, 0.031, 0.586, 0.975], None),
+    ("no box here", None, "0 boxes"),
+    ("[0.1,0.1,0.2,0.2] and [0.3,0.3,0.4,0.4]", None, "2 boxes"),
+    ("[0.1,0.1,0.2,0.2;0.3,0.3,0.4,0.4]", None, "2 boxes"),
+])
+def test_boxes_are_read_as_the_official_rec_metric_reads_them(text, box, note):
+    groups = parse_boxes(text)
+    one = len(groups) == 1 and len(groups[0]) == 1
+    assert (groups[0][0] if one else None) == box
+    if note:
+        assert sum(map(len, groups)) == int(note.split()[0])
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (300, 500), (256, 256), (1001, 97)])
+def test_boxes_map_back_to_the_photo_through_the_white_square(width, height):
+    rng = random.Random(width * height)
+    side = max(width, height)
+    for _ in range(20):
+        x0, x1 = sorted(rng.uniform(0, width) for _ in range(2))
+        y0, y1 = sorted(rng.uniform(0, height) for _ in range(2))
+        # Expand2square + norm_box_xyxy (the official forward mapping), rounded as the model writes boxes
+        dx, dy = (side - width) // 2, (side - height) // 2
+        normalised = [round(min(max(v / side, 0.0), 1.0), 3) for v in (x0 + dx, y0 + dy, x1 + dx, y1 + dy)]
+        back = box_in_pixels(normalised, width, height)
+        assert all(abs(a - b) <= 0.0005 * side + 1e-9 for a, b in zip(back, [x0, y0, x1, y1]))
+
+
+def test_bad_requests_get_their_own_codes(shikra):
+    cases = [
+        (("   ", "rec", GenerationOptions()), "bad_prompt"),
+        (("the cow", "rec", GenerationOptions(template=54)), "unknown_template"),
+        (("the cow", "vqa", GenerationOptions(template=140)), "unknown_template"),
+        (("word " * 400, "rec", GenerationOptions()), "prompt_too_long"),
+        (("the cow", "rec", GenerationOptions(max_new_tokens=300)), "prompt_too_long"),
+    ]
+    for args, code in cases:
+        with pytest.raises(ComneckInputError) as info:
+            shikra.check_prompt(*args)
+        assert info.value.code == code and "\n" not in str(info.value)
+    shikra.check_prompt("the cow", "caption", GenerationOptions(template=273))
+
+
+def test_bad_folders_are_refused_in_one_line(tiny_models, folders, tmp_path):
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(folders.merged, target)
+        return target
+
+    missing_shard = copy("missing-shard")
+    next(missing_shard.glob("pytorch_model-00002-*.bin")).unlink()
+    wrong_key = copy("wrong-key")
+    first = next(wrong_key.glob("pytorch_model-00001-*.bin"))
+    state = torch.load(first, weights_only=True)
+    renamed = next(k for k in state if k.endswith("proj.weight") and "mm_projector" not in k)
+    state[renamed + "s"] = state.pop(renamed)
+    torch.save(state, first)
+    vocab = copy("vocab")
+    config = json.loads((vocab / "config.json").read_text())
+    (vocab / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 5}))
+    tower = copy("tower")
+    (tower / "config.json").write_text(json.dumps({**config, "mm_hidden_size": 1024}))
+    cases = {
+        missing_shard: "shard pytorch_model-00002-of-00002.bin listed in pytorch_model.bin.index.json is missing",
+        wrong_key: f"unexpected weight '{renamed}s'",
+        vocab: f"the tokenizer has {config['vocab_size']} tokens, config.json says vocab_size {config['vocab_size'] + 5}",
+        tower: "mm_hidden_size 1024 is not the width 64 of this gateway's CLIP",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(ComneckInputError) as info:
+            load(tiny_models, folder)
+        assert info.value.code == "bad_weights" and message in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ComneckInputError) as info:
+        load(tiny_models, folders.merged, base=str(tmp_path / "nowhere"))
+    assert info.value.code == "bad_settings" and "do not exist" in str(info.value)
+
+
+def test_http_round_trip_on_the_tiny_preset(folders, tiny):
+    from comneck_edge import EdgeEncoder, GatewayError
+    from comneck_server.demo import local_gateway
+
+    from comneck.image import sample_photo
+
+    data = EdgeEncoder(tiny).encode_file(sample_photo()).data
+    with local_gateway("tiny", "--backend", f"shikra={folders.delta},base={folders.base}") as gateway:
+        for fmt in ("msgpack", "multipart"):
+            answer = gateway.infer(data, "the cow", backend="shikra", options={"max_new_tokens": 4}, fmt=fmt)
+            assert answer["backend"] == "shikra" and answer["task"] == "rec" and answer["random_weights"]
+            assert len(answer["details"]["token_ids"]) <= 4 and "box" in answer["details"]
+        with pytest.raises(GatewayError) as info:
+            gateway.infer(data, "the cow", backend="shikra", options={"template": 99})
+        assert (info.value.status, info.value.code) == (422, "unknown_template")
+        assert gateway.infer(data, "the cow", backend="shikra", task="caption", options={"max_new_tokens": 2})["task"] == "caption"
+
+
+def test_comneck_convert_merges_a_delta_once(folders, tmp_path, shikra, tiny_models):
+    from comneck.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["convert", str(folders.delta), "--base", str(folders.base), "-o", str(out)]) == 0
+    state = load(tiny_models, out).engine.model.state_dict()
+    reference = shikra.engine.model.state_dict()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    assert main(["convert", str(folders.delta), "--base", str(folders.base), "-o", str(out)]) == 2  # not over a full folder
