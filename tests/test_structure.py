@@ -16,7 +16,7 @@ LAYERS = [
     "errors", "checkpoints", "unet", "zero_shot", "presets", "provenance", "image", "safe_decoding", "fixed_point", "codec", "bitstream", "neck", "clip_split",
     "weights_folder", "importers", "importers.reading", "importers.fitting", "importers.elic", "importers.sources", "importers.clip",
     "models",
-    "backends.base", "backends.registry", "backends.clip_zero_shot", "backends.engines.base", "backends.engines.hf",
+    "backends.base", "backends.c_abstractor", "backends.registry", "backends.clip_zero_shot", "backends.engines.base", "backends.engines.hf",
     "backends.engines", "backends",
     "pipeline", "complexity", "convert",
     "train.config", "train.checkpointing", "train.data", "train.objectives", "train.student", "train.trainer", "train.cli",
