@@ -12,6 +12,12 @@ def tiny_clip():
     return build_clip(PRESETS["tiny"].clip).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_clip_336():
+    torch.manual_seed(0)
+    return build_clip(PRESETS["tiny-336"].clip).eval()
+
+
 @pytest.mark.parametrize("k", [0, 2, 3])
 def test_head_then_tail_equals_encode_image_exactly(tiny_clip, k):
     x = torch.randn(2, 3, 224, 224)
@@ -47,6 +53,31 @@ def test_paper_size_vit_l14_split_equals_encode_image():
     assert head.shape == (1, 257, 1024)
     assert feats.embedding.shape == (1, 768) and feats.hidden[23].shape == (1, 257, 1024)
     assert torch.equal(feats.embedding, ref)
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_head_then_tail_equals_encode_image_exactly_at_336_px(tiny_clip_336, k):
+    clip = tiny_clip_336
+    assert clip.visual.positional_embedding.shape == (577, 64)
+    x = torch.randn(2, 3, 336, 336)
+    split = ClipSplit(clip.visual, k)
+    with torch.no_grad():
+        head = split.head(x)
+        feats = split.tail(head, hidden_blocks=[4])
+        ref = clip.encode_image(x)
+    assert head.shape == (2, 577, 64) and feats.hidden[4].shape == (2, 577, 64)
+    assert torch.equal(feats.embedding, ref)
+
+
+def test_paper_336_is_vit_l14_with_577_positions():
+    with torch.device("meta"):
+        paper, paper_336 = (build_clip(PRESETS[name].clip) for name in ("paper", "paper-336"))
+    assert PRESETS["paper-336"].clip.grid == 24 and paper_336.visual.positional_embedding.shape == (577, 1024)
+    visual = sum(p.numel() for p in paper_336.visual.parameters())
+    assert visual == sum(p.numel() for p in paper.visual.parameters()) + (577 - 257) * 1024 == 304_293_888
+    split = ClipSplit(paper_336.visual, PRESETS["paper-336"].split_block)
+    head = split.head(torch.empty(1, 3, 336, 336, device="meta"))
+    assert head.shape == (1, 577, 1024) and split.tail(head).embedding.shape == (1, 768)
 
 
 def test_split_and_taps_are_validated(tiny_clip):

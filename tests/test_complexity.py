@@ -42,6 +42,17 @@ def test_macs_equal_hand_counts(paper_report):
     assert paper_report["cloud"].params == paper_report["neck"].params + paper_report["clip_tail"].params
 
 
+def test_336_presets_count_at_their_own_geometry():
+    # default size: the preset's codec input (384), so 24x24 latents and 577 tokens through neck and tail
+    report = complexity_report(PRESETS["tiny-336"])
+    tokens, width, m, embed = 577, 64, 40, 32
+    assert report["neck"].pixels == 384 * 384
+    assert report["neck"].macs == 576 * m * width + block_macs(tokens, width)
+    assert report["clip_head"].macs == 576 * (3 * 14 * 14) * width + 2 * block_macs(tokens, width)
+    assert report["clip_tail"].macs == 2 * block_macs(tokens, width) + tokens * width * embed + width * embed
+    assert report["cloud"].macs == report["neck"].macs + report["clip_tail"].macs
+
+
 def test_counter_sees_attention_and_restores_the_fast_path():
     attn = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
     x = torch.randn(1, 10, 64)

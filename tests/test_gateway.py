@@ -117,6 +117,17 @@ def test_latents_of_another_grid_are_refused_before_decoding(gateway, tiny):
     assert info.value.code == "unsupported_size" and "--resize paper" in str(info.value)
 
 
+def test_a_336_gateway_starts_and_describes_its_geometry():
+    # start-up warms up on a 384x384 image through the pipeline's checks, decoding, neck and tail
+    gateway = Gateway.load(ServerSettings(preset="tiny-336"))
+    try:
+        described = gateway.describe()
+        assert described["preset"] == "tiny-336" and described["codec"]["input_size"] == [384, 384]
+        assert described["neck"]["tokens"] == 577 and described["clip"]["image_size"] == 336
+    finally:
+        gateway.close()
+
+
 def test_admission_refuses_beyond_the_limit():
     admission = Admission(1)
     with admission.slot():

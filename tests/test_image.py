@@ -52,6 +52,16 @@ def test_bundled_photo_and_paper_resize():
         resize_for_codec(img, "stretch")  # type: ignore[arg-type]
 
 
+def test_paper_resize_for_the_336_presets_codec_input():
+    # short side to 384 (800x400 -> 768x384), then the centre 384x384: the red middle stays, the blue sides go
+    img = Image.new("RGB", (800, 400), (0, 0, 255))
+    img.paste((255, 0, 0), (150, 0, 650, 400))
+    out = resize_for_codec(img, "paper", 384)
+    assert out.size == (384, 384)
+    assert out.getextrema() == ((255, 255), (0, 0), (0, 0))
+    assert resize_for_codec(img, "pad-square", 384).size == (384, 384)
+
+
 @pytest.mark.parametrize(
     "source, message",
     [

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from comneck.errors import ComneckInputError
 from comneck.neck import TransformNeck
-from comneck.presets import NeckConfig
+from comneck.presets import PRESETS, NeckConfig
 
 # Parameter names of the official Linear_Encoder (NYCU-MAPL/BridgingCompressionMLLM).
 OFFICIAL_KEYS = {
@@ -56,6 +56,24 @@ def test_grid_is_a_parameter_24x24_for_clip_336():
     neck = TransformNeck(NeckConfig(latent_channels=40, width=64, heads=4, grid=24)).eval()
     with torch.no_grad():
         assert neck(torch.randn(2, 40, 24, 24)).shape == (2, 577, 64)
+
+
+def test_tiny_336_preset_neck_maps_24x24_latents_to_577_tokens():
+    cfg = PRESETS["tiny-336"].neck
+    neck = TransformNeck(cfg).eval()
+    assert neck.positional_embedding.shape == (577, 64)
+    with torch.no_grad():
+        assert neck(torch.randn(2, 40, 24, 24)).shape == (2, 577, 64)
+    with pytest.raises(ComneckInputError, match=r"24x24 latent grid \(384x384 codec input\), got 16x16"):
+        neck(torch.randn(1, 40, 16, 16))
+
+
+def test_paper_336_neck_adds_only_the_longer_positional_table():
+    with torch.device("meta"):
+        neck = TransformNeck(PRESETS["paper-336"].neck)
+    assert neck.positional_embedding.shape == (577, 1024)
+    assert sum(p.numel() for p in neck.parameters()) == 13_191_168 + (577 - 257) * 1024 == 13_518_848
+    assert set(neck.state_dict()) == OFFICIAL_KEYS
 
 
 def test_neck_equals_reference_computation():

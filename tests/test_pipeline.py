@@ -121,3 +121,36 @@ def test_the_readme_python_example_runs_as_written(capsys):
     exec(code.replace('"photo.jpg"', repr(str(sample_photo()))), {})
     printed = capsys.readouterr().out.strip()
     assert printed.split(" ", 1)[0] in {"cow", "horse", "beach"} and printed.endswith("True")  # text ... random_weights
+
+
+@pytest.fixture(scope="module")
+def pipeline_336():
+    return Pipeline.from_pretrained(preset="tiny-336")
+
+
+@pytest.fixture(scope="module")
+def encoded_336():
+    return EdgeEncoder("tiny-336").encode_file(sample_photo())
+
+
+def test_tiny_336_round_trip_has_the_llava_geometry(pipeline_336, encoded_336):
+    # codec input 384 -> 24x24 latents -> 577 neck tokens -> CLIP at 336 px
+    stream = pipeline_336.parse(encoded_336.data)
+    assert stream.image_size == (384, 384) and stream.latents.padded_size == (384, 384)
+    (y_hat,) = pipeline_336.decode([stream])
+    assert y_hat.shape == (1, 40, 24, 24)
+    features = pipeline_336.features([y_hat], [ClipTap("hidden", block=4)])
+    assert features.hidden[4].shape == features.post_ln.shape == (1, 577, 64) and features.embedding.shape == (1, 32)
+    (answer,) = pipeline_336.answer([encoded_336.data], [PROMPT])
+    assert answer.text in {"cow", "horse", "beach"} and answer.image_size == (384, 384)
+    assert answer.bpp == pytest.approx(8 * len(encoded_336.data) / 384**2)
+
+
+def test_a_pipeline_refuses_the_other_geometrys_bitstream(tiny_pipeline, pipeline_336, encoded, encoded_336):
+    # the tiny presets share one codec, so the container passes the codec check and the grid check refuses it
+    assert tiny_pipeline.models.codec_fingerprint == pipeline_336.models.codec_fingerprint
+    for pipeline, data, side in ((tiny_pipeline, encoded_336.data, 256), (pipeline_336, encoded.data, 384)):
+        with pytest.raises(ComneckInputError) as info:
+            pipeline.prepare([data], [PROMPT])
+        assert info.value.code == "unsupported_size"
+        assert f"takes a {side}x{side} codec input" in str(info.value) and f"--preset {pipeline.preset.name}" in str(info.value)

@@ -1,3 +1,4 @@
+import open_clip
 import pytest
 
 from comneck.errors import ComneckInputError
@@ -11,6 +12,20 @@ def test_preset_widths_agree(name):
     assert p.neck.width == p.clip.width
     assert p.neck.grid == p.image_size // 16 == p.clip.grid
     assert 0 <= p.split_block < p.clip.layers
+
+
+@pytest.mark.parametrize("name", ["paper", "paper-336"])
+def test_paper_clip_configs_are_open_clips_own(name):
+    clip = PRESETS[name].clip
+    assert clip.model_cfg == open_clip.get_model_config(clip.name)
+
+
+@pytest.mark.parametrize("name", ["paper-336", "tiny-336"])
+def test_336_presets_have_llava_15_geometry(name):
+    p, base = PRESETS[name], PRESETS[name.removesuffix("-336")]
+    assert (p.image_size, p.neck.grid, p.clip.image_size, p.clip.grid) == (384, 24, 336, 24)
+    assert p.split_block == base.split_block == 2
+    assert p.codec == base.codec  # the same codec: its weights and bitstreams serve both geometries
 
 
 def test_rates_and_lookups():

@@ -144,7 +144,10 @@ class Gateway:
                 "input_size": [preset.image_size, preset.image_size],
             },
             "neck": {"width": preset.neck.width, "layers": preset.neck.layers, "tokens": preset.neck.grid**2 + 1},
-            "clip": {"name": preset.clip.name, "blocks": self.models.clip.num_blocks, "enters_block": preset.split_block + 1},
+            "clip": {
+                "name": preset.clip.name, "image_size": preset.clip.image_size, "blocks": self.models.clip.num_blocks,
+                "enters_block": preset.split_block + 1,
+            },
             "backends": [
                 {
                     "name": b.spec.name,

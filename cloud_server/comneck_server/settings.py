@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from comneck.backends import BACKENDS
 from comneck.models import WeightFiles
+from comneck.presets import PRESETS
 
 
 class ServerSettings(BaseSettings):
@@ -24,7 +25,10 @@ class ServerSettings(BaseSettings):
         extra="forbid",
     )
 
-    preset: str = Field("tiny", description="model sizes: tiny (demo, tests) or paper (ViT-L/14)")
+    preset: str = Field(
+        "tiny", description=f"model sizes: {', '.join(PRESETS)} (tiny*: demo and tests; paper: ViT-L/14 at 224 px; "
+        "*-336: CLIP at 336 px as in LLaVA-1.5, codec input 384x384)"
+    )
     weights: Path | None = Field(
         None, description="a weights folder (`comneck convert`, a training export) or a release checkpoint d{1,2,3}_{1..4}.pth.tar: fills the networks not given below"
     )

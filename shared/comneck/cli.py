@@ -16,8 +16,9 @@ def _complexity(args: argparse.Namespace) -> str:
 
     preset = get_preset(args.preset)
     split = preset.split_block if args.split is None else args.split
-    report = complexity_report(preset, size=args.size, split_block=split)
-    return json.dumps(report_json(report), indent=2) if args.json else format_report(report, args.size, split)
+    size = preset.image_size if args.size is None else args.size
+    report = complexity_report(preset, size=size, split_block=split)
+    return json.dumps(report_json(report), indent=2) if args.json else format_report(report, size, split, preset.clip.image_size)
 
 
 def _convert(args: argparse.Namespace) -> str:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the U-Net baseline and the CLIP head/tail (random weights: counts need no checkpoint).",
     )
     cx.add_argument("--json", action="store_true", help='print {component: {"params", "kmac_per_pixel"}}')
-    cx.add_argument("--size", type=int, default=256, help="square codec input side in pixels (multiple of 64)")
+    cx.add_argument("--size", type=int, help="square codec input side in pixels, a multiple of 64 (default: the preset's, 256 or 384)")
     cx.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model sizes (default: paper)")
     cx.add_argument("--split", type=int, default=None, help="CLIP blocks replaced by the neck (default: preset's, 2)")
     cx.set_defaults(func=_complexity)

@@ -99,8 +99,10 @@ def count_params(*modules: nn.Module | nn.Parameter | torch.Tensor) -> int:
     return total
 
 
-def complexity_report(preset: Preset, size: int = 256, split_block: int | None = None) -> dict[str, Cost]:
-    """Cost of each component for a ``size`` x ``size`` codec input (random weights suffice)."""
+def complexity_report(preset: Preset, size: int | None = None, split_block: int | None = None) -> dict[str, Cost]:
+    """Cost of each component for a ``size`` x ``size`` codec input (default: the preset's;
+    random weights suffice). The neck and the CLIP tail run on the tokens of that input's grid."""
+    size = preset.image_size if size is None else size
     if size <= 0 or size % CODEC_STRIDE:
         raise ComneckInputError(f"--size must be a positive multiple of {CODEC_STRIDE}, got {size}")
     k = preset.split_block if split_block is None else split_block
@@ -143,7 +145,7 @@ def complexity_report(preset: Preset, size: int = 256, split_block: int | None =
     blocks = visual.transformer.resblocks
     clip_px = preset.clip.image_size
     images = torch.empty(1, 3, clip_px, clip_px, device="meta")
-    tokens = torch.empty(1, preset.clip.grid**2 + 1, preset.clip.width, device="meta")
+    tokens = torch.empty(1, grid**2 + 1, preset.clip.width, device="meta")
     report["clip_embed"] = Cost(count_params(visual.class_embedding, visual.positional_embedding, visual.ln_pre), 0, pixels)
     report["clip_head"] = Cost(count_params(visual.conv1, *blocks[:k]), count_macs(lambda: split.head(images)), pixels)
     tail_params = count_params(*blocks[k:], visual.ln_post) + (visual.proj.numel() if visual.proj is not None else 0)
@@ -154,9 +156,9 @@ def complexity_report(preset: Preset, size: int = 256, split_block: int | None =
     return report
 
 
-def format_report(report: dict[str, Cost], size: int, split_block: int) -> str:
+def format_report(report: dict[str, Cost], size: int, split_block: int, clip_size: int = 224) -> str:
     """A fixed-width table with the paper's Table 3 figures beside ours (where they apply)."""
-    comparable = size == 256 and split_block == 2  # the setting of Table 3
+    comparable = (size, split_block, clip_size) == (256, 2, 224)  # the setting of Table 3
     lines = [
         f"Complexity at {size}x{size}, split k={split_block} (kMAC per pixel of the codec input;"
         " the CLIP head runs at CLIP's own input size)",

@@ -13,6 +13,7 @@ import torch
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import nn
 
+from .codec import LATENT_STRIDE
 from .errors import ComneckInputError
 from .presets import NeckConfig
 
@@ -37,7 +38,7 @@ class TransformNeck(nn.Module):
                 f"neck expects latents [B, {cfg.latent_channels}, H, W], got {list(y_hat.shape)}"
             )
         if tuple(y_hat.shape[-2:]) != (cfg.grid, cfg.grid):
-            side = cfg.grid * 16
+            side = cfg.grid * LATENT_STRIDE
             raise ComneckInputError(
                 f"neck was built for a {cfg.grid}x{cfg.grid} latent grid ({side}x{side} codec input), "
                 f"got {y_hat.shape[-2]}x{y_hat.shape[-1]}"

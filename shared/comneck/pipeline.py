@@ -187,7 +187,7 @@ class Pipeline:
             ph, pw = stream.latents.padded_size
             raise ComneckInputError(
                 f"this gateway's neck takes a {side}x{side} codec input; the bitstream holds {w}x{h} "
-                f"(padded {pw}x{ph}): encode with --resize paper",
+                f"(padded {pw}x{ph}): encode with --preset {self.preset.name} --resize paper",
                 ErrorCode.UNSUPPORTED_SIZE,
             )
         return stream

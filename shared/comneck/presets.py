@@ -1,4 +1,6 @@
-"""Named model sizes: ``paper`` (the published architecture) and ``tiny`` (same code, small widths).
+"""Named model sizes: ``paper`` (the published architecture, CLIP at 224 px), ``paper-336``
+(the same networks for LLaVA-1.5's CLIP at 336 px) and ``tiny`` / ``tiny-336`` (same code and
+geometry, small widths).
 
 A preset fixes the codec, the neck and the CLIP tower together, because their
 widths must agree (the neck reads M latent channels and writes CLIP's width).
@@ -103,12 +105,25 @@ _VIT_L_14 = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
 }
 
+# ViT-L/14 at 336 px as in open_clip's "ViT-L-14-336" config (LLaVA-1.5's CLIP): 24x24 patch
+# grid, 577 tokens.
+_VIT_L_14_336 = {
+    "embed_dim": 768,
+    "vision_cfg": {"image_size": 336, "layers": 24, "width": 1024, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12},
+}
+
 # Same geometry as ViT-L/14 at 224 px (16x16 patch grid, 257 tokens), small widths.
 _TINY_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 16, "patch_size": 14},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
+
+# The tiny widths at 336 px (24x24 patch grid, 577 tokens).
+_TINY_CLIP_336 = {**_TINY_CLIP, "vision_cfg": {**_TINY_CLIP["vision_cfg"], "image_size": 336}}
+
+_TINY_CODEC = CodecConfig(N=32, M=40, groups=(2, 2, 4, 8, 24))
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
@@ -119,9 +134,26 @@ PRESETS: dict[str, Preset] = {
     ),
     "tiny": Preset(
         name="tiny",
-        codec=CodecConfig(N=32, M=40, groups=(2, 2, 4, 8, 24)),
+        codec=_TINY_CODEC,
         neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=16),
         clip=ClipConfig("tiny-ViT-14", _TINY_CLIP, stands_for="ViT-L-14"),
+        unet_base=8,
+    ),
+    # LLaVA-1.5's geometry: codec input 384 -> 24x24 latents -> 577 neck tokens -> CLIP at 336 px.
+    # The codec is paper's (same config and seed): it works at any size, and so do its weights.
+    "paper-336": Preset(
+        name="paper-336",
+        codec=CodecConfig(),
+        neck=NeckConfig(grid=24),
+        clip=ClipConfig("ViT-L-14-336", _VIT_L_14_336),
+        image_size=384,
+    ),
+    "tiny-336": Preset(
+        name="tiny-336",
+        codec=_TINY_CODEC,
+        neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=24),
+        clip=ClipConfig("tiny-ViT-14-336", _TINY_CLIP_336),
+        image_size=384,
         unet_base=8,
     ),
 }

@@ -32,7 +32,7 @@ TASKS: dict[str, str] = {
 @dataclass(frozen=True)
 class ClipRequirement:
     """The CLIP a backend's published weights were trained on: open_clip architecture name and
-    input side (the LLaVA-style 336 px models need a codec input of 384)."""
+    input side (the LLaVA-style 336 px models need a codec input of 384: preset ``paper-336``)."""
 
     arch: str
     image_size: int

@@ -1,8 +1,8 @@
 """Training data: ImageFolder class folders, each image seen twice.
 
-The codec gets the paper's view (bicubic resize 256 + centre crop 256, values in [0, 1]);
-the teacher CLIP gets CLIP's own eval view of the same image (resize 224 + centre crop 224,
-CLIP normalisation), from open_clip's ``image_transform``.
+The codec gets the paper's view (bicubic resize + centre crop to the preset's codec input, 256
+or 384, values in [0, 1]); the teacher CLIP gets CLIP's own eval view of the same image (resize +
+centre crop to CLIP's input, 224 or 336, CLIP normalisation), from open_clip's ``image_transform``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .config import DataConfig
 
 
 class TwoViews:
-    """PIL image -> (codec view [3, S, S] in [0, 1], CLIP view [3, 224, 224] normalised)."""
+    """PIL image -> (codec view [3, S, S] in [0, 1], CLIP view [3, C, C] normalised)."""
 
     def __init__(self, codec_size: int, clip_size: int) -> None:
         self.codec_size = codec_size

@@ -39,8 +39,9 @@ class Target:
 
 
 def clip_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A codec-view image in [0, 1] (resize 256 + crop 256) -> CLIP's input: the same field of view
-    as CLIP's resize 224 + crop 224, resized to ``size`` and normalised with CLIP's statistics."""
+    """A codec-view image in [0, 1] (resize + centre crop to the codec input) -> CLIP's input: the
+    same field of view as CLIP's own resize + centre crop, resized to ``size`` and normalised with
+    CLIP's statistics."""
     x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_DATASET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
