@@ -152,7 +152,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny-336",
         codec=_TINY_CODEC,
         neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=24),
-        clip=ClipConfig("tiny-ViT-14-336", _TINY_CLIP_336),
+        clip=ClipConfig("tiny-ViT-14-336", _TINY_CLIP_336, stands_for="ViT-L-14-336"),
         image_size=384,
         unet_base=8,
     ),
