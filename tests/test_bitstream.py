@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from comneck.bitstream import CODEC_IDS, MAGIC, Bitstream, BitstreamError
+from comneck.bitstream import CODEC_IDS, MAGIC, RESIZE_IDS, SOURCE_FLAG, Bitstream, BitstreamError, Source
 from comneck.image import sample_photo
 from comneck.models import build_codec
 from comneck_edge import EdgeEncoder
@@ -33,7 +33,8 @@ def test_overhead_is_small_and_below_compressai_example_container(stream):
     compressai_example = 2 + 4 * 2 + 4 * 3 + 4 * n  # header, original size, shape + count, a uint32 per length
     assert stream.overhead_bytes == len(stream.to_bytes()) - stream.latents.num_bytes
     assert stream.overhead_bytes < compressai_example
-    assert stream.overhead_bytes <= 16 + 4 + 2 * 4 + 1 + 2 * n  # header, CRC, sizes, count, lengths
+    source = 2 * 2 + 1 if stream.source else 0  # the photo's size (two varints up to 16383) and the policy byte
+    assert stream.overhead_bytes <= 16 + 4 + 2 * 4 + source + 1 + 2 * n  # header, CRC, sizes, source, count, lengths
 
 
 def test_fingerprint_follows_the_weights(tiny):
@@ -63,6 +64,7 @@ def test_each_kind_of_bad_container_has_its_own_code(stream):
         "corrupted": [data[:-4] + b"\x00" + data[-4:]],
         "bad_rate": [rebuilt(stream, rate=9)],
         "bad_size": [
+            rebuilt(stream, source=Source((0, 10), "paper")),
             rebuilt(stream, image_size=(100_000, 64), latents=dataclasses.replace(stream.latents, padded_size=(100_032, 64))),
             rebuilt(stream, image_size=(0, 256)),
             rebuilt(stream, latents=dataclasses.replace(stream.latents, padded_size=(padded[0] + 64, padded[1]))),
@@ -87,3 +89,18 @@ def test_unknown_codec_id_with_a_valid_checksum(stream, monkeypatch):
 def test_max_side_is_configurable(stream):
     with pytest.raises(BitstreamError, match="outside 1..128"):
         Bitstream.from_bytes(stream.to_bytes(), max_side=128)
+
+
+def test_the_photo_behind_the_image_round_trips_and_old_containers_have_none(stream, monkeypatch):
+    assert stream.source == Source((224, 224), "paper")  # the bundled cow photo, framed by the default policy
+    data = stream.to_bytes()
+    assert data[5] & SOURCE_FLAG and Bitstream.from_bytes(data).source == stream.source
+    for policy in RESIZE_IDS:
+        assert Bitstream.from_bytes(rebuilt(stream, source=Source((7, 70_000), policy))).source == Source((7, 70_000), policy)
+    old = rebuilt(stream, source=None)  # as edges before the field wrote it
+    assert not old[5] & SOURCE_FLAG and len(old) == len(data) - 5 and Bitstream.from_bytes(old).source is None
+    monkeypatch.setitem(RESIZE_IDS, "stretch", 9)
+    unknown = rebuilt(stream, source=Source((224, 224), "stretch"))
+    with pytest.raises(BitstreamError) as info:
+        Bitstream.from_bytes(unknown)
+    assert info.value.code == "corrupted" and "resize policy 9" in str(info.value)

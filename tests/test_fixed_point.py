@@ -12,7 +12,7 @@ from compressai.layers import CheckerboardMaskedConv2d
 from torch import nn
 from torch.nn import functional as F
 
-from comneck.bitstream import CODEC_IDS, FIXED_POINT_FLAG, Bitstream, BitstreamError
+from comneck.bitstream import CODEC_IDS, FIXED_POINT_FLAG, SOURCE_FLAG, Bitstream, BitstreamError
 from comneck.codec import ElicCodec
 from comneck.fixed_point import ACTIVATION_LIMIT, FRACTION_BITS, FixedPointNet, fixed_point_parameters, parameter_networks
 from comneck.image import load_image, pad_to_stride, resize_for_codec, sample_photo, to_tensor
@@ -159,7 +159,8 @@ def test_the_container_records_the_evaluation_and_old_containers_still_decode(ti
     codec = tiny_models.codec
     fixed = EdgeEncoder(tiny).encode_file(sample_photo())
     plain = EdgeEncoder(tiny, fixed_point=False).encode_file(sample_photo())
-    assert fixed.data[5] == CODEC_IDS[tiny.codec.arch] | FIXED_POINT_FLAG and plain.data[5] == CODEC_IDS[tiny.codec.arch]
+    codec_byte = CODEC_IDS[tiny.codec.arch] | SOURCE_FLAG  # the edge records the photo too
+    assert fixed.data[5] == codec_byte | FIXED_POINT_FLAG and plain.data[5] == codec_byte
     assert (fixed.entropy_params, plain.entropy_params) == ("fixed-point", "float")
     for encoded, fixed_point in ((fixed, True), (plain, False)):
         stream = Bitstream.from_bytes(encoded.data)
@@ -173,11 +174,11 @@ def test_the_container_records_the_evaluation_and_old_containers_still_decode(ti
 
 def test_a_flagged_unknown_codec_id_is_refused(tiny):
     data = bytearray(EdgeEncoder(tiny).encode_file(sample_photo()).data)
-    data[5] = FIXED_POINT_FLAG | 0x7F
+    data[5] = FIXED_POINT_FLAG | SOURCE_FLAG | 0x3F  # both flags kept (the photo's fields follow), an unknown id
     data[-4:] = zlib.crc32(bytes(data[:-4])).to_bytes(4, "big")
     with pytest.raises(BitstreamError) as err:
         Bitstream.from_bytes(bytes(data))
-    assert err.value.code == "unknown_codec" and "127" in str(err.value)
+    assert err.value.code == "unknown_codec" and "codec id 63" in str(err.value)
 
 
 def test_a_deep_copy_converts_its_own_weights(tiny):

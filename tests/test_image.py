@@ -2,12 +2,13 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from comneck.errors import ComneckInputError
-from comneck.image import PAD_FILL, check_image_tensor, load_image, resize_for_codec, sample_photo, to_tensor
+from comneck.image import PAD_FILLS, check_image_tensor, load_image, resize_for_codec, sample_photo, to_tensor
 
 
 def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
@@ -45,9 +46,10 @@ def test_bundled_photo_and_paper_resize():
     assert img.size == (640, 640)
     assert resize_for_codec(Image.new("RGB", (640, 480)), "paper").size == (256, 256)
     assert resize_for_codec(img, "none").size == (640, 640)
-    wide = resize_for_codec(Image.new("RGB", (640, 320), (255, 0, 0)), "pad-square")
-    assert wide.size == (256, 256)
-    assert wide.getpixel((128, 128)) == (255, 0, 0) and wide.getpixel((128, 10)) == PAD_FILL  # 256x128 band in the middle
+    for policy, fill in (("pad-square", (122, 116, 104)), ("pad-square-white", (255, 255, 255))):
+        wide = resize_for_codec(Image.new("RGB", (640, 320), (255, 0, 0)), policy)  # type: ignore[arg-type]
+        assert wide.size == (256, 256) and PAD_FILLS[policy] == fill
+        assert wide.getpixel((128, 128)) == (255, 0, 0) and wide.getpixel((128, 10)) == fill  # 256x128 band in the middle
     with pytest.raises(ComneckInputError, match="resize policy"):
         resize_for_codec(img, "stretch")  # type: ignore[arg-type]
 
@@ -100,3 +102,24 @@ def test_bad_paths_are_refused(tmp_path):
 def test_bad_tensors_are_refused(tensor, message):
     with pytest.raises(ComneckInputError, match=message):
         check_image_tensor(tensor)
+
+
+@pytest.mark.parametrize("policy", ["paper", "pad-square", "pad-square-white"])
+@pytest.mark.parametrize("width, height", [(640, 480), (300, 500), (333, 333), (900, 97)])
+def test_frame_to_photo_inverts_the_resize_policy(policy, width, height):
+    """A black rectangle drawn on the photo (inside the centre square, which every policy keeps),
+    found again in the codec input, maps back to where it was."""
+    from PIL import ImageDraw
+
+    from comneck.image import frame_to_photo
+
+    m = min(width, height)
+    box = [width / 2 - 0.3 * m, height / 2 - 0.15 * m, width / 2 + 0.1 * m, height / 2 + 0.25 * m]
+    photo = Image.new("RGB", (width, height), (250, 250, 250))
+    ImageDraw.Draw(photo).rectangle([round(v) for v in box], fill=(0, 0, 0))
+    framed = np.asarray(resize_for_codec(photo, policy, 256).convert("L")) < 60  # the rectangle, not a grey fill
+    ys, xs = np.nonzero(framed)
+    found = [xs.min() / 256, ys.min() / 256, (xs.max() + 1) / 256, (ys.max() + 1) / 256]
+    back = frame_to_photo(found, (height, width), policy, 256)
+    tolerance = 2 * max(width, height) / 256 + 1  # a codec-input pixel or two of resampling blur
+    assert all(abs(a - b) <= tolerance for a, b in zip(back, box)), (back, box)

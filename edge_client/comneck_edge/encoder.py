@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from comneck.bitstream import Bitstream
+from comneck.bitstream import Bitstream, Source
 from comneck.errors import ComneckInputError
 from comneck.image import ResizePolicy, check_image_tensor, load_image, pad_to_stride, resize_for_codec, to_tensor
 from comneck.models import build_codec
@@ -57,22 +57,24 @@ class EdgeEncoder:
         self.random_weights = codec_weights is None
 
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
-        """Decode a photo, apply the resize policy, encode."""
+        """Decode a photo, apply the resize policy, encode; the container records the photo's
+        size and the policy, so a gateway can map boxes back to the photo."""
         start = time.perf_counter()
-        img = resize_for_codec(load_image(source), self.resize, self.preset.image_size)
-        x = to_tensor(img)
+        photo = load_image(source)
+        x = to_tensor(resize_for_codec(photo, self.resize, self.preset.image_size))
         prep_ms = (time.perf_counter() - start) * 1e3
-        encoded = self.encode_tensor(x)
+        encoded = self.encode_tensor(x, Source((photo.height, photo.width), self.resize))
         encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
         return encoded
 
-    def encode_tensor(self, x: torch.Tensor) -> EncodedImage:
-        """Encode one image [1, 3, H, W] in [0, 1]; it is padded to multiples of 64 first."""
+    def encode_tensor(self, x: torch.Tensor, source: Source | None = None) -> EncodedImage:
+        """Encode one image [1, 3, H, W] in [0, 1]; it is padded to multiples of 64 first.
+        ``source``: the photo it was made from, recorded in the container when given."""
         check_image_tensor(x)
         start = time.perf_counter()
         padded, _ = pad_to_stride(x)
         latents, _ = self.codec.analyze(padded, self.fixed_point)
-        stream = Bitstream(self.codec.config.arch, self.rate, self.fingerprint, (x.shape[-2], x.shape[-1]), latents)
+        stream = Bitstream(self.codec.config.arch, self.rate, self.fingerprint, (x.shape[-2], x.shape[-1]), latents, source)
         data = stream.to_bytes()
         elapsed = (time.perf_counter() - start) * 1e3
         return EncodedImage(stream, data, {"analysis_entropy_coding": elapsed})

@@ -1,8 +1,8 @@
 """The ComNeck bitstream container (format spec: docs/bitstream.md).
 
-One image per container: a fixed 16-byte header (magic, version, codec id and the fixed-point
-flag, rate index, codec-weight fingerprint), varint sizes and stream lengths, the rANS streams,
-a CRC32.
+One image per container: a fixed 16-byte header (magic, version, codec id and two flags, rate
+index, codec-weight fingerprint), varint sizes (and, flagged, the photo's own size and the resize
+policy), stream lengths, the rANS streams, a CRC32.
 Parsing never trusts the input: every failure is a :class:`BitstreamError` with a
 machine-readable ``code``, so a gateway answers 4xx and keeps serving.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .codec import EncodedLatents
 from .errors import ComneckInputError, ErrorCode
-from .image import padding_of
+from .image import RESIZE_POLICIES, padding_of
 from .presets import RATE_LAMBDAS
 
 MAGIC = b"CNKB"
@@ -26,6 +26,12 @@ CODEC_IDS: dict[str, int] = {"elic2022-chandelier": 1, "elic2022-official": 2}
 #: Set in the codec id byte when the entropy parameters were evaluated in fixed point
 #: (comneck.fixed_point); clear: CompressAI's float path, as in containers written before it.
 FIXED_POINT_FLAG = 0x80
+#: Set in the codec id byte when the photo's size and the edge's resize policy follow the padded size.
+SOURCE_FLAG = 0x40
+#: Resize policies on the wire (comneck.image.RESIZE_POLICIES, in that order).
+RESIZE_IDS: dict[str, int] = {name: i for i, name in enumerate(RESIZE_POLICIES)}
+#: Largest photo side a container may report (the edge resizes before coding; this only bounds the field).
+MAX_SOURCE_SIDE = 1 << 20
 #: Largest image side a parser accepts unless told otherwise.
 DEFAULT_MAX_SIDE = 8192
 _HEADER = struct.Struct(">4sBBB8s")  # magic, version, codec id, rate, fingerprint
@@ -80,6 +86,15 @@ class _Reader:
 
 
 @dataclass(frozen=True)
+class Source:
+    """The photo before the edge resized it for the codec: its size and the resize policy, so a
+    gateway can map boxes back to the photo's pixels and tell a backend how the image was framed."""
+
+    size: tuple[int, int]  # (H, W)
+    resize: str  # one of comneck.image.RESIZE_POLICIES
+
+
+@dataclass(frozen=True)
 class Bitstream:
     """Everything the gateway needs to decode one image's latents."""
 
@@ -88,6 +103,7 @@ class Bitstream:
     fingerprint: bytes
     image_size: tuple[int, int]  # (H, W) the codec saw, before padding
     latents: EncodedLatents
+    source: Source | None = None  # absent in containers of edges that do not record it
 
     def to_bytes(self) -> bytes:
         """Serialise (one image: ``latents`` must hold a batch of one)."""
@@ -95,10 +111,16 @@ class Bitstream:
             raise ValueError("a bitstream holds one image; encode batch items separately")
         if len(self.fingerprint) != FINGERPRINT_BYTES:
             raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
-        codec_byte = CODEC_IDS[self.codec] | (FIXED_POINT_FLAG if self.latents.fixed_point else 0)
+        codec_byte = (CODEC_IDS[self.codec] | (FIXED_POINT_FLAG if self.latents.fixed_point else 0)
+                      | (SOURCE_FLAG if self.source else 0))
         out = bytearray(_HEADER.pack(MAGIC, VERSION, codec_byte, self.rate, self.fingerprint))
-        for value in (*self.image_size, *self.latents.padded_size, len(self.latents.strings)):
+        for value in (*self.image_size, *self.latents.padded_size):
             _put_varint(value, out)
+        if self.source is not None:
+            for value in self.source.size:
+                _put_varint(value, out)
+            out.append(RESIZE_IDS[self.source.resize])
+        _put_varint(len(self.latents.strings), out)
         streams = [stream[0] for stream in self.latents.strings]
         for s in streams:
             _put_varint(len(s), out)
@@ -136,7 +158,9 @@ class Bitstream:
         if version != VERSION:
             raise BitstreamError(ErrorCode.UNSUPPORTED_VERSION, f"bitstream version {version} is not supported (this build reads {VERSION})")
         body = _Reader(data, _HEADER.size, len(data) - _CRC.size)
-        h, w, ph, pw, n = (body.varint() for _ in range(5))
+        h, w, ph, pw = (body.varint() for _ in range(4))
+        raw_source = (body.varint(), body.varint(), body.take(1)[0]) if codec_byte & SOURCE_FLAG else None
+        n = body.varint()
         if n > 64:
             raise BitstreamError(ErrorCode.CORRUPTED, f"bitstream declares {n} streams")
         lengths = [body.varint() for _ in range(n)]
@@ -146,7 +170,7 @@ class Bitstream:
         (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
         if zlib.crc32(data[: -_CRC.size]) != crc:
             raise BitstreamError(ErrorCode.CRC_MISMATCH, "bitstream is corrupted (CRC32 mismatch)")
-        codec_id = codec_byte & ~FIXED_POINT_FLAG
+        codec_id = codec_byte & ~(FIXED_POINT_FLAG | SOURCE_FLAG)
         codec = next((name for name, i in CODEC_IDS.items() if i == codec_id), None)
         if codec is None:
             raise BitstreamError(ErrorCode.UNKNOWN_CODEC, f"bitstream names codec id {codec_id}, unknown to this build")
@@ -157,4 +181,13 @@ class Bitstream:
         if (ph, pw) != padding_of(h, w).padded_size(h, w):
             raise BitstreamError(ErrorCode.BAD_SIZE, f"padded size {pw}x{ph} does not match image size {w}x{h}")
         latents = EncodedLatents([[s] for s in streams], (ph, pw), bool(codec_byte & FIXED_POINT_FLAG))
-        return cls(codec, rate, fingerprint, (h, w), latents)
+        return cls(codec, rate, fingerprint, (h, w), latents, _check_source(*raw_source) if raw_source else None)
+
+
+def _check_source(sh: int, sw: int, policy: int) -> Source:
+    """The flagged photo size and resize policy, refused when impossible."""
+    if not (0 < sh <= MAX_SOURCE_SIDE and 0 < sw <= MAX_SOURCE_SIDE):
+        raise BitstreamError(ErrorCode.BAD_SIZE, f"photo size {sw}x{sh} is outside 1..{MAX_SOURCE_SIDE}")
+    if policy >= len(RESIZE_POLICIES):
+        raise BitstreamError(ErrorCode.CORRUPTED, f"bitstream names resize policy {policy}, unknown to this build")
+    return Source((sh, sw), RESIZE_POLICIES[policy])

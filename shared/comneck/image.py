@@ -21,10 +21,11 @@ from torchvision.transforms import functional as TF
 
 from .errors import ComneckInputError
 
-ResizePolicy = Literal["paper", "pad-square", "none"]
-RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "none")
-#: Fill for pad-square: CLIP's mean colour, as LLaVA-style square padding uses.
-PAD_FILL = (122, 116, 104)
+ResizePolicy = Literal["paper", "pad-square", "pad-square-white", "none"]
+RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "pad-square-white", "none")
+#: Fill of each padding policy: CLIP's mean colour, as LLaVA's expand2square pads; white, as
+#: Shikra's Expand2square pads.
+PAD_FILLS: dict[str, tuple[int, int, int]] = {"pad-square": (122, 116, 104), "pad-square-white": (255, 255, 255)}
 
 #: ELIC downsamples by 16 (g_a) and 4 more (h_a): inputs must be multiples of 64.
 CODEC_STRIDE = 64
@@ -53,21 +54,41 @@ def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int
     ``paper``: bicubic resize of the short side to ``size``, centre crop ``size`` x ``size``
     (the official code's codec input). ``pad-square``: bicubic resize of the long side to
     ``size``, centred on a ``size`` x ``size`` canvas of CLIP's mean colour, so the whole photo
-    survives and boxes map back by one scale and offset. ``none``: unchanged.
+    survives and boxes map back by one scale and offset; ``pad-square-white``: the same on
+    white (Shikra's padding). ``none``: unchanged.
     """
     if policy == "paper":
         img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
         return TF.center_crop(img, size)
-    if policy == "pad-square":
+    if policy in PAD_FILLS:
         scale = size / max(img.size)
         fitted = img.resize(
             (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
         )
-        canvas = Image.new("RGB", (size, size), PAD_FILL)
+        canvas = Image.new("RGB", (size, size), PAD_FILLS[policy])
         canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
         return canvas
     if policy == "none":
         return img
+    raise ComneckInputError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+
+
+def frame_to_photo(box: list[float], photo_size: tuple[int, int], policy: ResizePolicy, side: int) -> list[float]:
+    """A box [x0, y0, x1, y1] normalised to the ``side`` x ``side`` codec input -> pixels of the
+    photo of ``photo_size`` (H, W) that :func:`resize_for_codec` turned into that input: the
+    inverse of its scale and of its crop (``paper``) or padding (``pad-square*``)."""
+    h, w = photo_size
+    x0, y0, x1, y1 = (v * side for v in box)
+    if policy == "none":
+        return [x0 * w / side, y0 * h / side, x1 * w / side, y1 * h / side]
+    if policy == "paper":  # torchvision: short side to ``side``, long side truncated; centre crop rounded
+        scale_w, scale_h = (side / w, int(side * h / w) / h) if w <= h else (int(side * w / h) / w, side / h)
+        left, top = round((w * scale_w - side) / 2), round((h * scale_h - side) / 2)
+        return [(x0 + left) / scale_w, (y0 + top) / scale_h, (x1 + left) / scale_w, (y1 + top) / scale_h]
+    if policy in PAD_FILLS:
+        scale = side / max(w, h)
+        left, top = (side - max(1, round(w * scale))) // 2, (side - max(1, round(h * scale))) // 2
+        return [(x0 - left) / scale, (y0 - top) / scale, (x1 - left) / scale, (y1 - top) / scale]
     raise ComneckInputError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
 
 

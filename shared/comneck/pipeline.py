@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import TASKS, Backend, BackendAnswer, GenerationOptions, load_backend, parse_backend_arg
+from .backends import TASKS, Backend, BackendAnswer, GenerationOptions, ImageInfo, load_backend, parse_backend_arg
 from .bitstream import DEFAULT_MAX_SIDE, Bitstream
 from .clip_split import ClipFeatures, ClipSplit, ClipTap
 from .codec import LATENT_STRIDE, EncodedLatents
@@ -254,7 +254,8 @@ class Pipeline:
         tap, timings = request.backend.spec.tap, {}
         features = self.features(y_hats, [tap], timings)
         clock.lap()
-        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, request.options)
+        images = [ImageInfo(stream.image_size, stream.source) for stream in request.streams]
+        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, request.options, images)
         timings["backend"] = clock.lap()
         return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **timings}) for i, answer in enumerate(answers)]
 
@@ -264,7 +265,10 @@ class Pipeline:
         return self.run(self.prepare(items, prompts, task, backend, options))
 
     def _answer(self, request: Request, i: int, answer: BackendAnswer, timings: dict[str, float]) -> Answer:
-        stream = request.streams[i]
+        stream, expected = request.streams[i], request.backend.spec.resize
+        if expected and stream.source is not None and stream.source.resize != expected:
+            answer.details["resize_note"] = (f"{request.backend.spec.name} expects photos framed with --resize {expected}; "
+                                             f"this one was framed with --resize {stream.source.resize}")
         h, w = stream.image_size
         return Answer(
             answer.text, answer.details, request.backend.spec.name, request.task, request.sizes[i], 8.0 * request.sizes[i] / (h * w),

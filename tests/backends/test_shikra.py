@@ -12,9 +12,10 @@ import transformers
 from checkpoints import HIDDEN, HEADS, INTERMEDIATE, LAYERS, VISION_WIDTH, write_shikra
 
 from comneck.backends import GenerationOptions, load_backend
-from comneck.backends.shikra import SYSTEM, TEMPLATES, box_in_pixels, parse_boxes, render, write_merged
+from comneck.backends.shikra import SYSTEM, TEMPLATES, parse_boxes, render, write_merged
 from comneck.backends.sp_tokenizer import SentencePieceTokenizer
 from comneck.errors import ComneckInputError
+from comneck.image import frame_to_photo
 
 PATCHES = 256
 
@@ -155,17 +156,39 @@ def test_boxes_are_read_as_the_official_rec_metric_reads_them(text, box, note):
 
 
 @pytest.mark.parametrize("width, height", [(640, 480), (300, 500), (256, 256), (1001, 97)])
-def test_boxes_map_back_to_the_photo_through_the_white_square(width, height):
+def test_boxes_in_the_white_square_map_back_as_the_official_expand2square_does(width, height):
+    """Our pad-square-white frames the photo in a 256 square; Shikra's Expand2square pads it at
+    full size. Mapping a box back our way agrees with the official formula to a pixel."""
     rng = random.Random(width * height)
     side = max(width, height)
     for _ in range(20):
-        x0, x1 = sorted(rng.uniform(0, width) for _ in range(2))
-        y0, y1 = sorted(rng.uniform(0, height) for _ in range(2))
-        # Expand2square + norm_box_xyxy (the official forward mapping), rounded as the model writes boxes
-        dx, dy = (side - width) // 2, (side - height) // 2
-        normalised = [round(min(max(v / side, 0.0), 1.0), 3) for v in (x0 + dx, y0 + dy, x1 + dx, y1 + dy)]
-        back = box_in_pixels(normalised, width, height)
-        assert all(abs(a - b) <= 0.0005 * side + 1e-9 for a, b in zip(back, [x0, y0, x1, y1]))
+        box = sorted(rng.uniform(0, 1) for _ in range(2)) + sorted(rng.uniform(0, 1) for _ in range(2))
+        box = [box[0], box[2], box[1], box[3]]
+        official = [box[0] * side - (side - width) // 2, box[1] * side - (side - height) // 2,
+                    box[2] * side - (side - width) // 2, box[3] * side - (side - height) // 2]
+        ours = frame_to_photo(box, (height, width), "pad-square-white", 256)
+        assert all(abs(a - b) <= 1.0 + side / 256 for a, b in zip(ours, official))
+
+
+def test_a_box_comes_back_in_the_photos_pixels_and_a_mis_framed_photo_is_noted(shikra, tiny_models, monkeypatch):
+    from comneck_edge import EdgeEncoder
+
+    from comneck.backends.engines import Generation
+    from comneck.image import sample_photo
+    from comneck.pipeline import Pipeline
+
+    pipeline = Pipeline(tiny_models)
+    pipeline.backends["shikra"] = shikra
+    reply = [Generation([5, 6], "Answer: [0.100,0.250,0.600,0.750] .", "stop")]
+    monkeypatch.setattr(shikra.engine, "generate", lambda embeds, options: reply * len(embeds))
+    photo = sample_photo("chicken_on_money.png")
+    for policy, note in (("pad-square-white", False), ("paper", True)):
+        data = EdgeEncoder(tiny_models.preset, resize=policy).encode_file(photo).data
+        (answer,) = pipeline.answer([data], ["the chicken"], backend="shikra")
+        assert answer.details["box"] == [0.1, 0.25, 0.6, 0.75]
+        expected = frame_to_photo([0.1, 0.25, 0.6, 0.75], (640, 640), policy, 256)
+        assert answer.details["box_pixels"] == pytest.approx(expected, abs=0.05)
+        assert ("resize_note" in answer.details) is note
 
 
 def test_bad_requests_get_their_own_codes(shikra):

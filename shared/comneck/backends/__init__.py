@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import TASKS, Backend, BackendAnswer, BackendContext, BackendSpec, ClipRequirement, GenerationOptions
+from .base import TASKS, Backend, BackendAnswer, BackendContext, BackendSpec, ClipRequirement, GenerationOptions, ImageInfo
 from .registry import BACKENDS, check_backend, get_spec, load_backend, parse_backend_arg
 
 __all__ = [
     "BACKENDS", "TASKS", "Backend", "BackendAnswer", "BackendContext", "BackendSpec", "ClipRequirement",
-    "GenerationOptions", "check_backend", "get_spec", "load_backend", "parse_backend_arg",
+    "GenerationOptions", "ImageInfo", "check_backend", "get_spec", "load_backend", "parse_backend_arg",
 ]

@@ -9,6 +9,7 @@ selects from one neck + CLIP-tail pass over the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..bitstream import Source
 from ..clip_split import ClipTap
 from ..presets import ClipConfig
 
@@ -56,6 +58,8 @@ class BackendSpec:
     * ``example_prompt``: a prompt it answers (shown by /v1/models, used by the contract test).
     * ``options``: names of the path options ``--backend NAME=WEIGHTS,KEY=PATH`` may add
       (Shikra's delta takes ``base``).
+    * ``resize``: the edge's resize policy that frames photos as its published weights saw them
+      (``pad-square-white`` for Shikra); answers to bitstreams framed otherwise say so.
     """
 
     name: str
@@ -70,6 +74,7 @@ class BackendSpec:
     random_init: bool = True
     example_prompt: str = ""
     options: tuple[str, ...] = ()
+    resize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,15 @@ class GenerationOptions(BaseModel):
     )
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What one item's container says of its image: the codec input's size (H, W) and, when the
+    edge recorded it, the photo it was made from (size and resize policy)."""
+
+    size: tuple[int, int]
+    source: Source | None = None
+
+
 @dataclass
 class BackendAnswer:
     """A backend's reply: the text, and structured details (scores, boxes, ...).
@@ -128,6 +142,8 @@ class Backend(Protocol):
         ``prompt_too_long``), cheaply: it runs before decoding."""
         ...
 
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions) -> list[BackendAnswer]:
-        """Features selected by ``spec.tap`` for a batch ([B, ...]) -> one answer per prompt."""
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+                 images: Sequence[ImageInfo] = ()) -> list[BackendAnswer]:
+        """Features selected by ``spec.tap`` for a batch ([B, ...]) -> one answer per prompt;
+        ``images`` (one per item, or empty) lets a backend map boxes back to each photo."""
         ...

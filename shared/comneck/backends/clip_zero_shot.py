@@ -10,6 +10,7 @@ meaningless, and the backend says so.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import open_clip
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
 from ..zero_shot import label_embeddings, zero_shot_logits
-from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions
+from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
 
 MAX_LABELS = 64
 _CACHE_LIMIT = 4096  # text embeddings kept per backend; cleared when full
@@ -65,8 +66,9 @@ class ClipZeroShot:
         parse_labels(prompt)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions) -> list[BackendAnswer]:
-        """``features``: pooled image embeddings [B, D]; each prompt has its own labels."""
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+                 images: Sequence[ImageInfo] = ()) -> list[BackendAnswer]:
+        """``features``: pooled image embeddings [B, D]; each prompt has its own labels (``images`` unused)."""
         answers = []
         for embedding, prompt in zip(features, prompts):
             labels = parse_labels(prompt)

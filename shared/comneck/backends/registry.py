@@ -43,6 +43,7 @@ BACKENDS: dict[str, BackendSpec] = {
         random_init=False,
         example_prompt="the cow",
         options=("base",),
+        resize="pad-square-white",
     ),
 }
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
-from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions
+from ..image import frame_to_photo
+from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
 from .engines import HFEngine
 from .hf_checkpoint import bad, iter_tensors, llama_from_tensors, read_config, read_shard, tensor_index
 from .sp_tokenizer import SentencePieceTokenizer
@@ -69,15 +70,6 @@ def render(task: str, text: str, template: int) -> str:
 def parse_boxes(text: str) -> list[list[list[float]]]:
     """Every ``[...]`` box group in ``text``, each a list of [x0, y0, x1, y1] (normalised)."""
     return [[[float(v) for v in box.split(",")] for box in group[1:-1].split(";")] for group in _BOXES.findall(text)]
-
-
-def box_in_pixels(box: list[float], width: int, height: int) -> list[float]:
-    """A box normalised to the white-padded square (side max(W, H), the photo centred with
-    offset (side - W) // 2 or (side - H) // 2, as Expand2square pads) -> pixels of the photo."""
-    side = max(width, height)
-    dx, dy = (side - width) // 2, (side - height) // 2
-    x0, y0, x1, y1 = (v * side for v in box)
-    return [x0 - dx, y0 - dy, x1 - dx, y1 - dy]
 
 
 @dataclass(frozen=True)
@@ -249,8 +241,10 @@ class Shikra:
                 f"context of {self.context_length}", ErrorCode.PROMPT_TOO_LONG)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions) -> list[BackendAnswer]:
-        """``features``: block-23 patch tokens [B, 256, 1024]; one answer (and box) per prompt."""
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+                 images: Sequence[ImageInfo] = ()) -> list[BackendAnswer]:
+        """``features``: block-23 patch tokens [B, 256, 1024]; one answer (and box) per prompt. A
+        box is also given in the photo's pixels when ``images`` say how the photo was framed."""
         visual = self.projector(features.to(self.projector.weight.dtype))
         embeds, prompt_ids = [], []
         for tokens, prompt in zip(visual, prompts):
@@ -263,7 +257,8 @@ class Shikra:
             embeds.append(embed)
             prompt_ids.append(ids)
         answers = []
-        for ids, out in zip(prompt_ids, self.engine.generate(embeds, options)):
+        frames = list(images) or [None] * len(prompts)
+        for ids, out, image in zip(prompt_ids, self.engine.generate(embeds, options), frames):
             details: dict[str, Any] = {"prompt_token_ids": ids, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
                                        "template": options.template or 0}
             if out.logprobs is not None:
@@ -274,5 +269,8 @@ class Shikra:
                 details["box"] = groups[0][0] if one else None
                 if not one:
                     details["box_note"] = f"the answer holds {sum(map(len, groups))} boxes; REC reads exactly one"
+                elif image is not None and image.source is not None and image.size[0] == image.size[1]:
+                    details["box_pixels"] = [round(v, 1) for v in frame_to_photo(details["box"], image.source.size,
+                                                                                     image.source.resize, image.size[0])]
             answers.append(BackendAnswer(out.text, details))
         return answers
