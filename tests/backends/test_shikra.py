@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 
@@ -267,3 +268,25 @@ def test_comneck_convert_merges_a_delta_once(folders, tmp_path, shikra, tiny_mod
     reference = shikra.engine.model.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
     assert main(["convert", str(folders.delta), "--base", str(folders.base), "-o", str(out)]) == 2  # not over a full folder
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folders, tiny_models, shikra, dtype):
+    """float32 on CUDA gives the CPU's tokens, and a batch gives what single calls give; the half
+    types (whose rounding the random tiny LLaMA amplifies) still rank the CPU's first token in
+    their top 3, with finite log-probabilities."""
+    backend = load_backend("shikra", folders.merged, {}, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip,
+                           split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
+    prompts, options = ["the cow", "a dog on the left", "the beach"], GenerationOptions(max_new_tokens=6, logprobs=3)
+    on_cpu = shikra.generate(features, prompts, "rec", options)
+    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "rec", options)
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        first_cpu, first_gpu = cpu.details["logprobs"][0], gpu.details["logprobs"][0]
+        assert first_cpu["token_id"] in [t["token_id"] for t in first_gpu["top_logprobs"]]
+        assert all(math.isfinite(t["logprob"]) for step in gpu.details["logprobs"] for t in step["top_logprobs"])
+    if dtype == torch.float32:
+        assert [a.details["token_ids"] for a in on_gpu] == [a.details["token_ids"] for a in on_cpu]
+        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "rec", options)[0] for i in range(3)]
+        assert [a.details["token_ids"] for a in singles] == [a.details["token_ids"] for a in on_gpu]
