@@ -87,14 +87,34 @@ def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from read_shard(path)
 
 
-def tensor_index(folder: str | Path) -> dict[str, Path]:
-    """Which shard file of ``folder`` holds each key (from the index; a single file is opened)."""
-    folder = Path(folder)
-    files = weight_files(folder)
-    if len(files) == 1:
-        return {key: files[0] for key, _ in read_shard(files[0])}
-    index = next(folder / n for n in _INDEXES if (folder / n).is_file())
-    return {key: folder / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+class LazyTensors:
+    """A checkpoint folder's tensors by key, each read only when asked for: safetensors shards
+    stay open, ``.bin`` shards memory-mapped, so looking keys up in any order is cheap."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._shards: dict[Path, Any] = {}
+        self.index: dict[str, Path] = {}
+        for path in weight_files(self.folder):
+            self.index.update(dict.fromkeys(self._shard(path).keys(), path))
+
+    def _shard(self, path: Path) -> Any:
+        if path not in self._shards:
+            try:
+                self._shards[path] = safe_open(str(path), framework="pt") if path.suffix == ".safetensors" else _torch_load(path)
+            except Exception as exc:  # noqa: BLE001 - any unreadable shard is one bad file
+                raise bad(self.folder, f"{path.name} is not readable ({type(exc).__name__})") from None
+            if path.suffix != ".safetensors" and not isinstance(self._shards[path], dict):
+                raise bad(self.folder, f"{path.name} does not hold a state dict of tensors")
+        return self._shards[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self.index[key]
+        shard = self._shard(path)
+        return shard.get_tensor(key) if path.suffix == ".safetensors" else shard[key]
 
 
 def _torch_load(path: Path) -> Any:

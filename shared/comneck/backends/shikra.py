@@ -33,7 +33,7 @@ from ..errors import ComneckInputError, ErrorCode
 from ..image import frame_to_photo
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
 from .engines import HFEngine
-from .hf_checkpoint import bad, iter_tensors, llama_from_tensors, read_config, read_shard, tensor_index
+from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_from_tensors, read_config
 from .sp_tokenizer import SentencePieceTokenizer
 
 IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
@@ -108,33 +108,24 @@ def merged_tensors(weights: ShikraWeights) -> Iterator[tuple[str, torch.Tensor]]
     ``apply_delta.py`` does: in the delta's dtype; the embedding and output matrices only on
     their first (base vocabulary) rows, so the added tokens' rows stay as stored; the projector
     (absent from the base) as is. Rotary tables some saves carry are skipped (they are computed)."""
-    base_index = tensor_index(weights.base) if weights.base is not None else None
-    open_shard: dict[Path, dict[str, torch.Tensor]] = {}
-
-    def base_tensor(key: str) -> torch.Tensor:
-        path = base_index[key]  # type: ignore[index]
-        if path not in open_shard:  # one base shard held at a time
-            open_shard.clear()
-            open_shard[path] = dict(read_shard(path))
-        return open_shard[path][key]
-
+    base = LazyTensors(weights.base) if weights.base is not None else None
     for key, tensor in iter_tensors(weights.folder):
         if key.endswith("rotary_emb.inv_freq"):
             continue
-        if base_index is None or key.startswith(_MERGED_KEYS_PREFIX):
+        if base is None or key.startswith(_MERGED_KEYS_PREFIX):
             yield key, tensor
             continue
-        if key not in base_index:
-            raise bad(weights.base, f"the base has no {key!r} to add the delta to")  # type: ignore[arg-type]
-        base = base_tensor(key).to(tensor.dtype)
-        if base.shape == tensor.shape:
-            yield key, tensor + base
-        elif base.ndim == 2 and base.shape[1] == tensor.shape[1] and base.shape[0] < tensor.shape[0]:
+        if key not in base:
+            raise bad(base.folder, f"the base has no {key!r} to add the delta to")
+        add = base[key].to(tensor.dtype)
+        if add.shape == tensor.shape:
+            yield key, tensor + add
+        elif add.ndim == 2 and add.shape[1] == tensor.shape[1] and add.shape[0] < tensor.shape[0]:
             merged = tensor.clone()
-            merged[: base.shape[0]] += base
+            merged[: add.shape[0]] += add
             yield key, merged
         else:
-            raise bad(weights.base, f"base {key!r} {list(base.shape)} does not fit the delta's {list(tensor.shape)}")
+            raise bad(base.folder, f"base {key!r} {list(add.shape)} does not fit the delta's {list(tensor.shape)}")
 
 
 def write_merged(weights: ShikraWeights, out: Path, shard_bytes: int = 5 * 2**30) -> list[Path]:
