@@ -48,7 +48,7 @@ TEMPLATES: dict[str, list[str]] = {
 _PLACEHOLDER = {"rec": "<expr>", "vqa": "<question>", "caption": None}
 #: PlainBoxFormatter's pattern: ``[x0,y0,x1,y1]``, several boxes joined by ``;``, values in [0, 1].
 _BOXES = re.compile(r"\[\d(?:\.\d*)?(?:,\d(?:\.\d*)?){3}(?:;\d(?:\.\d*)?(?:,\d(?:\.\d*)?){3})*\]")
-_MERGED_KEYS_PREFIX = "model.mm_projector."
+_PROJECTOR_PREFIX = "model.mm_projector."
 
 
 def render(task: str, text: str, template: int) -> str:
@@ -87,7 +87,7 @@ class ShikraWeights:
         return config
 
 
-def _llama_config(config: dict[str, Any], tokenizer: SentencePieceTokenizer) -> Any:
+def llama_config(config: dict[str, Any], tokenizer: SentencePieceTokenizer) -> Any:
     """A transformers LlamaConfig from a Shikra config.json. Its bos/eos/pad fields are stale
     (HF-LLaMA 4.28 era: 0/1/-1); the tokenizer's are the real ones (1/2, pad = unk)."""
     from transformers import LlamaConfig
@@ -112,7 +112,7 @@ def merged_tensors(weights: ShikraWeights) -> Iterator[tuple[str, torch.Tensor]]
     for key, tensor in iter_tensors(weights.folder):
         if key.endswith("rotary_emb.inv_freq"):
             continue
-        if base is None or key.startswith(_MERGED_KEYS_PREFIX):
+        if base is None or key.startswith(_PROJECTOR_PREFIX):
             yield key, tensor
             continue
         if key not in base:
@@ -208,7 +208,7 @@ class Shikra:
                 else:
                     yield key, tensor
 
-        llama = llama_from_tensors(_llama_config(config, tokenizer), language_model(), weights.folder, context.dtype, context.device)
+        llama = llama_from_tensors(llama_config(config, tokenizer), language_model(), weights.folder, context.dtype, context.device)
         if set(projector) != projector_keys:
             raise bad(weights.folder, f"missing {sorted(projector_keys - set(projector))[0]!r} (the vision projector)")
         linear = nn.Linear(config["mm_hidden_size"], config["hidden_size"], device=context.device, dtype=context.dtype)
