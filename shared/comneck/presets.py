@@ -8,7 +8,7 @@ widths must agree (the neck reads M latent channels and writes CLIP's width).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ComneckInputError
@@ -123,39 +123,24 @@ _TINY_CLIP = {
 # The tiny widths at 336 px (24x24 patch grid, 577 tokens).
 _TINY_CLIP_336 = {**_TINY_CLIP, "vision_cfg": {**_TINY_CLIP["vision_cfg"], "image_size": 336}}
 
-_TINY_CODEC = CodecConfig(N=32, M=40, groups=(2, 2, 4, 8, 24))
+_PAPER = Preset(name="paper", codec=CodecConfig(), neck=NeckConfig(), clip=ClipConfig("ViT-L-14", _VIT_L_14))
+_TINY = Preset(
+    name="tiny",
+    codec=CodecConfig(N=32, M=40, groups=(2, 2, 4, 8, 24)),
+    neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=16),
+    clip=ClipConfig("tiny-ViT-14", _TINY_CLIP, stands_for="ViT-L-14"),
+    unet_base=8,
+)
 
 PRESETS: dict[str, Preset] = {
-    "paper": Preset(
-        name="paper",
-        codec=CodecConfig(),
-        neck=NeckConfig(),
-        clip=ClipConfig("ViT-L-14", _VIT_L_14),
-    ),
-    "tiny": Preset(
-        name="tiny",
-        codec=_TINY_CODEC,
-        neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=16),
-        clip=ClipConfig("tiny-ViT-14", _TINY_CLIP, stands_for="ViT-L-14"),
-        unet_base=8,
-    ),
+    "paper": _PAPER,
+    "tiny": _TINY,
     # LLaVA-1.5's geometry: codec input 384 -> 24x24 latents -> 577 neck tokens -> CLIP at 336 px.
     # The codec is paper's (same config and seed): it works at any size, and so do its weights.
-    "paper-336": Preset(
-        name="paper-336",
-        codec=CodecConfig(),
-        neck=NeckConfig(grid=24),
-        clip=ClipConfig("ViT-L-14-336", _VIT_L_14_336),
-        image_size=384,
-    ),
-    "tiny-336": Preset(
-        name="tiny-336",
-        codec=_TINY_CODEC,
-        neck=NeckConfig(latent_channels=40, width=64, heads=4, grid=24),
-        clip=ClipConfig("tiny-ViT-14-336", _TINY_CLIP_336, stands_for="ViT-L-14-336"),
-        image_size=384,
-        unet_base=8,
-    ),
+    "paper-336": replace(_PAPER, name="paper-336", neck=replace(_PAPER.neck, grid=24),
+                         clip=ClipConfig("ViT-L-14-336", _VIT_L_14_336), image_size=384),
+    "tiny-336": replace(_TINY, name="tiny-336", neck=replace(_TINY.neck, grid=24),
+                        clip=ClipConfig("tiny-ViT-14-336", _TINY_CLIP_336, stands_for="ViT-L-14-336"), image_size=384),
 }
 
 
