@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
+from ..importers.reading import load_torch_file, tensors_only
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -62,23 +63,26 @@ def weight_files(folder: str | Path) -> list[Path]:
     raise bad(folder, "no weights (model*.safetensors or pytorch_model*.bin, with their index when sharded)")
 
 
-def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (key, tensor) of one shard file."""
+def _open_shard(path: Path) -> Any:
+    """One shard opened for reading by key: a safetensors handle (tensors read when asked for), or a
+    ``.bin`` state dict memory-mapped through the importers' weights-only loader."""
     if path.suffix == ".safetensors":
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+            return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as exc:
             raise bad(path.parent, f"{path.name} is not a readable safetensors file ({exc})") from None
-        return
-    try:
-        state = _torch_load(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe pickle is one bad file
-        raise bad(path.parent, f"{path.name} is not a readable weights-only torch file ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise bad(path.parent, f"{path.name} does not hold a state dict of tensors")
-    yield from state.items()
+    return tensors_only(load_torch_file(path, path.name, mmap=True), path, path.name)
+
+
+def _tensor(shard: Any, key: str) -> torch.Tensor:
+    return shard[key] if isinstance(shard, dict) else shard.get_tensor(key)
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (key, tensor) of one shard file."""
+    shard = _open_shard(path)
+    for key in list(shard.keys()):
+        yield key, _tensor(shard, key)
 
 
 def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -100,31 +104,14 @@ class LazyTensors:
 
     def _shard(self, path: Path) -> Any:
         if path not in self._shards:
-            try:
-                self._shards[path] = safe_open(str(path), framework="pt") if path.suffix == ".safetensors" else _torch_load(path)
-            except Exception as exc:  # noqa: BLE001 - any unreadable shard is one bad file
-                raise bad(self.folder, f"{path.name} is not readable ({type(exc).__name__})") from None
-            if path.suffix != ".safetensors" and not isinstance(self._shards[path], dict):
-                raise bad(self.folder, f"{path.name} does not hold a state dict of tensors")
+            self._shards[path] = _open_shard(path)
         return self._shards[path]
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        path = self.index[key]
-        shard = self._shard(path)
-        return shard.get_tensor(key) if path.suffix == ".safetensors" else shard[key]
-
-
-def _torch_load(path: Path) -> Any:
-    """A weights-only ``torch.load``, memory-mapped unless the file predates the zip format."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _tensor(self._shard(self.index[key]), key)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

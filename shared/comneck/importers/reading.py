@@ -89,8 +89,17 @@ def read_weights(path: str | Path, what: str) -> Any:
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except RuntimeError as exc:
             raise _bad(path, what, f"unreadable TorchScript archive ({str(exc).splitlines()[0]})") from None
+    return load_torch_file(path, what)
+
+
+def load_torch_file(path: Path, what: str, mmap: bool = False) -> Any:
+    """A ``torch.save`` file through ``torch.load(weights_only=True)`` (tensors, containers, numbers
+    and :data:`SAFE_GLOBALS` only), or a one-line ``bad_weights`` error. ``mmap`` maps the tensors
+    from the file instead of reading them in (files older than the zip format are read whole)."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
+            if mmap and zipfile.is_zipfile(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).split("\n\n")[0].splitlines()[-1] if "Unsupported global" in str(exc) else str(exc).splitlines()[0]
