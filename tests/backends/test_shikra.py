@@ -222,6 +222,8 @@ def test_bad_folders_are_refused_in_one_line(tiny_models, folders, tmp_path):
     renamed = next(k for k in state if k.endswith("proj.weight") and "mm_projector" not in k)
     state[renamed + "s"] = state.pop(renamed)
     torch.save(state, first)
+    junk = copy("junk-shard")
+    next(junk.glob("pytorch_model-00002-*.bin")).write_text("not weights")
     vocab = copy("vocab")
     config = json.loads((vocab / "config.json").read_text())
     (vocab / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 5}))
@@ -230,6 +232,7 @@ def test_bad_folders_are_refused_in_one_line(tiny_models, folders, tmp_path):
     cases = {
         missing_shard: "shard pytorch_model-00002-of-00002.bin listed in pytorch_model.bin.index.json is missing",
         wrong_key: f"unexpected weight '{renamed}s'",
+        junk: "not a safetensors, torch.save or TorchScript file",
         vocab: f"the tokenizer has {config['vocab_size']} tokens, config.json says vocab_size {config['vocab_size'] + 5}",
         tower: "mm_hidden_size 1024 is not the width 64 of this gateway's CLIP",
     }

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
-from ..importers.reading import load_torch_file, tensors_only
+from ..importers.reading import check_source, load_torch_file, tensors_only
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -71,6 +71,7 @@ def _open_shard(path: Path) -> Any:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as exc:
             raise bad(path.parent, f"{path.name} is not a readable safetensors file ({exc})") from None
+    check_source(path, path.name)  # a file in no weight format is refused before torch.load sees it
     return tensors_only(load_torch_file(path, path.name, mmap=True), path, path.name)
 
 
