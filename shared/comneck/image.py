@@ -48,6 +48,14 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     return ImageOps.exif_transpose(img).convert("RGB")
 
 
+def _square_fit(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The pad-square geometry: the photo's size scaled so its long side is ``size``, and where
+    it sits centred on the ``size`` x ``size`` canvas (left, top)."""
+    scale = size / max(width, height)
+    fw, fh = max(1, round(width * scale)), max(1, round(height * scale))
+    return (fw, fh), ((size - fw) // 2, (size - fh) // 2)
+
+
 def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int = 256) -> Image.Image:
     """Apply the resize policy.
 
@@ -61,12 +69,9 @@ def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int
         img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
         return TF.center_crop(img, size)
     if policy in PAD_FILLS:
-        scale = size / max(img.size)
-        fitted = img.resize(
-            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
-        )
+        (fw, fh), offset = _square_fit(img.width, img.height, size)
         canvas = Image.new("RGB", (size, size), PAD_FILLS[policy])
-        canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
+        canvas.paste(img.resize((fw, fh), Image.Resampling.BICUBIC), offset)
         return canvas
     if policy == "none":
         return img
@@ -87,7 +92,7 @@ def frame_to_photo(box: list[float], photo_size: tuple[int, int], policy: Resize
         return [(x0 + left) / scale_w, (y0 + top) / scale_h, (x1 + left) / scale_w, (y1 + top) / scale_h]
     if policy in PAD_FILLS:
         scale = side / max(w, h)
-        left, top = (side - max(1, round(w * scale))) // 2, (side - max(1, round(h * scale))) // 2
+        _, (left, top) = _square_fit(w, h, side)
         return [(x0 - left) / scale, (y0 - top) / scale, (x1 - left) / scale, (y1 - top) / scale]
     raise ComneckInputError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
 
