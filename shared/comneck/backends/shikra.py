@@ -198,7 +198,7 @@ class Shikra:
         if config["mm_hidden_size"] != width:
             raise bad(weights.folder, f"mm_hidden_size {config['mm_hidden_size']} is not the width {width} of this gateway's CLIP "
                                       f"({context.clip_config.name}): another vision tower")
-        projector_keys = {"model.mm_projector.weight", "model.mm_projector.bias"}
+        projector_keys = {_PROJECTOR_PREFIX + "weight", _PROJECTOR_PREFIX + "bias"}
         projector: dict[str, torch.Tensor] = {}
 
         def language_model() -> Iterator[tuple[str, torch.Tensor]]:
@@ -213,8 +213,8 @@ class Shikra:
             raise bad(weights.folder, f"missing {sorted(projector_keys - set(projector))[0]!r} (the vision projector)")
         linear = nn.Linear(config["mm_hidden_size"], config["hidden_size"], device=context.device, dtype=context.dtype)
         with torch.no_grad():
-            linear.weight.copy_(projector["model.mm_projector.weight"])
-            linear.bias.copy_(projector["model.mm_projector.bias"])
+            linear.weight.copy_(projector[_PROJECTOR_PREFIX + "weight"])
+            linear.bias.copy_(projector[_PROJECTOR_PREFIX + "bias"])
         return cls(context.spec, HFEngine(llama, tokenizer), linear.eval(), tokenizer, context.clip_config.grid**2,
                    int(config.get("max_position_embeddings", 2048)))
 
