@@ -85,6 +85,10 @@ def test_zero_shot_equals_clip_zero_shot_classification(tiny_models):
         assert [d["label"] for d in answer.details["labels"]] == [labels[i] for i in order[:2]]
         assert [d["probability"] for d in answer.details["labels"]] == pytest.approx(probs[order[:2]].tolist(), abs=1e-6)
         assert "logprobs" not in answer.details
+    # the request's choices are the labels, the prompt then only a question
+    chosen = backend.generate(images, ["What is it?"] * 2, "classify", GenerationOptions(top_k=2),
+                              choices=[["cow", "horse", "beach"], ["dog", "city street"]])
+    assert [a.details for a in chosen] == [a.details for a in answers]
     (ranked,) = backend.generate(images[:1], prompts[:1], "classify", GenerationOptions(logprobs=3))
     assert [d["label"] for d in ranked.details["logprobs"]] == [d["label"] for d in ranked.details["labels"]][:3]
     assert [d["logprob"] for d in ranked.details["logprobs"]] == pytest.approx(

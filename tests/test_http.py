@@ -89,6 +89,15 @@ def test_cli_round_trip_multipart_json(server):
     assert set(response["timings_ms"]) >= {"entropy_decode", "neck", "clip_tail", "backend", "server_total"}
 
 
+def test_cli_choices_are_the_zero_shot_labels(server):
+    run = edge("encode", str(sample_photo()), "--server", server, "--prompt", "What is it?", "--choice", "cow", "--choice", "beach",
+               "--format", "multipart", "--json")
+    assert run.returncode == 0, run.stderr
+    assert {d["label"] for d in json.loads(run.stdout)["details"]["labels"]} == {"cow", "beach"}
+    one_line_error(edge("encode", str(sample_photo()), "--server", server, "--prompt", "What?", "--choice", "cow"),
+                   "422 bad_choices", "2 to 26 choices; got 1")
+
+
 def test_msgpack_and_multipart_give_the_same_answer(http, good):
     body = msgpack.packb({"bitstream": good, "prompt": PROMPT})
     a = http.post("/infer", content=body, headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"})
@@ -113,7 +122,7 @@ def test_reconstruct_and_models(http, good):
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
     models = http.get("/v1/models").json()
     assert models["random_weights"] is True and models["codec"]["rates"] == {"1": 0.004, "2": 0.008, "3": 0.016, "4": 0.032}
-    assert [b["name"] for b in models["backends"]] == ["clip-zero-shot"]
+    assert [(b["name"], b["resize"], b["choices"]) for b in models["backends"]] == [("clip-zero-shot", None, True)]
     assert http.get("/openapi.json").json()["paths"]["/infer"]["post"]["requestBody"]["content"].keys() == {
         "application/msgpack", "multipart/form-data"}
     assert http.get("/docs").status_code == 200
@@ -184,8 +193,14 @@ def test_every_bad_request_gets_its_code(http, good):
         ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_media_type"),
         ({"data": {"prompt": PROMPT}, "files": {"other": ("x", b"1")}}, 422, "invalid_request"),
         (form(prompt=PROMPT, options="{bad"), 422, "invalid_request"),
+        (form(prompt=PROMPT, choices="[cow, horse]"), 422, "invalid_request"),
+        (form(prompt=PROMPT, choices='"cow"'), 422, "invalid_request"),
+        (mp(prompt=PROMPT, choices="cow, horse"), 422, "invalid_request"),
+        (mp(prompt=PROMPT, choices=["cow", 3]), 422, "invalid_request"),
+        (mp(prompt=PROMPT, choices=["cow"]), 422, "bad_choices"),
+        (form(prompt=PROMPT, choices='["cow", ""]'), 422, "bad_choices"),
         (form(prompt=PROMPT, options="[" * 30_000 + "]" * 30_000), 422, "invalid_request"),
-        (form(prompt=PROMPT, options="[" * 512 + "]" * 512), 422, "invalid_request"),  # as deep as 1024 characters go
+        (form(prompt=PROMPT, options="[" * 2048 + "]" * 2048), 422, "invalid_request"),  # as deep as 4096 characters go
         (form(prompt=latin_prompt), 422, "invalid_request"),
         (form(prompt=PROMPT, task=b"classif\xe9"), 422, "invalid_request"),
         (raw_mp(b"\x82" + head + msgpack.packb("prompt") + bytes([0xA0 + len(latin_prompt)]) + latin_prompt), 422, "invalid_request"),

@@ -50,8 +50,10 @@ def test_bundled_photo_and_paper_resize():
         wide = resize_for_codec(Image.new("RGB", (640, 320), (255, 0, 0)), policy)  # type: ignore[arg-type]
         assert wide.size == (256, 256) and PAD_FILLS[policy] == fill
         assert wide.getpixel((128, 128)) == (255, 0, 0) and wide.getpixel((128, 10)) == fill  # 256x128 band in the middle
+    stretched = resize_for_codec(Image.new("RGB", (640, 320), (255, 0, 0)), "stretch")
+    assert stretched.size == (256, 256) and stretched.getextrema() == ((255, 255), (0, 0), (0, 0))  # no fill: all photo
     with pytest.raises(ComneckInputError, match="resize policy"):
-        resize_for_codec(img, "stretch")  # type: ignore[arg-type]
+        resize_for_codec(img, "squash")  # type: ignore[arg-type]
 
 
 def test_paper_resize_for_the_336_presets_codec_input():
@@ -104,7 +106,7 @@ def test_bad_tensors_are_refused(tensor, message):
         check_image_tensor(tensor)
 
 
-@pytest.mark.parametrize("policy", ["paper", "pad-square", "pad-square-white"])
+@pytest.mark.parametrize("policy", ["paper", "pad-square", "pad-square-white", "stretch"])
 @pytest.mark.parametrize("width, height", [(640, 480), (300, 500), (333, 333), (900, 97)])
 def test_frame_to_photo_inverts_the_resize_policy(policy, width, height):
     """A black rectangle drawn on the photo (inside the centre square, which every policy keeps),

@@ -38,7 +38,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger("comneck.server")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
-MAX_OPTIONS_CHARS = 1024  # the multipart options JSON; every option together takes about 120
+MAX_JSON_FIELD_CHARS = 4096  # a multipart JSON field: every option together takes about 120, 26 choices of 150
 MAX_MSGPACK_CONTAINERS = 8  # maps and arrays in a msgpack body; an InferRequest has two maps
 MAX_MSGPACK_ITEMS = 64  # entries of one msgpack map or array
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -86,6 +86,7 @@ INFER_BODY = {
                         "task": {"type": "string"},
                         "backend": {"type": "string"},
                         "options": {"type": "string", "description": 'JSON object, e.g. {"top_k": 3}'},
+                        "choices": {"type": "string", "description": 'JSON array of strings, e.g. ["a cow", "a horse"]'},
                     },
                 }
             },
@@ -288,15 +289,16 @@ def _unpack(body: bytes) -> Any:
         raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
-def _parse_options(text: str) -> Any:
-    """The multipart ``options`` field: a JSON object of at most ``MAX_OPTIONS_CHARS`` characters
-    (which also bounds its nesting below Python's recursion limit)."""
-    if len(text) > MAX_OPTIONS_CHARS:
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"options has {len(text)} characters; at most {MAX_OPTIONS_CHARS}")
+def _parse_json_field(name: str, text: str, example: str) -> Any:
+    """A multipart field sent as JSON (``options``, ``choices``), of at most ``MAX_JSON_FIELD_CHARS``
+    characters (which also bounds its nesting below Python's recursion limit); its type is
+    checked by the request model."""
+    if len(text) > MAX_JSON_FIELD_CHARS:
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} has {len(text)} characters; at most {MAX_JSON_FIELD_CHARS}")
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
-        raise ApiError(ErrorCode.INVALID_REQUEST, "options must be a JSON object, e.g. {\"top_k\": 3}") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} must be JSON, e.g. {example}") from None
 
 
 async def _bitstream_part(form: Any) -> bytes:
@@ -316,8 +318,9 @@ async def _read_infer_request(request: Request) -> InferRequest:
     elif kind == "multipart/form-data":
         async with _form(request, max_fields=8) as form:
             raw = {**form, "bitstream": await _bitstream_part(form)}
-        if isinstance(raw.get("options"), str):
-            raw["options"] = _parse_options(raw["options"])
+        for name, example in (("options", '{"top_k": 3}'), ("choices", '["a cow", "a horse"]')):
+            if isinstance(raw.get(name), str):
+                raw[name] = _parse_json_field(name, raw[name], example)
     else:
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the request as application/msgpack or multipart/form-data")
     try:
@@ -444,7 +447,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     async def infer(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
         req = await _read_infer_request(request)  # before the slot: a slow upload holds no queue place
         with admission.slot():
-            result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options)
+            result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options, req.choices)
         answer = InferResponse(
             text=result.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
             image_size=result.image_size, rate=result.rate, timings_ms=result.timings_ms,

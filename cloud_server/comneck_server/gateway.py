@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -88,20 +88,22 @@ class Gateway:
         taps = [backend.spec.tap for backend in self.backends.values()]
         self._on_model_thread(lambda: self.pipeline.features(self.pipeline.decode([self.pipeline.check(stream)]), taps))
 
-    def _check_prompt_length(self, prompt: str) -> None:
-        if len(prompt) > self.settings.max_prompt_chars:
-            raise ComneckInputError(
-                f"the prompt has {len(prompt)} characters; this gateway takes at most {self.settings.max_prompt_chars}",
-                ErrorCode.PROMPT_TOO_LONG,
-            )
+    def _check_prompt_length(self, prompt: str, choices: Sequence[str]) -> None:
+        """The prompt and its choices together within ``max_prompt_chars``."""
+        chars = len(prompt) + sum(map(len, choices))
+        if chars > self.settings.max_prompt_chars:
+            what = "the prompt and its choices have" if choices else "the prompt has"
+            raise ComneckInputError(f"{what} {chars} characters; this gateway takes at most {self.settings.max_prompt_chars}",
+                                    ErrorCode.PROMPT_TOO_LONG)
 
     def infer(
-        self, data: bytes, prompt: str, task: str | None = None, backend: str | None = None, options: GenerationOptions | None = None
+        self, data: bytes, prompt: str, task: str | None = None, backend: str | None = None,
+        options: GenerationOptions | None = None, choices: Sequence[str] | None = None,
     ) -> Answer:
         """Check the request (cheap checks first), then decode, neck, CLIP tail and backend on the model thread."""
         start = time.perf_counter()
-        self._check_prompt_length(prompt)
-        request = self.pipeline.prepare([data], [prompt], task, backend, options)
+        self._check_prompt_length(prompt, choices or ())
+        request = self.pipeline.prepare([data], [prompt], task, backend, options, [choices])
         parsed = time.perf_counter()
         (answer,), queued = self._on_model_thread(lambda: self.pipeline.run(request))
         answer.timings_ms = {"parse": (parsed - start) * 1e3, "queue": (queued - parsed) * 1e3, **answer.timings_ms}
@@ -156,6 +158,8 @@ class Gateway:
                     "tap": b.spec.tap.describe(),
                     "clip": b.spec.clip.describe() if b.spec.clip else "the gateway's CLIP",
                     "example_prompt": b.spec.example_prompt,
+                    "resize": b.spec.resize,  # the edge's --resize its weights expect (None: any)
+                    "choices": b.spec.choices,  # it answers multiple-choice requests
                     "random_weights": self.models.random_weights or b.random_weights,
                 }
                 for b in self.backends.values()

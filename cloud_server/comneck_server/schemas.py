@@ -19,6 +19,10 @@ class InferRequest(BaseModel):
     task: str | None = Field(None, description="caption, vqa, rec or classify; default: the backend's first task")
     backend: str | None = Field(None, description="a loaded backend; default: the gateway's first")
     options: GenerationOptions = Field(default_factory=GenerationOptions)
+    choices: list[str] | None = Field(
+        None, description="a multiple-choice question's options, 2 to 26, answered by letter A, B, ... (honeybee); "
+        "clip-zero-shot ranks them as its labels; multipart sends a JSON array"
+    )
 
 
 class InferResponse(BaseModel):

@@ -47,7 +47,8 @@ def _ask(args: argparse.Namespace, encoded: EncodedImage) -> str:
     api_key = args.api_key or os.environ.get("COMNECK_API_KEY")
     with GatewayClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries) as client:
         start = time.perf_counter()
-        response = client.infer(encoded.data, args.prompt, args.task, args.backend, options, fmt=args.format)
+        response = client.infer(encoded.data, args.prompt, args.task, args.backend, options, fmt=args.format,
+                                choices=args.choice or None)
         round_trip_ms = (time.perf_counter() - start) * 1e3
     if args.json:
         return json.dumps({**response, "edge_timings_ms": encoded.timings_ms, "round_trip_ms": round_trip_ms}, indent=2)
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--prompt", help="question or instruction for the model (clip-zero-shot: 'Labels: a, b, c')")
     ask.add_argument("--task", help="caption, vqa, rec or classify (default: the backend's first task)")
     ask.add_argument("--backend", help="backend name (default: the gateway's first; see GET /v1/models)")
+    ask.add_argument("--choice", action="append", default=[], metavar="TEXT",
+                     help="one option of a multiple-choice question, in order A, B, ... (repeatable, 2 to 26; honeybee)")
     ask.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="generation option, e.g. top_k=3 (repeatable)")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
     ask.add_argument(

@@ -114,18 +114,21 @@ class GatewayClient:
         backend: str | None = None,
         options: dict[str, Any] | None = None,
         fmt: Format = "msgpack",
+        choices: list[str] | None = None,
     ) -> dict[str, Any]:
-        """POST /infer; returns the response (text, backend, task, bpp, timings_ms, ...)."""
+        """POST /infer; returns the response (text, backend, task, bpp, timings_ms, ...).
+        ``choices`` make it a multiple-choice question (answered by letter in ``details.choice``)."""
         fields = {"prompt": prompt, "task": task, "backend": backend}
         fields = {k: v for k, v in fields.items() if v is not None}
+        structured = {k: v for k, v in (("options", options), ("choices", choices)) if v}
         if fmt == "msgpack":
-            body = {"bitstream": bitstream, **fields, **({"options": options} if options else {})}
+            body = {"bitstream": bitstream, **fields, **structured}
             kwargs: dict[str, Any] = {
                 "content": msgpack.packb(body, use_bin_type=True),
                 "headers": {"Content-Type": "application/msgpack"},
             }
         else:
-            data = {**fields, **({"options": json.dumps(options)} if options else {})}
+            data = {**fields, **{k: json.dumps(v) for k, v in structured.items()}}
             kwargs = {"files": {"bitstream": ("image.cnk", bitstream, "application/octet-stream")}, "data": data}
         return _decode(self._send("POST", "/infer", **kwargs))
 

@@ -19,9 +19,21 @@ def format_answer(encoded: EncodedImage, response: dict[str, Any], round_trip_ms
         f"answer       {response['text']}",
         f"backend      {response['backend']} (task {response['task']})",
     ]
-    labels = response.get("details", {}).get("labels")
-    if labels:
-        lines.append("ranking      " + ", ".join(f"{item['label']} {item['probability']:.3f}" for item in labels))
+    details = response.get("details", {})
+    if details.get("labels"):
+        lines.append("ranking      " + ", ".join(f"{item['label']} {item['probability']:.3f}" for item in details["labels"]))
+    if "choice" in details:
+        picked = f"{details['choice']} ({details['choice_text']})" if details["choice"] else f"none ({details.get('choice_note', '')})"
+        lines.append(f"choice       {picked}")
+    if "box" in details:
+        if details.get("box_pixels"):
+            lines.append(f"box          {details['box_pixels']} (pixels of the photo)")
+        elif details["box"] is not None:
+            lines.append(f"box          {details['box']} (normalised to the codec input)")
+        else:
+            lines.append(f"box          none ({details.get('box_note', '')})")
+    if details.get("resize_note"):
+        lines.append(f"note         {details['resize_note']}")
     lines += [
         f"bitstream    {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, rate {encoded.bitstream.rate}, {encoded.entropy_params} entropy parameters)",
         f"edge (ms)    {_ms(encoded.timings_ms)}",

@@ -58,6 +58,7 @@ class ErrorCode(str, Enum):
     PROMPT_TOO_LONG = "prompt_too_long", 422, "the prompt is over the configured limit"
     BAD_PROMPT = "bad_prompt", 422, "the backend cannot use this prompt (e.g. fewer than two labels, an empty referring expression)"
     UNKNOWN_TEMPLATE = "unknown_template", 422, "options.template names no prompt template of the backend for that task"
+    BAD_CHOICES = "bad_choices", 422, "choices that are not 2 to 26 non-empty strings, or sent to a backend that takes none"
     INVALID_REQUEST = "invalid_request", 422, "a field is missing or of the wrong type or range"
     INVALID_INPUT = "invalid_input", 422, "an input the models cannot take (an image, tensor or value out of range)"
     BAD_TAP = "bad_tap", 422, "a CLIP tap names a block the CLIP tail does not have"

@@ -21,8 +21,9 @@ from torchvision.transforms import functional as TF
 
 from .errors import ComneckInputError
 
-ResizePolicy = Literal["paper", "pad-square", "pad-square-white", "none"]
-RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "pad-square-white", "none")
+ResizePolicy = Literal["paper", "pad-square", "pad-square-white", "none", "stretch"]
+#: In wire order (comneck.bitstream numbers them so): append new policies, never reorder.
+RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "pad-square-white", "none", "stretch")
 #: Fill of each padding policy: CLIP's mean colour, as LLaVA's expand2square pads; white, as
 #: Shikra's Expand2square pads.
 PAD_FILLS: dict[str, tuple[int, int, int]] = {"pad-square": (122, 116, 104), "pad-square-white": (255, 255, 255)}
@@ -63,7 +64,8 @@ def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int
     (the official code's codec input). ``pad-square``: bicubic resize of the long side to
     ``size``, centred on a ``size`` x ``size`` canvas of CLIP's mean colour, so the whole photo
     survives and boxes map back by one scale and offset; ``pad-square-white``: the same on
-    white (Shikra's padding). ``none``: unchanged.
+    white (Shikra's padding). ``stretch``: bicubic resize to ``size`` x ``size``, the aspect ratio
+    not kept (Honeybee's processor). ``none``: unchanged.
     """
     if policy == "paper":
         img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
@@ -73,6 +75,8 @@ def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int
         canvas = Image.new("RGB", (size, size), PAD_FILLS[policy])
         canvas.paste(img.resize((fw, fh), Image.Resampling.BICUBIC), offset)
         return canvas
+    if policy == "stretch":
+        return img.resize((size, size), Image.Resampling.BICUBIC)
     if policy == "none":
         return img
     raise ComneckInputError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
@@ -84,7 +88,7 @@ def frame_to_photo(box: list[float], photo_size: tuple[int, int], policy: Resize
     inverse of its scale and of its crop (``paper``) or padding (``pad-square*``)."""
     h, w = photo_size
     x0, y0, x1, y1 = (v * side for v in box)
-    if policy == "none":
+    if policy in ("none", "stretch"):
         return [x0 * w / side, y0 * h / side, x1 * w / side, y1 * h / side]
     if policy == "paper":  # torchvision: short side to ``side``, long side truncated; centre crop rounded
         scale_w, scale_h = (side / w, int(side * h / w) / h) if w <= h else (int(side * w / h) / w, side / h)

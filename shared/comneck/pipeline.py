@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import TASKS, Backend, BackendAnswer, GenerationOptions, ImageInfo, load_backend, parse_backend_arg
+from .backends import TASKS, Backend, BackendAnswer, GenerationOptions, ImageInfo, check_choices, load_backend, parse_backend_arg
 from .bitstream import DEFAULT_MAX_SIDE, Bitstream
 from .clip_split import ClipFeatures, ClipSplit, ClipTap
 from .codec import LATENT_STRIDE, EncodedLatents
@@ -60,7 +60,8 @@ def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 @dataclass
 class Request:
-    """A batch that passed every cheap check: parsed containers, prompts, the backend, task and options."""
+    """A batch that passed every cheap check: parsed containers, prompts (with their multiple-choice
+    options, an empty list for a free-form item), the backend, task and options."""
 
     streams: list[Bitstream]
     sizes: list[int]  # container bytes per item
@@ -68,6 +69,7 @@ class Request:
     backend: Backend
     task: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    choices: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -229,20 +231,28 @@ class Pipeline:
         return chosen, task
 
     def prepare(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], task: str | None = None,
-                backend: str | None = None, options: GenerationOptions | None = None) -> Request:
-        """Every check that needs no decoding, once per item: backend, task and prompts first (cheapest),
-        then each container."""
+                backend: str | None = None, options: GenerationOptions | None = None,
+                choices: Sequence[Sequence[str] | None] | None = None) -> Request:
+        """Every check that needs no decoding, once per item: backend, task, prompts and choices first
+        (cheapest), then each container. ``choices``: per item, the options of a multiple-choice
+        question (None or empty: free-form), for backends whose spec takes them."""
         if len(items) != len(prompts) or not items:
             raise ComneckInputError(f"give one prompt per bitstream (got {len(items)} bitstreams, {len(prompts)} prompts)")
+        per_item = [list(c or ()) for c in choices] if choices is not None else [[] for _ in prompts]
+        if len(per_item) != len(prompts):
+            raise ComneckInputError(f"give one list of choices per prompt (got {len(per_item)} for {len(prompts)} prompts)")
         chosen, task = self.backend_for(task, backend)
         options = options or GenerationOptions()
-        for prompt in prompts:
+        for prompt, offered in zip(prompts, per_item):
             if not prompt.strip():
                 raise ComneckInputError("the prompt is empty", ErrorCode.EMPTY_PROMPT)
-            chosen.check_prompt(prompt, task, options)
+            if offered and not chosen.spec.choices:
+                raise ComneckInputError(f"backend {chosen.spec.name} answers no multiple-choice questions: send no choices",
+                                        ErrorCode.BAD_CHOICES)
+            chosen.check_prompt(prompt, task, options, check_choices(offered) if offered else [])
         streams = [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items]
         sizes = [len(item) if isinstance(item, bytes) else len(item.to_bytes()) for item in items]
-        return Request(streams, sizes, list(prompts), chosen, task, options)
+        return Request(streams, sizes, list(prompts), chosen, task, options, per_item)
 
     def run(self, request: Request) -> list[Answer]:
         """Decode, one batched neck + tail pass, the backend: a :class:`Request` -> one answer per item."""
@@ -255,14 +265,16 @@ class Pipeline:
         features = self.features(y_hats, [tap], timings)
         clock.lap()
         images = [ImageInfo(stream.image_size, stream.source) for stream in request.streams]
-        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, request.options, images)
+        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, request.options, images,
+                                           request.choices)
         timings["backend"] = clock.lap()
         return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **timings}) for i, answer in enumerate(answers)]
 
     def answer(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], backend: str | None = None,
-               task: str | None = None, options: GenerationOptions | None = None) -> list[Answer]:
-        """The whole path for a batch: containers (bytes or parsed) + prompts -> answers."""
-        return self.run(self.prepare(items, prompts, task, backend, options))
+               task: str | None = None, options: GenerationOptions | None = None,
+               choices: Sequence[Sequence[str] | None] | None = None) -> list[Answer]:
+        """The whole path for a batch: containers (bytes or parsed) + prompts (+ choices) -> answers."""
+        return self.run(self.prepare(items, prompts, task, backend, options, choices))
 
     def _answer(self, request: Request, i: int, answer: BackendAnswer, timings: dict[str, float]) -> Answer:
         stream, expected = request.streams[i], request.backend.spec.resize

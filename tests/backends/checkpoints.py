@@ -2,8 +2,9 @@
 
 Every parameter is random and non-zero. Shapes follow the published configs scaled down: the
 vision width is the tiny CLIP's (64), the LLM is a 2-layer LLaMA of width 48, and the tokenizer
-is a sentencepiece BPE model trained here on the prompts' own text, with byte fallback, as
-LLaMA's is (unk 0, bos 1, eos 2, no pad), plus the models' added tokens.
+is a sentencepiece BPE model trained here on the prompts' own text, with byte fallback and
+LLaMA's normaliser (identity, spaces kept as written; unk 0, bos 1, eos 2, no pad), plus the models'
+added tokens.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ HIDDEN, LAYERS, HEADS, INTERMEDIATE = 48, 2, 4, 96
 SHIKRA_ADDED = {"<im_patch>": 0, "<im_start>": 1, "<im_end>": 2}  # offsets after the base vocabulary
 
 
-def train_tokenizer(path: Path, vocab_size: int = 420) -> int:
-    """Write a LLaMA-style sentencepiece model to ``path``; its vocabulary size."""
+def train_tokenizer(path: Path, vocab_size: int = 420, extra: tuple[str, ...] = ()) -> int:
+    """Write a LLaMA-style sentencepiece model to ``path``, trained on Shikra's prompts and
+    ``extra`` text; its vocabulary size."""
     import sentencepiece
 
-    corpus = [SYSTEM, "USER: ASSISTANT: Answer: [0.120,0.031,0.586,0.975] . the cow on the left, a dog"]
+    corpus = [SYSTEM, "USER: ASSISTANT: Answer: [0.120,0.031,0.586,0.975] . the cow on the left, a dog", *extra]
     corpus += [t for templates in TEMPLATES.values() for t in templates]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus * 3), model_writer=model, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, character_coverage=1.0, split_digits=True,
-        minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,  # LLaMA's normaliser
     )
     path.write_bytes(model.getvalue())
     return vocab_size
@@ -130,4 +132,69 @@ def write_shikra(root: Path, fmt: str = "bin", seed: int = 0) -> ShikraFolders:
         (folder / "added_tokens.json").write_text(json.dumps(added))
         (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
         write_shards(folder, state, 2, fmt)
+    return folders
+
+
+HONEYBEE_PROJECTOR = {
+    "projector_type": "c-abs", "hidden_size": 32, "depth": 1, "mlp_depth": 2, "num_queries": 16, "pos_emb": True,
+    "feature_layer_index": -1, "num_eos_tokens": 1, "prenorm": False, "encoder_hidden_size": VISION_WIDTH,
+}
+HONEYBEE_CORPUS = (
+    "The following is a conversation between a curious human and AI assistant.\nHuman: \nHuman: What is in the photo?\nAI: ",
+    "Answer with the option's letter from the given choices directly. Which animal is it?\nThere are several options:\n"
+    "A. a cow\nB. a horse\nC. a dog\nD. the beach\n\nAI: A",
+)
+
+
+def honeybee_config(vocab: int, projector: dict) -> dict:
+    """The release-era config.json's fields (HoneybeeConfig @ 77686f0), at the tiny size."""
+    return {
+        "architectures": ["HoneybeeForConditionalGeneration"], "model_type": "mllm", "torch_dtype": "bfloat16",
+        "transformers_version": "4.30.2", "num_query_tokens": projector.get("num_queries", 16),
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": VISION_WIDTH, "image_size": 224, "patch_size": 14,
+                          "num_hidden_layers": 2, "intermediate_size": 4 * VISION_WIDTH, "num_attention_heads": 4,
+                          "encoder_type": "openai.clip", "pretrained_vision_name_or_path": "openai/clip-vit-large-patch14"},
+        "visual_projector_config": projector,
+        "lm_config": {"pretrained_lm_name_or_path": "lmsys/vicuna-7b-v1.5", "pretrained_tokenizer_name_or_path": "lmsys/vicuna-7b-v1.5",
+                      "delta_model_name_or_path": None},
+        "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+                        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
+                        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "hidden_act": "silu", "bos_token_id": 1,
+                        "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False, "rope_scaling": None, "pretraining_tp": 1},
+    }
+
+
+@dataclass(frozen=True)
+class HoneybeeFolders:
+    checkpoint: Path  # config.json and the weights, as save_pretrained wrote them (no tokenizer)
+    tokenizer: Path  # Vicuna's tokenizer.model
+
+
+def write_honeybee(root: Path, fmt: str = "bin", seed: int = 0, projector: dict | None = None,
+                   tokenizer_inside: bool = False) -> HoneybeeFolders:
+    """A fine-tuned Honeybee folder in the release-era layout: two bf16 shards holding the vision
+    tower (``vision_model.vision_model.*``), the C-Abstractor with its 257-row positional table
+    (``abstractor.*``) and the LLaMA (``language_model.*``); Vicuna's tokenizer in its own folder
+    (or, with ``tokenizer_inside``, beside the weights)."""
+    from comneck.backends.c_abstractor import CAbstractor
+
+    projector = projector or HONEYBEE_PROJECTOR
+    g = torch.Generator().manual_seed(seed)
+    folders = HoneybeeFolders(root / "honeybee", root / "vicuna")
+    for folder in (folders.checkpoint, folders.tokenizer):
+        folder.mkdir(parents=True)
+    vocab = train_tokenizer(folders.tokenizer / "tokenizer.model", extra=HONEYBEE_CORPUS)
+    state = {f"language_model.{k}": v for k, v in llama_state(vocab, g).items()}
+    shapes = CAbstractor.from_config(projector, llm_hidden=HIDDEN).state_dict()
+    for key, value in shapes.items():
+        shape = (1, value.shape[1] + 1, value.shape[2]) if key == "pos_emb" else tuple(value.shape)  # + the CLS row
+        state[f"abstractor.{key}"] = random_nonzero(shape, g)
+    tower = "vision_model.vision_model."
+    state[tower + "embeddings.class_embedding"] = random_nonzero((VISION_WIDTH,), g)
+    state[tower + "embeddings.patch_embedding.weight"] = random_nonzero((VISION_WIDTH, 3, 14, 14), g)
+    state[tower + "post_layernorm.weight"] = 1 + random_nonzero((VISION_WIDTH,), g, 0.2)
+    (folders.checkpoint / "config.json").write_text(json.dumps(honeybee_config(vocab, projector)))
+    write_shards(folders.checkpoint, {k: v.bfloat16() for k, v in state.items()}, 2, fmt)
+    if tokenizer_inside:
+        (folders.checkpoint / "tokenizer.model").write_bytes((folders.tokenizer / "tokenizer.model").read_bytes())
     return folders

@@ -191,6 +191,9 @@ def test_a_box_comes_back_in_the_photos_pixels_and_a_mis_framed_photo_is_noted(s
         expected = frame_to_photo([0.1, 0.25, 0.6, 0.75], (640, 640), policy, 256)
         assert answer.details["box_pixels"] == pytest.approx(expected, abs=0.05)
         assert ("resize_note" in answer.details) is note
+    with pytest.raises(ComneckInputError) as info:
+        pipeline.prepare([data], ["the chicken"], backend="shikra", choices=[["left", "right"]])
+    assert info.value.code == "bad_choices" and "backend shikra answers no multiple-choice questions" in str(info.value)
 
 
 def test_bad_requests_get_their_own_codes(shikra):

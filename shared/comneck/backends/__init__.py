@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .base import TASKS, Backend, BackendAnswer, BackendContext, BackendSpec, ClipRequirement, GenerationOptions, ImageInfo
+from .base import (MAX_CHOICES, TASKS, Backend, BackendAnswer, BackendContext, BackendSpec, ClipRequirement, GenerationOptions,
+                   ImageInfo, check_choices)
 from .registry import BACKENDS, check_backend, get_spec, load_backend, parse_backend_arg
 
 __all__ = [
     "BACKENDS", "TASKS", "Backend", "BackendAnswer", "BackendContext", "BackendSpec", "ClipRequirement",
-    "GenerationOptions", "ImageInfo", "check_backend", "get_spec", "load_backend", "parse_backend_arg",
+    "GenerationOptions", "ImageInfo", "MAX_CHOICES", "check_backend", "check_choices", "get_spec", "load_backend", "parse_backend_arg",
 ]

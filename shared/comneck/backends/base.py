@@ -20,6 +20,7 @@ from torch import nn
 
 from ..bitstream import Source
 from ..clip_split import ClipTap
+from ..errors import ComneckInputError, ErrorCode
 from ..presets import ClipConfig
 
 #: Task names a request may ask for; each backend serves some of them.
@@ -29,6 +30,20 @@ TASKS: dict[str, str] = {
     "rec": "locate the object a phrase refers to (box)",
     "classify": "pick the label that fits the image best",
 }
+
+#: A multiple-choice request offers 2 to 26 choices, answered by letter (A to Z).
+MAX_CHOICES = 26
+
+
+def check_choices(choices: Sequence[str]) -> list[str]:
+    """A request's choices, refused (``bad_choices``) unless they are 2 to 26 non-empty strings."""
+    if not 2 <= len(choices) <= MAX_CHOICES:
+        raise ComneckInputError(f"a multiple-choice request offers 2 to {MAX_CHOICES} choices; got {len(choices)}",
+                                ErrorCode.BAD_CHOICES)
+    empty = [i for i, choice in enumerate(choices) if not choice.strip()]
+    if empty:
+        raise ComneckInputError(f"choice {empty[0] + 1} is empty", ErrorCode.BAD_CHOICES)
+    return list(choices)
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class BackendSpec:
       (Shikra's delta takes ``base``).
     * ``resize``: the edge's resize policy that frames photos as its published weights saw them
       (``pad-square-white`` for Shikra); answers to bitstreams framed otherwise say so.
+    * ``choices``: it answers multiple-choice requests (a request's ``choices``); others refuse them.
     """
 
     name: str
@@ -75,6 +91,7 @@ class BackendSpec:
     example_prompt: str = ""
     options: tuple[str, ...] = ()
     resize: str | None = None
+    choices: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,13 +154,15 @@ class Backend(Protocol):
     spec: BackendSpec
     random_weights: bool
 
-    def check_prompt(self, prompt: str, task: str, options: GenerationOptions) -> None:
+    def check_prompt(self, prompt: str, task: str, options: GenerationOptions, choices: Sequence[str] = ()) -> None:
         """Refuse a prompt this backend cannot use (``bad_prompt``, ``unknown_template``,
-        ``prompt_too_long``), cheaply: it runs before decoding."""
+        ``prompt_too_long``), cheaply: it runs before decoding. ``choices`` (checked by
+        :func:`check_choices`) come only to a backend whose spec takes them."""
         ...
 
     def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
-                 images: Sequence[ImageInfo] = ()) -> list[BackendAnswer]:
+                 images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
         """Features selected by ``spec.tap`` for a batch ([B, ...]) -> one answer per prompt;
-        ``images`` (one per item, or empty) lets a backend map boxes back to each photo."""
+        ``images`` (one per item, or empty) lets a backend map boxes back to each photo;
+        ``choices`` (one list per item, empty for a free-form item; or empty) are multiple-choice options."""
         ...

@@ -50,6 +50,7 @@ class CAbstractor(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder_width, self.grid_in = encoder_width, grid_in
+        self.num_tokens = grid_out**2 + num_eos_tokens  # what forward returns per image
         # Holds only the patch rows. Release-era checkpoints also carry a CLS row, which
         # load_abstractor_state drops.
         self.pos_emb = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, grid_in**2, encoder_width), std=0.02)) if pos_emb else None

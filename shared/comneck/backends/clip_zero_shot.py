@@ -1,7 +1,8 @@
 """A built-in backend that needs no LLM: CLIP zero-shot labelling over labels the prompt gives.
 
 The prompt lists candidate labels, optionally after a question and a colon
-("What is in the photo? Labels: cow, horse, beach"). Each label is scored by CLIP's
+("What is in the photo? Labels: cow, horse, beach"), or the request's ``choices`` are the
+labels (the prompt is then only the question, which CLIP does not read). Each label is scored by CLIP's
 zero-shot classifier (:mod:`comneck.zero_shot`) on the image embedding from the CLIP tail,
 using the gateway's own CLIP text tower. With random CLIP weights the ranking is
 meaningless, and the backend says so.
@@ -62,16 +63,18 @@ class ClipZeroShot:
             self._text_cache.update(zip(missing, label_embeddings(self.clip, self.tokenizer, missing)))
         return torch.stack([self._text_cache[label] for label in labels])
 
-    def check_prompt(self, prompt: str, task: str, options: GenerationOptions) -> None:
-        parse_labels(prompt)
+    def check_prompt(self, prompt: str, task: str, options: GenerationOptions, choices: Sequence[str] = ()) -> None:
+        if not choices:
+            parse_labels(prompt)
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
-                 images: Sequence[ImageInfo] = ()) -> list[BackendAnswer]:
-        """``features``: pooled image embeddings [B, D]; each prompt has its own labels (``images`` unused)."""
+                 images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
+        """``features``: pooled image embeddings [B, D]; each item has its own labels: its choices,
+        else those its prompt lists (``images`` unused)."""
         answers = []
-        for embedding, prompt in zip(features, prompts):
-            labels = parse_labels(prompt)
+        for embedding, prompt, offered in zip(features, prompts, list(choices) or [()] * len(prompts)):
+            labels = list(offered) or parse_labels(prompt)
             probs = zero_shot_logits(embedding[None], self._label_embeddings(labels), self.clip.logit_scale).softmax(dim=-1)[0]
             ranked = probs.argsort(descending=True)[: options.top_k].tolist()
             details: dict = {"labels": [{"label": labels[i], "probability": round(float(probs[i]), 6)} for i in ranked]}

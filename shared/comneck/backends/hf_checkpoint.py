@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
 from ..importers.reading import check_source, load_torch_file, tensors_only
+from .sp_tokenizer import SentencePieceTokenizer
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -113,6 +114,29 @@ class LazyTensors:
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return _tensor(self._shard(self.index[key]), key)
+
+
+_LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def llama_config(config: dict[str, Any], tokenizer: SentencePieceTokenizer, folder: Path) -> Any:
+    """A transformers LlamaConfig from a LLaMA config dict (Shikra's config.json, Honeybee's
+    ``text_config``) of the checkpoint in ``folder``. Its bos/eos/pad fields may be stale
+    (Shikra's, HF-LLaMA 4.28 era: 0/1/-1); the tokenizer's are the real ones (1/2, pad = unk)."""
+    from transformers import LlamaConfig
+
+    for key in _LLAMA_SIZES:
+        if isinstance(config.get(key), bool) or not isinstance(config.get(key), int) or config[key] < 1:
+            raise bad(folder, f"the LLaMA config's {key} is {config.get(key)!r}, not a positive integer")
+    return LlamaConfig(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        max_position_embeddings=config.get("max_position_embeddings", 2048), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        hidden_act=config.get("hidden_act", "silu"), rope_theta=config.get("rope_theta", 10000.0),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ BACKENDS: dict[str, BackendSpec] = {
         tasks=("classify",),
         tap=ClipTap("embedding", tokens="cls"),
         example_prompt="What is in the photo? Labels: cow, horse, dog, beach, city street",
+        choices=True,
     ),
     "shikra": BackendSpec(
         name="shikra",
@@ -44,6 +45,24 @@ BACKENDS: dict[str, BackendSpec] = {
         example_prompt="the cow",
         options=("base",),
         resize="pad-square-white",
+    ),
+    "honeybee": BackendSpec(
+        name="honeybee",
+        target="comneck.backends.honeybee:Honeybee",
+        description="Honeybee-C-7B-M144: multiple-choice (a letter, with choices) and free-form answers (vqa), from "
+        "block 24's patch tokens through the C-Abstractor and Vicuna-7B",
+        tasks=("vqa",),
+        tap=ClipTap("hidden", block=-1, tokens="patches"),
+        clip=ClipRequirement("ViT-L-14", 224),
+        weight_files=("config.json", "pytorch_model*.bin (vision_model., abstractor., language_model.)",
+                      "tokenizer.model (or tokenizer=PATH: lmsys/vicuna-7b-v1.5's)"),
+        extra="llm",
+        packages=("transformers", "sentencepiece", "timm"),
+        random_init=False,
+        example_prompt="What is in the photo?",
+        options=("tokenizer",),
+        resize="stretch",
+        choices=True,
     ),
 }
 
