@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from comneck.backends.hf_checkpoint import llama_from_tensors
-from comneck.backends.shikra import ShikraWeights, llama_config, merged_tensors
+from comneck.backends.hf_checkpoint import llama_config, llama_from_tensors
+from comneck.backends.shikra import ShikraWeights, merged_tensors
 from comneck.models import build_cloud_models
 from comneck.pipeline import check_dtype
 from comneck.presets import get_preset
@@ -120,7 +120,7 @@ def main() -> None:
     start = time.perf_counter()
     before = resident()
     with _Sampler() as sampler:
-        llm = llama_from_tensors(llama_config(config, _Tokens()),  # type: ignore[arg-type]
+        llm = llama_from_tensors(llama_config(config, _Tokens(), folder),  # type: ignore[arg-type]
                                  ((k, t) for k, t in merged_tensors(weights) if "mm_projector" not in k), folder, dtype, device)
     seconds = time.perf_counter() - start
     one_copy = sum(p.numel() for p in llm.parameters()) * torch.finfo(dtype).bits / 8
