@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from comneck.backends.hf_checkpoint import llama_from_tensors
-from comneck.backends.shikra import ShikraWeights, llama_config, merged_tensors
+from comneck.backends.hf_checkpoint import llama_config, llama_from_tensors
+from comneck.backends.shikra import ShikraWeights, merged_tensors
 from comneck.models import build_cloud_models
 from comneck.pipeline import check_dtype
 from comneck.presets import get_preset

@@ -10,7 +10,7 @@ read one shard at a time (safetensors lazily, ``.bin`` memory-mapped through
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,13 @@ from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
 from ..importers.reading import check_source, load_torch_file, tensors_only
+from .sp_tokenizer import SentencePieceTokenizer
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
+#: The LLaMA fields a published config.json may set; the others keep transformers' defaults.
+_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "rope_theta")
 
 
 def bad(folder: Path, why: str) -> ComneckInputError:
@@ -140,6 +144,17 @@ def load_streamed(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
     missing = [k for k in expected if k not in seen]
     if missing:
         raise bad(folder, f"{len(missing)} weights missing, e.g. {missing[0]!r}")
+
+
+def llama_config(fields: Mapping[str, Any], tokenizer: SentencePieceTokenizer) -> Any:
+    """A transformers ``LlamaConfig`` from a config.json's LLaMA fields (Shikra's config, LLaVA's
+    ``text_config``). Fields left out take LlamaConfig's defaults, LLaMA-7B's, as transformers fills
+    them when it reads such a config (llava-hf's ``text_config`` lists only a few). bos/eos/pad come
+    from the tokenizer: release-era configs carry stale ones (HF-LLaMA 4.28: 0/1/-1)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{k: fields[k] for k in _LLAMA_FIELDS if k in fields}, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
 
 
 def llama_from_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,

@@ -33,7 +33,7 @@ from ..errors import ComneckInputError, ErrorCode
 from ..image import frame_to_photo
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
 from .engines import HFEngine
-from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_from_tensors, read_config
+from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_config, llama_from_tensors, read_config
 from .sp_tokenizer import SentencePieceTokenizer
 
 IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
@@ -85,22 +85,6 @@ class ShikraWeights:
         if "mm_hidden_size" not in config or "hidden_size" not in config:
             raise bad(self.folder, "config.json is not a Shikra config (no mm_hidden_size / hidden_size)")
         return config
-
-
-def llama_config(config: dict[str, Any], tokenizer: SentencePieceTokenizer) -> Any:
-    """A transformers LlamaConfig from a Shikra config.json. Its bos/eos/pad fields are stale
-    (HF-LLaMA 4.28 era: 0/1/-1); the tokenizer's are the real ones (1/2, pad = unk)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        max_position_embeddings=config.get("max_position_embeddings", 2048), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        hidden_act=config.get("hidden_act", "silu"), rope_theta=config.get("rope_theta", 10000.0),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
 
 
 def merged_tensors(weights: ShikraWeights) -> Iterator[tuple[str, torch.Tensor]]:
