@@ -17,7 +17,7 @@ LAYERS = [
     "weights_folder", "importers", "importers.reading", "importers.fitting", "importers.elic", "importers.sources", "importers.clip",
     "models",
     "backends.base", "backends.c_abstractor", "backends.registry", "backends.clip_zero_shot", "backends.engines.base",
-    "backends.engines.hf", "backends.engines", "backends.sp_tokenizer", "backends.hf_checkpoint", "backends.shikra", "backends",
+    "backends.engines.hf", "backends.engines", "backends.sp_tokenizer", "backends.hf_checkpoint", "backends.shikra", "backends.llava", "backends",
     "pipeline", "complexity", "convert",
     "train.config", "train.checkpointing", "train.data", "train.objectives", "train.student", "train.trainer", "train.cli",
     "cli", "",

@@ -2,7 +2,7 @@
 a tiny checkpoint in its published layout for backends that load published weights only."""
 
 import pytest
-from checkpoints import write_shikra
+from checkpoints import write_llava, write_shikra
 
 from comneck.backends import BACKENDS, GenerationOptions
 from comneck.errors import ComneckInputError
@@ -22,7 +22,7 @@ def bitstreams(tiny):
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     """Weights for the backends that have no random build."""
-    return {"shikra": write_shikra(tmp_path_factory.mktemp("shikra")).merged}
+    return {"shikra": write_shikra(tmp_path_factory.mktemp("shikra")).merged, "llava": write_llava(tmp_path_factory.mktemp("llava"))}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -46,6 +46,21 @@ BACKENDS: dict[str, BackendSpec] = {
         options=("base",),
         resize="pad-square-white",
     ),
+    "llava": BackendSpec(
+        name="llava",
+        target="comneck.backends.llava:Llava",
+        description="LLaVA-1.5 (transformers' LlavaForConditionalGeneration checkpoints): answers (vqa) and captions "
+        "from block 23's patch tokens through its GELU projector and Vicuna",
+        tasks=("vqa", "caption"),
+        tap=ClipTap("hidden", block=-2, tokens="patches"),
+        clip_of_weights="comneck.backends.llava:clip_requirement",
+        weight_files=("config.json", "tokenizer.model", "added_tokens.json", "model*.safetensors or pytorch_model*.bin"),
+        extra="llm",
+        packages=("transformers", "sentencepiece"),
+        random_init=False,
+        example_prompt="What is in the photo?",
+        resize="pad-square",
+    ),
 }
 
 
