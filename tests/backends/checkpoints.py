@@ -198,3 +198,83 @@ def write_honeybee(root: Path, fmt: str = "bin", seed: int = 0, projector: dict 
     if tokenizer_inside:
         (folders.checkpoint / "tokenizer.model").write_bytes((folders.tokenizer / "tokenizer.model").read_bytes())
     return folders
+
+
+# -- LLaVA: transformers' LlavaForConditionalGeneration folders (llava-hf/llava-1.5-7b-hf's layout) --
+
+VISION_LAYERS, VISION_HEADS = 4, 4  # the tiny CLIP's tower
+LLAVA_ADDED = {"<image>": 0, "<pad>": 1}  # offsets after the base vocabulary, as llava-hf's 32000 and 32001
+LLAVA_VOCAB = 448  # embedding rows: the tokenizer's 422 padded to a multiple of 64, as llava-hf's 32064
+LLAVA_CONTEXT = 1024
+#: Where LlamaForCausalLM's ``model.`` / ``lm_head.`` keys, the projector and the vision tower go in each layout.
+LLAVA_LAYOUTS = {
+    "legacy": {"model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+               "projector": "multi_modal_projector.", "vision": "vision_tower."},
+    "new": {"model.": "model.language_model.", "lm_head.": "lm_head.",
+            "projector": "model.multi_modal_projector.", "vision": "model.vision_tower."},
+}
+
+
+def clip_vision_state(image_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """transformers' ``CLIPVisionModel`` keys (``vision_model.*``) at the tiny CLIP's size."""
+    w, grid = VISION_WIDTH, image_size // 14
+    state = {"vision_model.embeddings.class_embedding": random_nonzero((w,), generator),
+             "vision_model.embeddings.patch_embedding.weight": random_nonzero((w, 3, 14, 14), generator),
+             "vision_model.embeddings.position_embedding.weight": random_nonzero((grid * grid + 1, w), generator)}
+    norms = ["vision_model.pre_layrnorm", "vision_model.post_layernorm"]
+    for i in range(VISION_LAYERS):
+        p = f"vision_model.encoder.layers.{i}."
+        norms += [p + "layer_norm1", p + "layer_norm2"]
+        for name in ("q", "k", "v", "out"):
+            state[f"{p}self_attn.{name}_proj.weight"] = random_nonzero((w, w), generator)
+            state[f"{p}self_attn.{name}_proj.bias"] = random_nonzero((w,), generator)
+        state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"] = random_nonzero((4 * w, w), generator), random_nonzero((4 * w,), generator)
+        state[p + "mlp.fc2.weight"], state[p + "mlp.fc2.bias"] = random_nonzero((w, 4 * w), generator), random_nonzero((w,), generator)
+    for norm in norms:
+        state[norm + ".weight"], state[norm + ".bias"] = 1 + random_nonzero((w,), generator, 0.2), random_nonzero((w,), generator)
+    return state
+
+
+def llava_config(layout: str, image_size: int, added: dict[str, int]) -> dict:
+    """The published config.json at the tiny size: llava-hf's 4.36-era fields (``vocab_size`` at the
+    top level as well), or a v4.52+ save's (``image_seq_length``, ``multimodal_projector_bias``)."""
+    config = {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "ignore_index": -100,
+        "image_token_index": added["<image>"], "pad_token_id": added["<pad>"], "projector_hidden_act": "gelu",
+        "tie_word_embeddings": False, "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+        "torch_dtype": "float16",
+        "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+                        "num_attention_heads": HEADS, "max_position_embeddings": LLAVA_CONTEXT, "rms_norm_eps": 1e-5,
+                        "torch_dtype": "float16", "vocab_size": LLAVA_VOCAB},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": VISION_WIDTH, "image_size": image_size,
+                          "intermediate_size": 4 * VISION_WIDTH, "num_attention_heads": VISION_HEADS,
+                          "num_hidden_layers": VISION_LAYERS, "patch_size": 14, "projection_dim": 32, "vocab_size": 32000},
+    }
+    if layout == "legacy":
+        return {**config, "transformers_version": "4.36.0.dev0", "vocab_size": LLAVA_VOCAB}
+    return {**config, "transformers_version": "4.52.0", "image_seq_length": (image_size // 14) ** 2, "multimodal_projector_bias": True}
+
+
+def write_llava(root: Path, layout: str = "legacy", fmt: str = "bin", image_size: int = 224, seed: int = 0) -> Path:
+    """A llava-hf folder (fp16, three shards, ``layout`` "legacy" or "new"): config.json, tokenizer.model
+    with ``<image>`` and ``<pad>`` in added_tokens.json, the LLM, projector and vision tower. The
+    same seed gives the same LLM and projector in every layout, format and image size."""
+    folder = root / f"llava-{layout}-{fmt}-{image_size}"
+    folder.mkdir(parents=True)
+    base_vocab = train_tokenizer(folder / "tokenizer.model")
+    added = {token: base_vocab + offset for token, offset in LLAVA_ADDED.items()}
+    g = torch.Generator().manual_seed(seed)
+    llm = llama_state(LLAVA_VOCAB, g)
+    projector = {"linear_1.weight": random_nonzero((HIDDEN, VISION_WIDTH), g), "linear_1.bias": random_nonzero((HIDDEN,), g),
+                 "linear_2.weight": random_nonzero((HIDDEN, HIDDEN), g), "linear_2.bias": random_nonzero((HIDDEN,), g)}
+    names = LLAVA_LAYOUTS[layout]
+    state = {names[key.split(".")[0] + "."] + key.partition(".")[2]: value for key, value in llm.items()}
+    state.update({names["projector"] + key: value for key, value in projector.items()})
+    state.update({names["vision"] + key: value for key, value in clip_vision_state(image_size, g).items()})
+    write_shards(folder, {k: v.half() for k, v in state.items()}, 3, fmt)
+    (folder / "config.json").write_text(json.dumps(llava_config(layout, image_size, added)))
+    (folder / "added_tokens.json").write_text(json.dumps(added))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    return folder

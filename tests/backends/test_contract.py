@@ -2,7 +2,7 @@
 a tiny checkpoint in its published layout for backends that load published weights only."""
 
 import pytest
-from checkpoints import write_honeybee, write_shikra
+from checkpoints import write_honeybee, write_llava, write_shikra
 
 from comneck.backends import BACKENDS, GenerationOptions
 from comneck.errors import ComneckInputError
@@ -23,7 +23,8 @@ def bitstreams(tiny):
 def tiny_checkpoints(tmp_path_factory):
     """Weights for the backends that have no random build."""
     return {"shikra": write_shikra(tmp_path_factory.mktemp("shikra")).merged,
-            "honeybee": write_honeybee(tmp_path_factory.mktemp("honeybee"), tokenizer_inside=True).checkpoint}
+            "honeybee": write_honeybee(tmp_path_factory.mktemp("honeybee"), tokenizer_inside=True).checkpoint,
+            "llava": write_llava(tmp_path_factory.mktemp("llava"))}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from checkpoints import HIDDEN, HEADS, INTERMEDIATE, LAYERS, VISION_WIDTH, write_shikra
+from references import greedy
 
 from comneck.backends import GenerationOptions, load_backend
 from comneck.backends.shikra import SYSTEM, TEMPLATES, parse_boxes, render, write_merged
@@ -62,19 +63,6 @@ def reference_embeds(model, tokenizer: SentencePieceTokenizer, prompt: str, feat
     start = ids.index(tokenizer.token_id("<im_start>"))
     embeds[start + 1 : start + 1 + PATCHES] = model.projector(features)
     return embeds
-
-
-def greedy(model, embeds: torch.Tensor, steps: int, eos: int) -> list[int]:
-    """Full forward on the growing, unpadded sequence each step; argmax."""
-    out = []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(inputs_embeds=embeds[None]).logits[0, -1].argmax())
-            if token == eos:
-                break
-            out.append(token)
-            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([token]))])
-    return out
 
 
 def test_the_prompt_is_the_official_conversation_with_the_image_expanded(shikra):

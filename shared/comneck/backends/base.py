@@ -53,9 +53,14 @@ class ClipRequirement:
 
     arch: str
     image_size: int
+    width: int | None = None  # checked too when the weights name it (LLaVA's vision_config)
+
+    def fits(self, clip: ClipConfig) -> bool:
+        """The gateway's CLIP is this one (a tiny stand-in counts as what it stands for)."""
+        return (clip.arch, clip.image_size) == (self.arch, self.image_size) and self.width in (None, clip.width)
 
     def describe(self) -> str:
-        return f"{self.arch} at {self.image_size} px"
+        return f"{self.arch} at {self.image_size} px" + (f", width {self.width}" if self.width is not None else "")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class BackendSpec:
       ``load(context: BackendContext)`` classmethod.
     * ``clip``: the CLIP its published weights need; None when it reads whichever CLIP the
       gateway loaded (the zero-shot labeller uses that CLIP's own text tower).
+    * ``clip_of_weights``: ``"module:function"`` for backends whose checkpoints come for several
+      CLIPs (LLaVA at 224 or 336 px): the function reads the weights' own config, cheaply (no
+      model, no transformers), and returns the :class:`ClipRequirement` that replaces ``clip``.
     * ``weight_files``: the files of its published checkpoint it reads, in their authors' names.
     * ``extra`` / ``packages``: the pip extra that installs what it needs, and the import
       names checked at load time.
@@ -84,6 +92,7 @@ class BackendSpec:
     tasks: tuple[str, ...]  # the first is the default task
     tap: ClipTap
     clip: ClipRequirement | None = None
+    clip_of_weights: str | None = None
     weight_files: tuple[str, ...] = ()
     extra: str | None = None
     packages: tuple[str, ...] = ()

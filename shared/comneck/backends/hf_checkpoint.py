@@ -10,7 +10,7 @@ read one shard at a time (safetensors lazily, ``.bin`` memory-mapped through
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,9 @@ from .sp_tokenizer import SentencePieceTokenizer
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
+#: The LLaMA fields a published config.json may set; the others keep transformers' defaults.
+_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "rope_theta")
 
 
 def bad(folder: Path, why: str) -> ComneckInputError:
@@ -116,29 +119,6 @@ class LazyTensors:
         return _tensor(self._shard(self.index[key]), key)
 
 
-_LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def llama_config(config: dict[str, Any], tokenizer: SentencePieceTokenizer, folder: Path) -> Any:
-    """A transformers LlamaConfig from a LLaMA config dict (Shikra's config.json, Honeybee's
-    ``text_config``) of the checkpoint in ``folder``. Its bos/eos/pad fields may be stale
-    (Shikra's, HF-LLaMA 4.28 era: 0/1/-1); the tokenizer's are the real ones (1/2, pad = unk)."""
-    from transformers import LlamaConfig
-
-    for key in _LLAMA_SIZES:
-        if isinstance(config.get(key), bool) or not isinstance(config.get(key), int) or config[key] < 1:
-            raise bad(folder, f"the LLaMA config's {key} is {config.get(key)!r}, not a positive integer")
-    return LlamaConfig(
-        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        max_position_embeddings=config.get("max_position_embeddings", 2048), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        hidden_act=config.get("hidden_act", "silu"), rope_theta=config.get("rope_theta", 10000.0),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-
-
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
@@ -164,6 +144,22 @@ def load_streamed(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
     missing = [k for k in expected if k not in seen]
     if missing:
         raise bad(folder, f"{len(missing)} weights missing, e.g. {missing[0]!r}")
+
+
+def llama_config(fields: Mapping[str, Any], tokenizer: SentencePieceTokenizer, folder: Path) -> Any:
+    """A transformers ``LlamaConfig`` from the LLaMA fields of the config.json in ``folder`` (Shikra's
+    config, Honeybee's and LLaVA's ``text_config``). Fields left out take LlamaConfig's defaults,
+    LLaMA-7B's, as transformers fills them when it reads such a config (llava-hf's ``text_config``
+    lists only a few); sizes it sets must be positive integers. bos/eos/pad come from the
+    tokenizer: release-era configs carry stale ones (HF-LLaMA 4.28: 0/1/-1)."""
+    from transformers import LlamaConfig
+
+    for key in _LLAMA_FIELDS[:6]:  # the sizes
+        value = fields.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(folder, f"the LLaMA config's {key} is {value!r}, not a positive integer")
+    return LlamaConfig(**{k: fields[k] for k in _LLAMA_FIELDS if k in fields}, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
 
 
 def llama_from_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,

@@ -28,7 +28,7 @@ import torch
 from ..errors import ComneckInputError, ErrorCode
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
 from .c_abstractor import PREFIX as ABSTRACTOR, CAbstractor, load_abstractor_state
-from .engines import HFEngine
+from .engines import HFEngine, check_context
 from .hf_checkpoint import bad, iter_tensors, llama_config, llama_from_tensors, read_config
 from .sp_tokenizer import SentencePieceTokenizer
 
@@ -151,11 +151,7 @@ class Honeybee:
     def check_prompt(self, prompt: str, task: str, options: GenerationOptions, choices: Sequence[str] = ()) -> None:
         if IMAGE in prompt:
             raise ComneckInputError(f"the prompt may not hold {IMAGE}: Honeybee places the image itself", ErrorCode.BAD_PROMPT)
-        ids = self.prompt_ids(prompt, choices)
-        if len(ids) + options.max_new_tokens > self.context_length:
-            raise ComneckInputError(
-                f"the prompt takes {len(ids)} tokens and the answer up to {options.max_new_tokens}: more than honeybee's "
-                f"context of {self.context_length}", ErrorCode.PROMPT_TOO_LONG)
+        check_context("honeybee", len(self.prompt_ids(prompt, choices)), options, self.context_length)
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
@@ -166,17 +162,12 @@ class Honeybee:
         offered = list(choices) or [()] * len(prompts)
         embeds, prompt_ids = [], []
         for tokens, prompt, item_choices in zip(visual, prompts, offered):
-            ids = self.prompt_ids(prompt, item_choices)
-            slots = torch.tensor([i == IMAGE_SLOT for i in ids], device=self.engine.device)
-            embed = self.engine.embed([max(i, 0) for i in ids]).clone()
-            embed[slots] = tokens.to(embed.dtype)
-            embeds.append(embed)
+            ids = self.prompt_ids(prompt, item_choices)  # one run of slots: the prompt has one <image>
+            embeds.append(self.engine.splice([max(i, 0) for i in ids], tokens, ids.index(IMAGE_SLOT)))
             prompt_ids.append(ids)
         answers = []
         for ids, out, item_choices in zip(prompt_ids, self.engine.generate(embeds, options), offered):
-            details: dict[str, Any] = {"prompt_token_ids": ids, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
-            if out.logprobs is not None:
-                details["logprobs"] = out.logprobs
+            details = out.details(ids)
             if item_choices:
                 letter = pick(out.text, item_choices)
                 details["choice"] = letter

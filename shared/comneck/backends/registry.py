@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -64,7 +65,28 @@ BACKENDS: dict[str, BackendSpec] = {
         resize="stretch",
         choices=True,
     ),
+    "llava": BackendSpec(
+        name="llava",
+        target="comneck.backends.llava:Llava",
+        description="LLaVA-1.5 (transformers' LlavaForConditionalGeneration checkpoints): answers (vqa) and captions "
+        "from block 23's patch tokens through its GELU projector and Vicuna",
+        tasks=("vqa", "caption"),
+        tap=ClipTap("hidden", block=-2, tokens="patches"),
+        clip_of_weights="comneck.backends.llava:clip_requirement",
+        weight_files=("config.json", "tokenizer.model", "added_tokens.json", "model*.safetensors or pytorch_model*.bin"),
+        extra="llm",
+        packages=("transformers", "sentencepiece"),
+        random_init=False,
+        example_prompt="What is in the photo?",
+        resize="pad-square",
+    ),
 }
+
+
+def _resolve(target: str) -> Any:
+    """The object a ``"module:name"`` string names, its module imported now."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def get_spec(name: str) -> BackendSpec:
@@ -114,9 +136,10 @@ def check_packages(spec: BackendSpec) -> None:
 def check_clip(spec: BackendSpec, clip: ClipConfig, split_block: int, with_weights: bool) -> None:
     """Refuse a backend the loaded CLIP cannot feed: published weights need the CLIP they were
     trained on (random ones are built at the loaded CLIP's size), and the tap must lie in the CLIP tail."""
-    if with_weights and spec.clip is not None and (clip.arch, clip.image_size) != (spec.clip.arch, spec.clip.image_size):
+    if with_weights and spec.clip is not None and not spec.clip.fits(clip):
+        width = f", width {clip.width}" if spec.clip.width is not None else ""
         raise ComneckInputError(
-            f"backend {spec.name} reads {spec.clip.describe()}; this gateway's preset runs {clip.describe()}",
+            f"backend {spec.name} reads {spec.clip.describe()}; this gateway's preset runs {clip.describe()}{width}",
             ErrorCode.BAD_SETTINGS,
         )
     block = spec.tap.block_index(clip.layers)
@@ -130,7 +153,8 @@ def check_clip(spec: BackendSpec, clip: ClipConfig, split_block: int, with_weigh
 def check_backend(name: str, weights: str | Path | None, clip: ClipConfig, split_block: int,
                   options: dict[str, str] | None = None) -> BackendSpec:
     """Every check that needs no loading (name, weights and option paths present, packages,
-    CLIP and tap), for start-up to refuse a bad ``--backend`` in one line before any model loads."""
+    CLIP and tap), for start-up to refuse a bad ``--backend`` in one line before any model loads.
+    The spec returned carries the CLIP the weights need (``clip_of_weights`` read, where it has one)."""
     spec = get_spec(name)
     if weights is None and not spec.random_init:
         raise ComneckInputError(f"backend {name} has no random build: give its weights ({', '.join(spec.weight_files)})", ErrorCode.BAD_SETTINGS)
@@ -138,6 +162,8 @@ def check_backend(name: str, weights: str | Path | None, clip: ClipConfig, split
         if path is not None and not Path(path).exists():
             raise ComneckInputError(f"backend {name}: {what} {path} do not exist", ErrorCode.BAD_SETTINGS)
     check_packages(spec)
+    if weights is not None and spec.clip_of_weights is not None:
+        spec = replace(spec, clip=_resolve(spec.clip_of_weights)(Path(weights)))
     check_clip(spec, clip, split_block, weights is not None)
     return spec
 
@@ -157,8 +183,7 @@ def load_backend(
     """Check, import and load the backend ``name`` on ``device``/``dtype``; ``weights`` None builds
     it with random weights (where its spec allows) and it says so."""
     spec = check_backend(name, weights, clip_config, split_block, options)
-    module, _, cls = spec.target.partition(":")
-    backend_cls = getattr(importlib.import_module(module), cls)
+    backend_cls = _resolve(spec.target)
     context = BackendContext(spec, Path(weights) if weights is not None else None, clip_model, clip_config, clip_random,
                              torch.device(device), dtype, dict(options or {}))
     return backend_cls.load(context)

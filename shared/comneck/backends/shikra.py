@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import ComneckInputError, ErrorCode
 from ..image import frame_to_photo
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
-from .engines import HFEngine
+from .engines import HFEngine, check_context
 from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_config, llama_from_tensors, read_config
 from .sp_tokenizer import SentencePieceTokenizer
 
@@ -210,11 +210,7 @@ class Shikra:
         return self.tokenizer.encode(render(task, prompt, template or 0).replace("<image>", image))
 
     def check_prompt(self, prompt: str, task: str, options: GenerationOptions, choices: Sequence[str] = ()) -> None:
-        ids = self.prompt_ids(prompt, task, options.template)
-        if len(ids) + options.max_new_tokens > self.context_length:
-            raise ComneckInputError(
-                f"the prompt takes {len(ids)} tokens and the answer up to {options.max_new_tokens}: more than shikra's "
-                f"context of {self.context_length}", ErrorCode.PROMPT_TOO_LONG)
+        check_context("shikra", len(self.prompt_ids(prompt, task, options.template)), options, self.context_length)
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
@@ -226,20 +222,15 @@ class Shikra:
         embeds, prompt_ids = [], []
         for tokens, prompt in zip(visual, prompts):
             ids = self.prompt_ids(prompt, task, options.template)
-            embed = self.engine.embed(ids).clone()
             start = ids.index(self.start_id)
             if ids[start + 1 + self.num_patches] != self.end_id:
                 raise RuntimeError("the image tokens are not <im_start> + patches + <im_end>")
-            embed[start + 1 : start + 1 + self.num_patches] = tokens.to(embed.dtype)
-            embeds.append(embed)
+            embeds.append(self.engine.splice(ids, tokens, start + 1))
             prompt_ids.append(ids)
         answers = []
         frames = list(images) or [None] * len(prompts)
         for ids, out, image in zip(prompt_ids, self.engine.generate(embeds, options), frames):
-            details: dict[str, Any] = {"prompt_token_ids": ids, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                                       "template": options.template or 0}
-            if out.logprobs is not None:
-                details["logprobs"] = out.logprobs
+            details = {**out.details(ids), "template": options.template or 0}
             if task == "rec":
                 groups = parse_boxes(out.text)
                 one = len(groups) == 1 and len(groups[0]) == 1

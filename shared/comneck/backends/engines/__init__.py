@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FinishReason, Generation, LLMEngine
+from .base import FinishReason, Generation, LLMEngine, check_context
 from .hf import HFEngine
 
-__all__ = ["FinishReason", "Generation", "HFEngine", "LLMEngine"]
+__all__ = ["FinishReason", "Generation", "HFEngine", "LLMEngine", "check_context"]

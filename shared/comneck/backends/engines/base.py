@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from ...errors import ComneckInputError, ErrorCode
 from ..base import GenerationOptions
 
 FinishReason = Literal["stop", "length"]
@@ -36,6 +37,22 @@ class Generation:
     text: str
     finish_reason: FinishReason
     logprobs: list[dict[str, Any]] | None = None
+
+    def details(self, prompt_ids: list[int]) -> dict[str, Any]:
+        """What an LLM backend's answer reports (``BackendAnswer.details``): the prompt's ids,
+        the generated ids, the finish reason and, when asked, the log-probabilities."""
+        details: dict[str, Any] = {"prompt_token_ids": prompt_ids, "token_ids": self.token_ids, "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            details["logprobs"] = self.logprobs
+        return details
+
+
+def check_context(backend: str, prompt_tokens: int, options: GenerationOptions, context_length: int) -> None:
+    """Refuse (``prompt_too_long``) a prompt whose tokens and longest answer overrun the LLM's context."""
+    if prompt_tokens + options.max_new_tokens > context_length:
+        raise ComneckInputError(
+            f"the prompt takes {prompt_tokens} tokens and the answer up to {options.max_new_tokens}: more than {backend}'s "
+            f"context of {context_length}", ErrorCode.PROMPT_TOO_LONG)
 
 
 class LLMEngine(Protocol):

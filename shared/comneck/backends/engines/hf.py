@@ -69,6 +69,13 @@ class HFEngine:
         with torch.no_grad():
             return self.model.get_input_embeddings()(ids)
 
+    def splice(self, token_ids: list[int], visual: torch.Tensor, start: int) -> torch.Tensor:
+        """The prompt's input embeddings [T, hidden] with ``visual`` ([N, hidden]: the projected
+        image tokens) written over rows ``start`` .. ``start + N``, the image placeholders' places."""
+        embed = self.embed(token_ids).clone()
+        embed[start : start + visual.shape[0]] = visual.to(embed.dtype)
+        return embed
+
     def generate(
         self, embeds: list[torch.Tensor], options: GenerationOptions, stop_ids: Sequence[int] = ()
     ) -> list[Generation]:
