@@ -266,3 +266,25 @@ def test_http_round_trip_on_the_tiny_preset(folder, tiny):
         with pytest.raises(GatewayError) as info:
             gateway.infer(data, "word " * 790, backend="llava")
         assert (info.value.status, info.value.code) == (422, "prompt_too_long") and "llava's context" in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folder, tiny_models, llava, dtype):
+    """float32 on CUDA gives the CPU's tokens, and a batch gives what single calls give; the half
+    types still rank the CPU's first token in their top 3, with finite log-probabilities."""
+    import math
+
+    backend = load_backend("llava", folder, {}, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip,
+                           split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
+    prompts, options = ["What is in the photo?", "Where is the cow?", "Describe it."], GenerationOptions(max_new_tokens=6, logprobs=3)
+    on_cpu = llava.generate(features, prompts, "vqa", options)
+    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "vqa", options)
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        assert cpu.details["logprobs"][0]["token_id"] in [t["token_id"] for t in gpu.details["logprobs"][0]["top_logprobs"]]
+        assert all(math.isfinite(t["logprob"]) for step in gpu.details["logprobs"] for t in step["top_logprobs"])
+    if dtype == torch.float32:
+        assert [a.details["token_ids"] for a in on_gpu] == [a.details["token_ids"] for a in on_cpu]
+        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "vqa", options)[0] for i in range(3)]
+        assert [a.details["token_ids"] for a in singles] == [a.details["token_ids"] for a in on_gpu]
