@@ -339,3 +339,33 @@ def test_http_round_trip_on_the_tiny_preset(files, tiny):
         with pytest.raises(GatewayError) as info:
             gateway.infer(data, "word " * 2100)
         assert (info.value.status, info.value.code) == (422, "prompt_too_long")
+
+
+def test_a_converted_folder_with_bad_sizes_is_refused(tiny_models, files, tmp_path):
+    out = tmp_path / "converted"
+    write_converted(files.adapter, files.llama, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "adapter_layers": 5}))
+    with pytest.raises(ComneckInputError) as info:
+        load(tiny_models, out)
+    assert info.value.code == "bad_weights" and "[4, 5, 3] are not positive integers with adapter_layers <= num_hidden_layers" in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(files, tiny_models, adapter, dtype):
+    """float32 on CUDA gives the CPU's tokens, and a batch what single calls give; the half types
+    rank the CPU's first token in their top 3, with finite log-probabilities."""
+    backend = load_backend("llama-adapter-v1", files.adapter, {"llama": str(files.llama)}, clip_model=tiny_models.clip_model,
+                           clip_config=tiny_models.preset.clip, split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    features = torch.randn(3, TOKENS, adapter.connector.clip_dim, generator=torch.Generator().manual_seed(5))
+    options = GenerationOptions(max_new_tokens=STEPS, logprobs=3)
+    on_cpu = adapter.generate(features, PROMPTS, "caption", options)
+    on_gpu = backend.generate(features.cuda().to(dtype), PROMPTS, "caption", options)
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        assert cpu.details["logprobs"][0]["token_id"] in [t["token_id"] for t in gpu.details["logprobs"][0]["top_logprobs"]]
+        assert all(math.isfinite(t["logprob"]) for step in gpu.details["logprobs"] for t in step["top_logprobs"])
+    if dtype == torch.float32:
+        assert [a.details["token_ids"] for a in on_gpu] == [a.details["token_ids"] for a in on_cpu]
+        singles = [backend.generate(features[i : i + 1].cuda(), PROMPTS[i : i + 1], "caption", options)[0] for i in range(3)]
+        assert [a.details["token_ids"] for a in singles] == [a.details["token_ids"] for a in on_gpu]

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import Block
@@ -223,13 +223,17 @@ class AdapterCheckpoint:
                               f"want {MODEL_TYPE!r} with a llama config)")
         if not (folder / "tokenizer.model").is_file():
             raise bad(folder, "no tokenizer.model")
+        sizes = [config.get("adapter_len"), config.get("adapter_layers"), config["llama"].get("num_hidden_layers")]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes) or sizes[1] > sizes[2]:
+            raise bad(folder, f"config.json's adapter_len, adapter_layers and llama.num_hidden_layers {sizes} are not "
+                              "positive integers with adapter_layers <= num_hidden_layers")
         vision = {k[len(VISION):]: v for k, v in iter_tensors(folder) if k.startswith(VISION)}
 
         def llm_tensors() -> Iterator[tuple[str, torch.Tensor]]:
             return ((k, v) for k, v in iter_tensors(folder) if not k.startswith(VISION))
 
         return cls(folder, config["llama"], SentencePieceTokenizer(folder / "tokenizer.model", clean_up=False),
-                   int(config["adapter_len"]), int(config["adapter_layers"]), vision, llm_tensors)
+                   sizes[0], sizes[1], vision, llm_tensors)
 
     def write(self, out: Path, shard_bytes: int = 5 * 2**30) -> list[Path]:
         """``comneck convert``: config.json, tokenizer.model and the tensors as safetensors
