@@ -56,7 +56,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 from ..errors import ComneckInputError, ErrorCode
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
 from .engines import HFEngine
-from .hf_checkpoint import bad, iter_tensors, llama_config, llama_from_tensors, load_streamed, read_config, read_shard, write_safetensors
+from .hf_checkpoint import LazyTensors, bad, llama_config, llama_from_tensors, load_streamed, read_config, read_shard, write_safetensors
 from .meta_checkpoint import MetaLlama
 from .sp_tokenizer import SentencePieceTokenizer
 
@@ -227,10 +227,11 @@ class AdapterCheckpoint:
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes) or sizes[1] > sizes[2]:
             raise bad(folder, f"config.json's adapter_len, adapter_layers and llama.num_hidden_layers {sizes} are not "
                               "positive integers with adapter_layers <= num_hidden_layers")
-        vision = {k[len(VISION):]: v for k, v in iter_tensors(folder) if k.startswith(VISION)}
+        tensors = LazyTensors(folder)  # each tensor read when asked for: the LLM's are not read for the connector's
+        vision = {k[len(VISION):]: tensors[k] for k in tensors.index if k.startswith(VISION)}
 
         def llm_tensors() -> Iterator[tuple[str, torch.Tensor]]:
-            return ((k, v) for k, v in iter_tensors(folder) if not k.startswith(VISION))
+            return ((k, tensors[k]) for k in tensors.index if not k.startswith(VISION))
 
         return cls(folder, config["llama"], SentencePieceTokenizer(folder / "tokenizer.model", clean_up=False),
                    sizes[0], sizes[1], vision, llm_tensors)
