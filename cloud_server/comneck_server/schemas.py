@@ -15,7 +15,7 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bitstream: bytes = Field(description="a ComNeck container (docs/bitstream.md); msgpack bin")
-    prompt: str = Field(description="the question or instruction for the backend")
+    prompt: str = Field(description="the question or instruction for the backend; may be empty for task caption")
     task: str | None = Field(None, description="caption, vqa, rec or classify; default: the backend's first task")
     backend: str | None = Field(None, description="a loaded backend; default: the gateway's first")
     options: GenerationOptions = Field(default_factory=GenerationOptions)

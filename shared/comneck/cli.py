@@ -24,6 +24,8 @@ def _complexity(args: argparse.Namespace) -> str:
 def _convert(args: argparse.Namespace) -> str:
     if args.base is not None:
         return _merge_shikra(args)
+    if args.llama is not None:
+        return _convert_llama_adapter(args)
     from .convert import convert
 
     manifest = convert(args.source, args.output, get_preset(args.preset), args.scenario, args.rate, args.force)
@@ -53,6 +55,17 @@ def _merge_shikra(args: argparse.Namespace) -> str:
             f"merged as apply_delta.py does)\nserve: comneck-server --backend shikra={args.output}")
 
 
+def _convert_llama_adapter(args: argparse.Namespace) -> str:
+    """``comneck convert CAPTION_ADAPTER.pth --llama LLAMA_DIR -o OUT``: the LLaMA-Adapter V1 caption model, converted once."""
+    from .backends.llama_adapter import write_converted
+    from .weights_folder import check_target
+
+    check_target(args.output, args.force)
+    files = write_converted(args.source, args.llama, args.output)
+    return (f"wrote {args.output}: {len(files)} safetensors shard(s), config.json and tokenizer.model (Meta's LLaMA with wq/wk "
+            f"permuted for transformers, the caption adapter)\nserve: comneck-server --backend llama-adapter-v1={args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comneck",
@@ -79,13 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         "name their scenario and rate; --scenario/--rate override or supply them. See docs/checkpoints.md.",
     )
     cv.add_argument("source", type=Path, help="weight file: d1_1.pth.tar, an ELIC .pth.tar, a CompressAI state dict, a CLIP .pt/.bin/.safetensors; "
-                    "or the shikra-7b-delta-v1 folder with --base")
+                    "or the shikra-7b-delta-v1 folder with --base; or LLaMA-Adapter V1's caption adapter .pth with --llama")
     cv.add_argument("-o", "--output", type=Path, required=True, help="folder to write (must be new or empty unless --force)")
     cv.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="network sizes the weights must fit (default: paper)")
     cv.add_argument("--scenario", choices=("d1", "d2", "d3"), help="training scenario, when the file name does not say")
     cv.add_argument("--rate", type=int, choices=(1, 2, 3, 4), help="rate index 1..4 (lambda 0.004..0.032), when the file name does not say")
     cv.add_argument("--base", type=Path, help="with a Shikra delta folder as SOURCE: its LLaMA-7B base (Hugging Face format); "
                     "OUTPUT becomes the merged Shikra folder for `comneck-server --backend shikra=OUTPUT`")
+    cv.add_argument("--llama", type=Path, help="with llama_adapter_len10_layer30_caption_vit_l.pth as SOURCE: Meta's LLaMA-7B folder "
+                    "(params.json, consolidated.00.pth, tokenizer.model); OUTPUT becomes the folder for "
+                    "`comneck-server --backend llama-adapter-v1=OUTPUT`")
     cv.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
     cv.add_argument("--json", action="store_true", help="print the manifest as JSON")
     cv.set_defaults(func=_convert)

@@ -54,7 +54,7 @@ class ErrorCode(str, Enum):
     BODY_TOO_LARGE = "body_too_large", 413, "the body is over the configured limit"
     IMAGE_TOO_LARGE = "image_too_large", 413, "the bitstream's image has more pixels than /reconstruct takes (configured limit)"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "a content type the endpoint does not take"
-    EMPTY_PROMPT = "empty_prompt", 422, "the prompt is empty"
+    EMPTY_PROMPT = "empty_prompt", 422, "the prompt is empty (only a caption request may send none)"
     PROMPT_TOO_LONG = "prompt_too_long", 422, "the prompt is over the configured limit"
     BAD_PROMPT = "bad_prompt", 422, "the backend cannot use this prompt (e.g. fewer than two labels, an empty referring expression)"
     UNKNOWN_TEMPLATE = "unknown_template", 422, "options.template names no prompt template of the backend for that task"

@@ -244,7 +244,7 @@ class Pipeline:
         chosen, task = self.backend_for(task, backend)
         options = options or GenerationOptions()
         for prompt, offered in zip(prompts, per_item):
-            if not prompt.strip():
+            if not prompt.strip() and task != "caption":  # a caption needs no words of the user's
                 raise ComneckInputError("the prompt is empty", ErrorCode.EMPTY_PROMPT)
             if offered and not chosen.spec.choices:
                 raise ComneckInputError(f"backend {chosen.spec.name} answers no multiple-choice questions: send no choices",

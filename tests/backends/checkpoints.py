@@ -278,3 +278,70 @@ def write_llava(root: Path, layout: str = "legacy", fmt: str = "bin", image_size
     (folder / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
     return folder
+
+
+META_PARAMS = {"dim": HIDDEN, "multiple_of": 24, "n_heads": HEADS, "n_layers": 3, "norm_eps": 1e-6, "vocab_size": -1}
+META_FFN = 144  # 24 * ceil(int(2 * 4 * 48 / 3) / 24)
+ADAPTER_LEN, ADAPTER_LAYERS, ADAPTER_VISION, ADAPTER_BLOCKS = 4, 2, 32, 2  # queries, adapted layers (the last 2 of 3), width, blocks
+ADAPTER_CORPUS = ("Generate caption of this image :", "a cow standing on the beach next to a dog .", "A photo of a chicken on money")
+
+
+@dataclass(frozen=True)
+class LlamaAdapterFiles:
+    adapter: Path  # llama_adapter_len10_layer30_caption_vit_l.pth's layout
+    llama: Path  # Meta's folder: params.json, consolidated.00.pth, tokenizer.model
+
+
+def meta_llama_state(vocab: int, layers: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A Meta ``consolidated.00.pth`` state dict of the tiny size, ``rope.freqs`` included."""
+    state = {"tok_embeddings.weight": random_nonzero((vocab, HIDDEN), generator),
+             "norm.weight": 1 + random_nonzero((HIDDEN,), generator, 0.2),
+             "output.weight": random_nonzero((vocab, HIDDEN), generator),
+             "rope.freqs": 1.0 / 10000 ** (torch.arange(0, HIDDEN // HEADS, 2).float() / (HIDDEN // HEADS))}
+    for i in range(layers):
+        p = f"layers.{i}."
+        for name in ("wq", "wk", "wv", "wo"):
+            state[f"{p}attention.{name}.weight"] = random_nonzero((HIDDEN, HIDDEN), generator)
+        state[f"{p}feed_forward.w1.weight"] = random_nonzero((META_FFN, HIDDEN), generator)
+        state[f"{p}feed_forward.w2.weight"] = random_nonzero((HIDDEN, META_FFN), generator)
+        state[f"{p}feed_forward.w3.weight"] = random_nonzero((META_FFN, HIDDEN), generator)
+        state[f"{p}attention_norm.weight"] = 1 + random_nonzero((HIDDEN,), generator, 0.2)
+        state[f"{p}ffn_norm.weight"] = 1 + random_nonzero((HIDDEN,), generator, 0.2)
+    return state
+
+
+def caption_adapter_state(clip_dim: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The caption adapter's keys (BACKENDS.md section 1) at the tiny size: the adaption prompts,
+    a per-head ``cap_gate`` in every layer (as the official model builds them), the vision part."""
+    width, layers = ADAPTER_VISION, META_PARAMS["n_layers"]
+
+    def norm(n: int) -> dict[str, torch.Tensor]:
+        return {"weight": 1 + random_nonzero((n,), generator, 0.2), "bias": random_nonzero((n,), generator, 0.2)}
+
+    def linear(out: int, inp: int) -> dict[str, torch.Tensor]:
+        return {"weight": random_nonzero((out, inp), generator), "bias": random_nonzero((out,), generator, 0.2)}
+
+    parts = {"clip_proj": linear(width, clip_dim), "clip_proj_norm": norm(width), "visual_query": {"weight": random_nonzero((ADAPTER_LEN, width), generator)},
+             "visual_proj": linear(HIDDEN, width), "visual_proj_norm": norm(HIDDEN)}
+    for b in range(ADAPTER_BLOCKS):
+        block = f"visual_blocks.{b}."
+        parts |= {block + "norm1": norm(width), block + "attn.qkv": linear(3 * width, width), block + "attn.proj": linear(width, width),
+                  block + "norm2": norm(width), block + "mlp.fc1": linear(4 * width, width), block + "mlp.fc2": linear(width, 4 * width)}
+    state = {f"{module}.{name}": tensor for module, params in parts.items() for name, tensor in params.items()}
+    state["cap_adapter_query.weight"] = random_nonzero((ADAPTER_LAYERS * ADAPTER_LEN, HIDDEN), generator)
+    for i in range(layers):
+        state[f"layers.{i}.attention.cap_gate"] = random_nonzero((1, HEADS, 1, 1), generator, 1.0)
+    return state
+
+
+def write_llama_adapter(root: Path, clip_dim: int, seed: int = 0) -> LlamaAdapterFiles:
+    """LLaMA-Adapter V1's caption files: Meta's LLaMA folder (fp16 weights as released, params.json
+    with vocab_size -1, a tokenizer) and the caption adapter ``.pth`` (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    files = LlamaAdapterFiles(root / "llama_adapter_len10_layer30_caption_vit_l.pth", root / "llama-7b")
+    files.llama.mkdir(parents=True)
+    vocab = train_tokenizer(files.llama / "tokenizer.model", extra=ADAPTER_CORPUS)
+    (files.llama / "params.json").write_text(json.dumps(META_PARAMS))
+    torch.save({k: v.half() for k, v in meta_llama_state(vocab, META_PARAMS["n_layers"], g).items()}, files.llama / "consolidated.00.pth")
+    torch.save(caption_adapter_state(clip_dim, g), files.adapter)
+    return files

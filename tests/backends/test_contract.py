@@ -2,7 +2,7 @@
 a tiny checkpoint in its published layout for backends that load published weights only."""
 
 import pytest
-from checkpoints import write_honeybee, write_llava, write_shikra
+from checkpoints import write_honeybee, write_llama_adapter, write_llava, write_shikra
 
 from comneck.backends import BACKENDS, GenerationOptions
 from comneck.errors import ComneckInputError
@@ -20,11 +20,17 @@ def bitstreams(tiny):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
+def tiny_checkpoints(tmp_path_factory, tiny):
     """Weights for the backends that have no random build."""
+    from comneck.backends.llama_adapter import write_converted
+
+    adapter = write_llama_adapter(tmp_path_factory.mktemp("llama-adapter"), tiny.clip.model_cfg["embed_dim"])
+    converted = tmp_path_factory.mktemp("llama-adapter-converted")
+    write_converted(adapter.adapter, adapter.llama, converted)
     return {"shikra": write_shikra(tmp_path_factory.mktemp("shikra")).merged,
             "honeybee": write_honeybee(tmp_path_factory.mktemp("honeybee"), tokenizer_inside=True).checkpoint,
-            "llava": write_llava(tmp_path_factory.mktemp("llava"))}
+            "llava": write_llava(tmp_path_factory.mktemp("llava")),
+            "llama-adapter-v1": converted}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

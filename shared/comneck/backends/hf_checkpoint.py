@@ -10,7 +10,7 @@ read one shard at a time (safetensors lazily, ``.bin`` memory-mapped through
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,13 +163,17 @@ def llama_config(fields: Mapping[str, Any], tokenizer: SentencePieceTokenizer, f
 
 
 def llama_from_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
-                       dtype: torch.dtype, device: torch.device) -> Any:
-    """A transformers ``LlamaForCausalLM`` for ``config`` holding exactly ``tensors``, in eval mode."""
+                       dtype: torch.dtype, device: torch.device, adapt: Callable[[nn.Module], None] | None = None) -> Any:
+    """A transformers ``LlamaForCausalLM`` for ``config`` holding exactly ``tensors``, in eval mode.
+    ``adapt`` changes the model while it is still on the meta device, before the tensors go in
+    (LLaMA-Adapter swaps in its attention, whose extra parameters then come from ``tensors`` too)."""
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+        if adapt is not None:
+            adapt(model)
     load_streamed(model, tensors, folder, dtype, device)
     # The rotary table is a buffer computed at construction, not stored: build it where the model lives.
     model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)
@@ -177,3 +181,37 @@ def llama_from_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]],
     if left:
         raise RuntimeError(f"LLaMA tensors left unloaded: {left[:3]}")
     return model.eval()
+
+
+def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """``tensors`` as ``model.safetensors``, or as shards of at most ``shard_bytes`` named and
+    indexed as transformers names them (``model-0000k-of-0000n.safetensors`` + index), in ``out``.
+    Holds one shard in memory; returns the files written."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        save_file(current, str(out / f"part-{len(parts)}.tmp"), metadata={"format": "pt"})
+        parts.append(list(current))
+        current.clear()
+
+    size = 0
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+            size = 0
+        current[key] = tensor.contiguous()
+        size += nbytes
+    if current:
+        flush()
+    names = ["model.safetensors"] if len(parts) == 1 else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for i, name in enumerate(names):
+        (out / f"part-{i}.tmp").replace(out / name)
+    if len(parts) > 1:
+        index = {"metadata": {}, "weight_map": {key: name for name, keys in zip(names, parts) for key in keys}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return [out / name for name in names]

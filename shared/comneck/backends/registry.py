@@ -80,6 +80,23 @@ BACKENDS: dict[str, BackendSpec] = {
         example_prompt="What is in the photo?",
         resize="pad-square",
     ),
+    "llama-adapter-v1": BackendSpec(
+        name="llama-adapter-v1",
+        target="comneck.backends.llama_adapter:LlamaAdapterV1",
+        description="LLaMA-Adapter V1 captioning: all 257 projected CLIP tokens through the caption connector, as gated "
+        "adaption prompts in the last 30 layers of LLaMA-7B",
+        tasks=("caption",),
+        tap=ClipTap("projected", tokens="all"),
+        clip=ClipRequirement("ViT-L-14", 224),
+        weight_files=("llama_adapter_len10_layer30_caption_vit_l.pth with llama=LLAMA_DIR (Meta's params.json, "
+                      "consolidated.00.pth, tokenizer.model)", "or a folder from comneck convert"),
+        extra="llm",
+        packages=("transformers", "sentencepiece", "timm"),
+        random_init=False,
+        example_prompt="Generate caption of this image :",
+        options=("llama",),
+        resize="paper",
+    ),
 }
 
 

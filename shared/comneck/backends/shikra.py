@@ -33,7 +33,7 @@ from ..errors import ComneckInputError, ErrorCode
 from ..image import frame_to_photo
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
 from .engines import HFEngine, check_context
-from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_config, llama_from_tensors, read_config
+from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_config, llama_from_tensors, read_config, write_safetensors
 from .sp_tokenizer import SentencePieceTokenizer
 
 IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
@@ -117,38 +117,12 @@ def write_merged(weights: ShikraWeights, out: Path, shard_bytes: int = 5 * 2**30
     config.json and tokenizer files, the merged tensors) in safetensors shards of at most
     ``shard_bytes`` with an index, so start-up reads it instead of adding the delta again.
     Holds one shard in memory."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    parts: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-
-    def flush() -> None:
-        save_file(current, str(out / f"part-{len(parts)}.tmp"), metadata={"format": "pt"})
-        parts.append(list(current))
-        current.clear()
-
-    size = 0
-    for key, tensor in merged_tensors(weights):
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > shard_bytes:
-            flush()
-            size = 0
-        current[key] = tensor.contiguous()
-        size += nbytes
-    if current:
-        flush()
-    names = ["model.safetensors"] if len(parts) == 1 else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
-    for i, name in enumerate(names):
-        (out / f"part-{i}.tmp").replace(out / name)
-    if len(parts) > 1:
-        index = {"metadata": {}, "weight_map": {key: name for name, keys in zip(names, parts) for key in keys}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    files = write_safetensors(merged_tensors(weights), out, shard_bytes)
     (out / "config.json").write_text(json.dumps(weights.config, indent=2))
     for name in ("tokenizer.model", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json", "generation_config.json"):
         if (weights.folder / name).is_file():
             (out / name).write_bytes((weights.folder / name).read_bytes())
-    return [out / name for name in names]
+    return files
 
 
 class Shikra:

@@ -29,10 +29,12 @@ def _clean_up(text: str) -> str:
 class SentencePieceTokenizer:
     """``tokenizer.model`` plus the added tokens (``added_tokens.json``) of a LLaMA checkpoint folder.
 
-    ``pad_token_id`` is the unknown token's id, as Shikra (v1) and Honeybee set it.
+    ``pad_token_id`` is the unknown token's id, as Shikra (v1) and Honeybee set it. ``clean_up``
+    False decodes as sentencepiece does, with no space removed before punctuation (Meta's own
+    LLaMA tokenizer, which LLaMA-Adapter decodes with).
     """
 
-    def __init__(self, model_file: str | Path, added_tokens: dict[str, int] | None = None) -> None:
+    def __init__(self, model_file: str | Path, added_tokens: dict[str, int] | None = None, clean_up: bool = True) -> None:
         import sentencepiece
 
         self.sp = sentencepiece.SentencePieceProcessor()
@@ -42,6 +44,7 @@ class SentencePieceTokenizer:
             raise ComneckInputError(f"{model_file}: not a sentencepiece model ({exc})", ErrorCode.BAD_WEIGHTS) from None
         self.base_vocab_size = int(self.sp.GetPieceSize())
         self.added = dict(added_tokens or {})
+        self.clean_up = clean_up
         expected = list(range(self.base_vocab_size, self.base_vocab_size + len(self.added)))
         if sorted(self.added.values()) != expected:
             raise ComneckInputError(
@@ -96,9 +99,10 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text as the slow tokenizer decoded answers (special tokens skipped, spaces
-        before punctuation cleaned up)."""
+        before punctuation cleaned up unless ``clean_up`` is off)."""
         kept = [i for i in ids if not (skip_special_tokens and i in self._skipped) and 0 <= i < self.base_vocab_size]
-        return _clean_up(self.sp.DecodeIds(kept))
+        text = self.sp.DecodeIds(kept)
+        return _clean_up(text) if self.clean_up else text
 
     def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
