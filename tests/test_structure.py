@@ -18,7 +18,7 @@ LAYERS = [
     "models",
     "backends.base", "backends.c_abstractor", "backends.registry", "backends.clip_zero_shot", "backends.engines.base",
     "backends.engines.hf", "backends.engines", "backends.sp_tokenizer", "backends.hf_checkpoint", "backends.meta_checkpoint",
-    "backends.v2l_fewshot", "backends.shikra", "backends.honeybee", "backends.llava", "backends.llama_adapter", "backends",
+    "backends.v2l_fewshot", "backends.shikra", "backends.honeybee", "backends.llava", "backends.llama_adapter", "backends.v2l", "backends",
     "pipeline", "complexity", "convert",
     "train.config", "train.checkpointing", "train.data", "train.objectives", "train.student", "train.trainer", "train.cli",
     "cli", "",

@@ -15,13 +15,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,17 +29,19 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from comneck.backends import MAX_SUPPORT
 from comneck.errors import ComneckInputError, ErrorCode
 
 from .errors import ApiError, error_body, status_of
 from .gateway import Gateway
-from .schemas import ErrorResponse, InferRequest, InferResponse
+from .schemas import ErrorResponse, InferRequest, InferResponse, SupportSetInfo, SupportSetRequest
 from .settings import ServerSettings
 
 log = logging.getLogger("comneck.server")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 MAX_JSON_FIELD_CHARS = 4096  # a multipart JSON field: every option together takes about 120, 26 choices of 150
-MAX_MSGPACK_CONTAINERS = 8  # maps and arrays in a msgpack body; an InferRequest has two maps
+ModelT = TypeVar("ModelT", bound=BaseModel)
+MAX_MSGPACK_CONTAINERS = 8  # maps and arrays in a msgpack body; an InferRequest has up to five
 MAX_MSGPACK_ITEMS = 64  # entries of one msgpack map or array
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -87,6 +89,30 @@ INFER_BODY = {
                         "backend": {"type": "string"},
                         "options": {"type": "string", "description": 'JSON object, e.g. {"top_k": 3}'},
                         "choices": {"type": "string", "description": 'JSON array of strings, e.g. ["a cow", "a horse"]'},
+                        "support_bitstreams": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                               "description": "task fewshot: repeated file parts, one per label"},
+                        "support_labels": {"type": "string", "description": 'task fewshot: JSON array, e.g. ["cat", "dog"]'},
+                        "support_set": {"type": "string", "description": "task fewshot: a registered support set"},
+                    },
+                }
+            },
+        },
+    }
+}
+SUPPORT_SET_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/msgpack": {"schema": _inline_schema(SupportSetRequest)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["support_bitstreams", "support_labels"],
+                    "properties": {
+                        "support_bitstreams": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                               "description": "repeated file parts, one per label"},
+                        "support_labels": {"type": "string", "description": 'JSON array, e.g. ["cat", "dog"]'},
+                        "backend": {"type": "string"},
                     },
                 }
             },
@@ -250,10 +276,10 @@ class _Utf8FormParser(MultiPartParser):
 
 
 @asynccontextmanager
-async def _form(request: Request, max_fields: int) -> AsyncIterator[FormData]:
-    """The multipart body (one file part at most); its spooled file is closed when the block ends."""
+async def _form(request: Request, max_fields: int, max_files: int = 1) -> AsyncIterator[FormData]:
+    """The multipart body (``max_files`` file parts at most); its spooled files are closed when the block ends."""
     try:
-        form = await _Utf8FormParser(request.headers, request.stream(), max_files=1, max_fields=max_fields).parse()
+        form = await _Utf8FormParser(request.headers, request.stream(), max_files=max_files, max_fields=max_fields).parse()
     except MultiPartException as exc:
         raise ApiError(ErrorCode.BAD_REQUEST, f"multipart body cannot be read: {exc.message}") from None
     try:
@@ -289,8 +315,12 @@ def _unpack(body: bytes) -> Any:
         raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
-def _parse_json_field(name: str, text: str, example: str) -> Any:
-    """A multipart field sent as JSON (``options``, ``choices``), of at most ``MAX_JSON_FIELD_CHARS``
+#: Multipart fields sent as JSON text, with an example for the refusal.
+_JSON_FIELDS = {"options": '{"top_k": 3}', "choices": '["a cow", "a horse"]', "support_labels": '["cat", "dog"]'}
+
+
+def _parse_json_field(name: str, text: str) -> Any:
+    """A multipart field sent as JSON (:data:`_JSON_FIELDS`), of at most ``MAX_JSON_FIELD_CHARS``
     characters (which also bounds its nesting below Python's recursion limit); its type is
     checked by the request model."""
     if len(text) > MAX_JSON_FIELD_CHARS:
@@ -298,33 +328,48 @@ def _parse_json_field(name: str, text: str, example: str) -> Any:
     try:
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError):
-        raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} must be JSON, e.g. {example}") from None
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} must be JSON, e.g. {_JSON_FIELDS[name]}") from None
 
 
-async def _bitstream_part(form: Any) -> bytes:
-    """The bytes of the multipart file part ``bitstream``."""
-    upload = form.get("bitstream")
+async def _file_part(form: Any, name: str = "bitstream") -> bytes:
+    """The bytes of the multipart file part ``name``."""
+    upload = form.get(name)
     if upload is None or isinstance(upload, str):
-        raise ApiError(ErrorCode.INVALID_REQUEST, "multipart body needs the bitstream as a file part (curl -F bitstream=@photo.cnk)")
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"multipart body needs the {name} as a file part (curl -F {name}=@photo.cnk)")
     return await upload.read()
 
 
-async def _read_infer_request(request: Request) -> InferRequest:
+async def _file_parts(form: Any, name: str) -> list[bytes] | None:
+    """The bytes of every multipart file part ``name`` (repeated parts), None when there is none."""
+    uploads = form.getlist(name)
+    if not uploads:
+        return None
+    if any(isinstance(upload, str) for upload in uploads):
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"send each of {name} as a file part (curl -F {name}=@photo.cnk)")
+    return [await upload.read() for upload in uploads]
+
+
+async def _read_model(request: Request, model: type[ModelT], files: tuple[str, ...], repeated: tuple[str, ...] = ()) -> ModelT:
+    """A msgpack or multipart body as ``model``: in multipart the ``files`` are file parts, the
+    ``repeated`` file parts may come several times (support examples), the JSON fields are text."""
     kind = _content_type(request)
     if kind in MSGPACK_TYPES:
         raw = _unpack(await request.body())
         if not isinstance(raw, dict):
-            raise ApiError(ErrorCode.BAD_REQUEST, "msgpack body must be a map with bitstream and prompt")
+            raise ApiError(ErrorCode.BAD_REQUEST, f"msgpack body must be a map with {', '.join(model.model_json_schema()['required'])}")
     elif kind == "multipart/form-data":
-        async with _form(request, max_fields=8) as form:
-            raw = {**form, "bitstream": await _bitstream_part(form)}
-        for name, example in (("options", '{"top_k": 3}'), ("choices", '["a cow", "a horse"]')):
+        async with _form(request, max_fields=8, max_files=len(files) + MAX_SUPPORT * len(repeated)) as form:
+            raw = {**form, **{name: await _file_part(form, name) for name in files}}
+            for name in repeated:
+                if (parts := await _file_parts(form, name)) is not None:
+                    raw[name] = parts
+        for name in _JSON_FIELDS:
             if isinstance(raw.get(name), str):
-                raw[name] = _parse_json_field(name, raw[name], example)
+                raw[name] = _parse_json_field(name, raw[name])
     else:
         raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the request as application/msgpack or multipart/form-data")
     try:
-        return InferRequest.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ApiError(ErrorCode.INVALID_REQUEST, _one_line(exc)) from None
 
@@ -335,7 +380,7 @@ async def _read_bitstream_body(request: Request) -> bytes:
         return await request.body()
     if kind == "multipart/form-data":
         async with _form(request, max_fields=1) as form:
-            return await _bitstream_part(form)
+            return await _file_part(form)
     raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the bitstream as application/octet-stream or multipart/form-data")
 
 
@@ -445,15 +490,40 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         dependencies=[Depends(authorized)],
     )
     async def infer(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
-        req = await _read_infer_request(request)  # before the slot: a slow upload holds no queue place
+        # read before the slot: a slow upload holds no queue place
+        req = await _read_model(request, InferRequest, ("bitstream",), ("support_bitstreams",))
         with admission.slot():
-            result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options, req.choices)
+            result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options, req.choices,
+                                             req.support_bitstreams, req.support_labels, req.support_set)
         answer = InferResponse(
             text=result.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
             image_size=result.image_size, rate=result.rate, timings_ms=result.timings_ms,
             random_weights=result.random_weights, note=result.note, details=result.details,
         )
         return respond(request, answer.model_dump(mode="json"))
+
+    @app.put(
+        "/v1/support-sets/{name}",
+        summary="register labelled few-shot support bitstreams under a name (described once, reused by requests)",
+        response_model=SupportSetInfo,
+        responses=ERROR_RESPONSES,
+        openapi_extra=SUPPORT_SET_BODY,
+        dependencies=[Depends(authorized)],
+    )
+    async def put_support_set(name: str, request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        req = await _read_model(request, SupportSetRequest, (), ("support_bitstreams",))
+        with admission.slot():
+            entry = await run_in_threadpool(loaded.register_support, name, req.support_bitstreams, req.support_labels, req.backend)
+        return respond(request, SupportSetInfo(**entry.describe()).model_dump())
+
+    @app.get("/v1/support-sets", summary="the registered support sets", dependencies=[Depends(authorized)])
+    def support_sets(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        return respond(request, {"support_sets": [entry.describe() for entry in loaded.support_sets.all()]})
+
+    @app.delete("/v1/support-sets/{name}", summary="forget a support set", response_model=SupportSetInfo,
+                responses=ERROR_RESPONSES, dependencies=[Depends(authorized)])
+    def delete_support_set(name: str, request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        return respond(request, SupportSetInfo(**loaded.support_sets.delete(name).describe()).model_dump())
 
     @app.post(
         "/reconstruct",

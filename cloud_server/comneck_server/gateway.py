@@ -22,11 +22,12 @@ from comneck.backends import GenerationOptions
 from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError, ErrorCode
 from comneck.image import to_image
-from comneck.pipeline import Answer, Pipeline
+from comneck.pipeline import Answer, Pipeline, Support
 from comneck.presets import RATE_LAMBDAS
 
 from .decode_workers import DecodeWorkers
 from .settings import ServerSettings
+from .support_sets import SupportSet, SupportSets, check_name
 
 T = TypeVar("T")
 
@@ -39,6 +40,7 @@ class Gateway:
         self.models = pipeline.models
         self.settings = settings
         self.workers = workers
+        self.support_sets = SupportSets()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-model")
 
     def _on_model_thread(self, work: Callable[[], T]) -> tuple[T, float]:
@@ -99,16 +101,45 @@ class Gateway:
     def infer(
         self, data: bytes, prompt: str, task: str | None = None, backend: str | None = None,
         options: GenerationOptions | None = None, choices: Sequence[str] | None = None,
+        support_bitstreams: Sequence[bytes] | None = None, support_labels: Sequence[str] | None = None,
+        support_set: str | None = None,
     ) -> Answer:
-        """Check the request (cheap checks first), then decode, neck, CLIP tail and backend on the model thread."""
+        """Check the request (cheap checks first), then decode, neck, CLIP tail and backend on the
+        model thread. Task ``fewshot`` takes labelled support: bitstreams with labels, or a
+        registered ``support_set``."""
         start = time.perf_counter()
         self._check_prompt_length(prompt, choices or ())
-        request = self.pipeline.prepare([data], [prompt], task, backend, options, [choices])
+        support = self._support(task, backend, support_bitstreams, support_labels, support_set)
+        request = self.pipeline.prepare([data], [prompt], task, backend, options, [choices], support)
         parsed = time.perf_counter()
         (answer,), queued = self._on_model_thread(lambda: self.pipeline.run(request))
         answer.timings_ms = {"parse": (parsed - start) * 1e3, "queue": (queued - parsed) * 1e3, **answer.timings_ms}
         answer.timings_ms["server_total"] = (time.perf_counter() - start) * 1e3
         return answer
+
+    def _support(self, task: str | None, backend: str | None, bitstreams: Sequence[bytes] | None,
+                 labels: Sequence[str] | None, name: str | None) -> Support | None:
+        """A request's support: a registered set's examples, or its own labelled bitstreams (checked, not decoded)."""
+        if name is not None:
+            if bitstreams or labels:
+                raise ComneckInputError("send support_set or support_bitstreams with support_labels, not both", ErrorCode.BAD_SUPPORT)
+            chosen, _ = self.pipeline.backend_for(task, backend)
+            found = self.support_sets.get(name, chosen.spec.name)
+            return Support([e.label for e in found.examples], examples=list(found.examples))
+        if bitstreams is None and labels is None:
+            return None
+        return self.pipeline.support(bitstreams or [], labels or [])
+
+    def register_support(self, name: str, bitstreams: Sequence[bytes], labels: Sequence[str], backend: str | None = None) -> SupportSet:
+        """Describe labelled support bitstreams once, with ``backend`` (default: the first doing
+        ``fewshot``), and keep them under ``name`` for later requests."""
+        check_name(name)
+        chosen, _ = self.pipeline.backend_for("fewshot", backend)
+        support = self.pipeline.support(bitstreams, labels)
+        examples, _ = self._on_model_thread(lambda: self.pipeline.describe_support(support, chosen.spec.name))
+        entry = SupportSet(name, chosen.spec.name, tuple(examples))
+        self.support_sets.put(entry)
+        return entry
 
     def _check_pixels(self, data: bytes) -> Bitstream:
         """The parsed container, refused (``image_too_large``) if its image is over ``max_reconstruct_pixels``:

@@ -2,6 +2,8 @@
 
     comneck-edge encode photo.jpg -o photo.cnk [--preset tiny] [--rate 1..4] [--resize paper]
     comneck-edge encode photo.jpg --server http://gateway:8000 --prompt "Labels: cat, dog"
+    comneck-edge encode query.jpg --server URL --task fewshot --support cat.jpg=cat --support dog.jpg=dog
+    comneck-edge support-set register pets cat.jpg=cat dog.jpg=dog --server URL   (then --support-set pets)
     comneck-edge decode photo.cnk -o recon.png [--preset tiny]
 """
 
@@ -42,13 +44,30 @@ def _options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _ask(args: argparse.Namespace, encoded: EncodedImage) -> str:
-    options = _options(args.option)
+def _labelled(pairs: list[str], encoder: EdgeEncoder) -> list[tuple[bytes, str]]:
+    """``PHOTO=LABEL`` pairs -> (bitstream, label), each photo encoded as the query is."""
+    out = []
+    for pair in pairs:
+        photo, sep, label = pair.rpartition("=")
+        if not sep or not photo or not label.strip():
+            raise ComneckInputError(f"a support example is PHOTO=LABEL, got {pair!r}")
+        out.append((encoder.encode_file(photo).data, label))
+    return out
+
+
+def _client(args: argparse.Namespace) -> GatewayClient:
     api_key = args.api_key or os.environ.get("COMNECK_API_KEY")
-    with GatewayClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries) as client:
+    return GatewayClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries)
+
+
+def _ask(args: argparse.Namespace, encoder: EdgeEncoder, encoded: EncodedImage) -> str:
+    options = _options(args.option)
+    support = _labelled(args.support, encoder) or None
+    task = args.task or ("fewshot" if support or args.support_set else None)
+    with _client(args) as client:
         start = time.perf_counter()
-        response = client.infer(encoded.data, args.prompt, args.task, args.backend, options, fmt=args.format,
-                                choices=args.choice or None)
+        response = client.infer(encoded.data, args.prompt or "", task, args.backend, options, fmt=args.format,
+                                choices=args.choice or None, support=support, support_set=args.support_set)
         round_trip_ms = (time.perf_counter() - start) * 1e3
     if args.json:
         return json.dumps({**response, "edge_timings_ms": encoded.timings_ms, "round_trip_ms": round_trip_ms}, indent=2)
@@ -56,10 +75,11 @@ def _ask(args: argparse.Namespace, encoded: EncodedImage) -> str:
 
 
 def _encode(args: argparse.Namespace) -> str:
-    if args.server and args.prompt is None:
+    few_shot = bool(args.support or args.support_set)
+    if args.server and args.prompt is None and not few_shot:
         raise ComneckInputError("--server needs --prompt (the question for the model)")
-    if args.prompt is not None and not args.server:
-        raise ComneckInputError("--prompt goes with --server URL (offline encoding asks no model)")
+    if (args.prompt is not None or few_shot) and not args.server:
+        raise ComneckInputError("--prompt, --support and --support-set go with --server URL (offline encoding asks no model)")
     encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
                           fixed_point=args.entropy_params == "fixed")
     encoded = encoder.encode_file(args.image)
@@ -74,7 +94,7 @@ def _encode(args: argparse.Namespace) -> str:
         lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {encoder.rate}, "
                      f"{encoded.entropy_params} entropy parameters)")
     if args.server:
-        lines.append(_ask(args, encoded))
+        lines.append(_ask(args, encoder, encoded))
     elif encoder.random_weights:
         lines.append(RANDOM_WEIGHTS_NOTE)
     return "\n".join(lines)
@@ -99,6 +119,49 @@ def _decode(args: argparse.Namespace) -> str:
     return f"{args.output}: {image.width}x{image.height} reconstructed with g_s{note}"
 
 
+def _support_set(args: argparse.Namespace) -> str:
+    if args.action != "list" and not args.name:
+        raise ComneckInputError(f"support-set {args.action} needs the set's name")
+    with _client(args) as client:
+        if args.action == "list":
+            sets = client.support_sets()
+            return "\n".join(f"{s['name']}: {s['examples']} examples of {', '.join(s['classes'])} ({s['backend']})" for s in sets) \
+                or "no support sets registered"
+        if args.action == "delete":
+            if args.examples:
+                raise ComneckInputError("support-set delete takes only the set's name")
+            gone = client.delete_support_set(args.name)
+            return f"deleted {gone['name']} ({gone['examples']} examples)"
+        if not args.examples:
+            raise ComneckInputError("support-set register NAME needs PHOTO=LABEL examples")
+        encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
+                              fixed_point=args.entropy_params == "fixed")
+        made = client.register_support_set(args.name, _labelled(args.examples, encoder), args.backend, fmt=args.format)
+        return f"registered {made['name']}: {made['examples']} examples of {', '.join(made['classes'])} ({made['backend']})"
+
+
+def _add_gateway_arguments(group: Any) -> None:
+    """How to reach a gateway: shared by ``encode --server`` and ``support-set``."""
+    group.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
+    group.add_argument(
+        "--retries", type=int, default=DEFAULT_RETRIES,
+        help=f"retries on 429/503, after Retry-After plus a jittered exponential backoff (default {DEFAULT_RETRIES})",
+    )
+    group.add_argument("--api-key", help="API key (default: the COMNECK_API_KEY environment variable)")
+    group.add_argument("--format", default="msgpack", choices=("msgpack", "multipart"), help="request body encoding (default msgpack)")
+
+
+def _add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """How photos become bitstreams: shared by ``encode`` and ``support-set register``."""
+    parser.add_argument("--rate", type=int, default=None, help="rate index 1..4 (lambda 0.004..0.032); default: the codec weights' own, else 1")
+    parser.add_argument("--resize", default="paper", choices=RESIZE_POLICIES, help="codec input policy (default: paper)")
+    parser.add_argument(
+        "--entropy-params", default="fixed", choices=("fixed", "float"),
+        help="how the entropy parameters are computed: fixed point, the same on every machine (default), or "
+        "CompressAI's float networks, which a decoder on other hardware may read differently (docs/bitstream.md)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comneck-edge",
@@ -115,13 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("image", help="photo file (JPEG, PNG, ...)")
     enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk; none with --server)")
-    enc.add_argument("--rate", type=int, default=None, help="rate index 1..4 (lambda 0.004..0.032); default: the codec weights' own, else 1")
-    enc.add_argument("--resize", default="paper", choices=RESIZE_POLICIES, help="codec input policy (default: paper)")
-    enc.add_argument(
-        "--entropy-params", default="fixed", choices=("fixed", "float"),
-        help="how the entropy parameters are computed: fixed point, the same on every machine (default), or "
-        "CompressAI's float networks, which a decoder on other hardware may read differently (docs/bitstream.md)",
-    )
+    _add_encoding_arguments(enc)
     ask = enc.add_argument_group("asking a gateway")
     ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")
     ask.add_argument("--prompt", help="question or instruction for the model (clip-zero-shot: 'Labels: a, b, c')")
@@ -129,23 +186,33 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--backend", help="backend name (default: the gateway's first; see GET /v1/models)")
     ask.add_argument("--choice", action="append", default=[], metavar="TEXT",
                      help="one option of a multiple-choice question, in order A, B, ... (repeatable, 2 to 26; honeybee)")
+    ask.add_argument("--support", action="append", default=[], metavar="PHOTO=LABEL",
+                     help="task fewshot: a labelled support photo, encoded like the query (repeatable, 2 classes at least; v2l)")
+    ask.add_argument("--support-set", metavar="NAME", help="task fewshot: a support set registered with `comneck-edge support-set register`")
     ask.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="generation option, e.g. top_k=3 (repeatable)")
-    ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
-    ask.add_argument(
-        "--retries", type=int, default=DEFAULT_RETRIES,
-        help=f"retries on 429/503, after Retry-After plus a jittered exponential backoff (default {DEFAULT_RETRIES})",
-    )
-    ask.add_argument("--api-key", help="API key (default: the COMNECK_API_KEY environment variable)")
-    ask.add_argument("--format", default="msgpack", choices=("msgpack", "multipart"), help="request body encoding (default msgpack)")
+    _add_gateway_arguments(ask)
     ask.add_argument("--json", action="store_true", help="print the gateway's whole response as JSON")
+    sup = sub.add_parser(
+        "support-set", help="register, list or delete a gateway's few-shot support sets",
+        description="Register labelled support photos once under a name (the gateway keeps what it makes of them), "
+        "then ask with `encode QUERY --server URL --support-set NAME`; list or delete the registered sets.",
+    )
+    sup.add_argument("action", choices=("register", "list", "delete"))
+    sup.add_argument("name", nargs="?", default="", help="the set's name (register, delete)")
+    sup.add_argument("examples", nargs="*", metavar="PHOTO=LABEL", help="register: the labelled support photos")
+    sup.add_argument("--server", metavar="URL", required=True, help="gateway base URL, e.g. http://127.0.0.1:8000")
+    sup.add_argument("--backend", help="register: the few-shot backend that describes them (default: the first doing fewshot)")
+    _add_encoding_arguments(sup)
+    _add_gateway_arguments(sup)
     dec = sub.add_parser("decode", help=".cnk bitstream -> image with g_s", description="Reconstruct the image a bitstream holds.")
     dec.add_argument("bitstream", help=".cnk file written by `comneck-edge encode`")
     dec.add_argument("-o", "--output", required=True, help="image file to write (format from the suffix, e.g. recon.png)")
-    for p in (enc, dec):
+    for p in (enc, dec, sup):
         p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
         p.add_argument("--codec-weights", help="ELIC weights, the same as the gateway's: our safetensors, a weights folder (`comneck convert`, a training export), a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")
     enc.set_defaults(func=_encode)
     dec.set_defaults(func=_decode)
+    sup.set_defaults(func=_support_set)
     return parser
 
 

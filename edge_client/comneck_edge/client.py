@@ -47,6 +47,20 @@ def _decode(response: httpx.Response) -> Any:
     return response.json()
 
 
+def _body(fields: dict[str, Any], structured: dict[str, Any], files: dict[str, list[bytes]], support: list[bytes],
+          fmt: Format) -> dict[str, Any]:
+    """httpx arguments of a request body: msgpack (one map, bytes as bin) or multipart (text
+    fields, the structured ones as JSON, each bitstream a file part; support bitstreams repeated)."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    structured = {k: v for k, v in structured.items() if v}
+    files = {**files, **({"support_bitstreams": support} if support else {})}
+    if fmt == "msgpack":
+        body = {**fields, **structured, **{k: v[0] if k == "bitstream" else v for k, v in files.items()}}
+        return {"content": msgpack.packb(body, use_bin_type=True), "headers": {"Content-Type": "application/msgpack"}}
+    parts = [(name, (f"{name}-{i}.cnk", data, "application/octet-stream")) for name, items in files.items() for i, data in enumerate(items)]
+    return {"files": parts, "data": {**fields, **{k: json.dumps(v) for k, v in structured.items()}}}
+
+
 class GatewayClient:
     """One gateway at ``url``; use as a context manager or call :meth:`close`."""
 
@@ -115,22 +129,32 @@ class GatewayClient:
         options: dict[str, Any] | None = None,
         fmt: Format = "msgpack",
         choices: list[str] | None = None,
+        support: list[tuple[bytes, str]] | None = None,
+        support_set: str | None = None,
     ) -> dict[str, Any]:
         """POST /infer; returns the response (text, backend, task, bpp, timings_ms, ...).
-        ``choices`` make it a multiple-choice question (answered by letter in ``details.choice``)."""
-        fields = {"prompt": prompt, "task": task, "backend": backend}
-        fields = {k: v for k, v in fields.items() if v is not None}
-        structured = {k: v for k, v in (("options", options), ("choices", choices)) if v}
-        if fmt == "msgpack":
-            body = {"bitstream": bitstream, **fields, **structured}
-            kwargs: dict[str, Any] = {
-                "content": msgpack.packb(body, use_bin_type=True),
-                "headers": {"Content-Type": "application/msgpack"},
-            }
-        else:
-            data = {**fields, **{k: json.dumps(v) for k, v in structured.items()}}
-            kwargs = {"files": {"bitstream": ("image.cnk", bitstream, "application/octet-stream")}, "data": data}
-        return _decode(self._send("POST", "/infer", **kwargs))
+        ``choices`` make it a multiple-choice question (answered by letter in ``details.choice``);
+        task ``fewshot`` takes ``support`` (labelled bitstreams) or a registered ``support_set``."""
+        fields = {"prompt": prompt, "task": task, "backend": backend, "support_set": support_set}
+        structured = {"options": options, "choices": choices}
+        if support:
+            structured["support_labels"] = [label for _, label in support]
+        return _decode(self._send("POST", "/infer", **_body(fields, structured, {"bitstream": [bitstream]},
+                                                          [data for data, _ in support or ()], fmt)))
+
+    def register_support_set(self, name: str, support: list[tuple[bytes, str]], backend: str | None = None,
+                             fmt: Format = "msgpack") -> dict[str, Any]:
+        """PUT /v1/support-sets/{name}: labelled support bitstreams, described once by the gateway."""
+        kwargs = _body({"backend": backend}, {"support_labels": [label for _, label in support]}, {}, [data for data, _ in support], fmt)
+        return _decode(self._send("PUT", f"/v1/support-sets/{name}", **kwargs))
+
+    def support_sets(self) -> list[dict[str, Any]]:
+        """GET /v1/support-sets: name, backend, classes and example count of each registered set."""
+        return _decode(self._send("GET", "/v1/support-sets"))["support_sets"]
+
+    def delete_support_set(self, name: str) -> dict[str, Any]:
+        """DELETE /v1/support-sets/{name}."""
+        return _decode(self._send("DELETE", f"/v1/support-sets/{name}"))
 
     def reconstruct(self, bitstream: bytes) -> bytes:
         """POST /reconstruct: PNG bytes of the image g_s reconstructs."""

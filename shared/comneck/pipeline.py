@@ -19,12 +19,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .backends import TASKS, Backend, BackendAnswer, GenerationOptions, ImageInfo, check_choices, load_backend, parse_backend_arg
+from .backends import (TASKS, Backend, BackendAnswer, FewShotBackend, GenerationOptions, ImageInfo, SupportExample, check_choices, check_support_labels,
+                       load_backend, parse_backend_arg)
 from .bitstream import DEFAULT_MAX_SIDE, Bitstream
 from .clip_split import ClipFeatures, ClipSplit, ClipTap
 from .codec import LATENT_STRIDE, EncodedLatents
@@ -59,6 +61,25 @@ def check_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 @dataclass
+class Support:
+    """A few-shot request's labelled support: bitstreams the pipeline decodes and the backend
+    describes (sent with the request), or examples already described (a registered support set)."""
+
+    labels: list[str]
+    streams: list[Bitstream] = field(default_factory=list)
+    examples: list[SupportExample] = field(default_factory=list)
+
+
+def _few_shot(backend: Backend) -> FewShotBackend:
+    """A backend whose spec lists task ``fewshot`` implements :class:`FewShotBackend` (the registry's contract)."""
+    return cast(FewShotBackend, backend)
+
+
+#: Tasks whose answers need no words of the user's: the backend's own prompt does (an empty prompt passes).
+PROMPTLESS_TASKS = ("caption", "fewshot")
+
+
+@dataclass
 class Request:
     """A batch that passed every cheap check: parsed containers, prompts (with their multiple-choice
     options, an empty list for a free-form item), the backend, task and options."""
@@ -70,6 +91,7 @@ class Request:
     task: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
     choices: list[list[str]] = field(default_factory=list)
+    support: Support | None = None
 
 
 @dataclass
@@ -216,10 +238,11 @@ class Pipeline:
 
     # -- the whole path --------------------------------------------------------------------
     def backend_for(self, task: str | None, backend: str | None) -> tuple[Backend, str]:
-        """The loaded backend and the task a request asks for (defaults: the first backend, its first task)."""
+        """The loaded backend and the task a request asks for (defaults: the first backend doing
+        ``task``, else the first backend; its first task)."""
         if not self.backends:
             raise ComneckInputError("no backend is loaded", ErrorCode.UNKNOWN_BACKEND)
-        name = backend or next(iter(self.backends))
+        name = backend or next((n for n, b in self.backends.items() if task in b.spec.tasks), next(iter(self.backends)))
         if name not in self.backends:
             raise ComneckInputError(f"backend {name!r} is not loaded here; loaded: {', '.join(self.backends)}", ErrorCode.UNKNOWN_BACKEND)
         chosen = self.backends[name]
@@ -232,10 +255,11 @@ class Pipeline:
 
     def prepare(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], task: str | None = None,
                 backend: str | None = None, options: GenerationOptions | None = None,
-                choices: Sequence[Sequence[str] | None] | None = None) -> Request:
-        """Every check that needs no decoding, once per item: backend, task, prompts and choices first
-        (cheapest), then each container. ``choices``: per item, the options of a multiple-choice
-        question (None or empty: free-form), for backends whose spec takes them."""
+                choices: Sequence[Sequence[str] | None] | None = None, support: Support | None = None) -> Request:
+        """Every check that needs no decoding, once per item: backend, task, prompts, choices and
+        support labels first (cheapest), then each container. ``choices``: per item, the options of
+        a multiple-choice question (None or empty: free-form), for backends whose spec takes them;
+        ``support``: the labelled examples of task ``fewshot`` (:meth:`support`)."""
         if len(items) != len(prompts) or not items:
             raise ComneckInputError(f"give one prompt per bitstream (got {len(items)} bitstreams, {len(prompts)} prompts)")
         per_item = [list(c or ()) for c in choices] if choices is not None else [[] for _ in prompts]
@@ -243,8 +267,15 @@ class Pipeline:
             raise ComneckInputError(f"give one list of choices per prompt (got {len(per_item)} for {len(prompts)} prompts)")
         chosen, task = self.backend_for(task, backend)
         options = options or GenerationOptions()
+        if task == "fewshot":
+            if support is None:
+                raise ComneckInputError("the fewshot task needs labelled support: support_bitstreams with support_labels, "
+                                        "or a registered support_set", ErrorCode.BAD_SUPPORT)
+            _few_shot(chosen).check_support(support.labels)
+        elif support is not None:
+            raise ComneckInputError(f"only the fewshot task takes support examples, not {task!r}", ErrorCode.BAD_SUPPORT)
         for prompt, offered in zip(prompts, per_item):
-            if not prompt.strip() and task != "caption":  # a caption needs no words of the user's
+            if not prompt.strip() and task not in PROMPTLESS_TASKS:
                 raise ComneckInputError("the prompt is empty", ErrorCode.EMPTY_PROMPT)
             if offered and not chosen.spec.choices:
                 raise ComneckInputError(f"backend {chosen.spec.name} answers no multiple-choice questions: send no choices",
@@ -252,29 +283,57 @@ class Pipeline:
             chosen.check_prompt(prompt, task, options, check_choices(offered) if offered else [])
         streams = [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items]
         sizes = [len(item) if isinstance(item, bytes) else len(item.to_bytes()) for item in items]
-        return Request(streams, sizes, list(prompts), chosen, task, options, per_item)
+        return Request(streams, sizes, list(prompts), chosen, task, options, per_item, support)
+
+    def support(self, items: Sequence[bytes | Bitstream], labels: Sequence[str]) -> Support:
+        """Labelled support bitstreams, checked like queries (labels first: 2 classes at least, one per bitstream)."""
+        labels = check_support_labels(labels, len(items))
+        return Support(labels, [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items])
+
+    def describe_support(self, support: Support, backend: str | None = None) -> list[SupportExample]:
+        """What a few-shot backend shows of each support image, computed once (for a support set to keep)."""
+        chosen, _ = self.backend_for("fewshot", backend)
+        few_shot = _few_shot(chosen)
+        few_shot.check_support(support.labels)
+        features = self.features(self.decode(support.streams), [chosen.spec.tap])
+        descriptions = few_shot.describe(self.select(features, chosen.spec.tap))
+        return [SupportExample(d, label) for d, label in zip(descriptions, support.labels)]
 
     def run(self, request: Request) -> list[Answer]:
-        """Decode, one batched neck + tail pass, the backend: a :class:`Request` -> one answer per item."""
+        """Decode, one batched neck + tail pass (the support images' included), the backend: a
+        :class:`Request` -> one answer per item."""
         clock = _Clock(self.device)
         y_hats, decode_ms = [], []
         for stream in request.streams:
             y_hats.extend(self.decode([stream]))
             decode_ms.append(clock.lap())
+        support = request.support
+        extra: dict[str, float] = {}
+        if support is not None and support.streams:
+            y_hats.extend(self.decode(support.streams))
+            extra["support_decode"] = clock.lap()
         tap, timings = request.backend.spec.tap, {}
         features = self.features(y_hats, [tap], timings)
         clock.lap()
-        images = [ImageInfo(stream.image_size, stream.source) for stream in request.streams]
-        answers = request.backend.generate(self.select(features, tap), request.prompts, request.task, request.options, images,
-                                           request.choices)
+        selected = self.select(features, tap)
+        queries = selected[: len(request.streams)]
+        if support is not None:
+            few_shot = _few_shot(request.backend)
+            described = support.examples or [
+                SupportExample(d, label) for d, label in zip(few_shot.describe(selected[len(request.streams):]), support.labels)
+            ]
+            answers = few_shot.fewshot(queries, described, request.options)
+        else:
+            images = [ImageInfo(stream.image_size, stream.source) for stream in request.streams]
+            answers = request.backend.generate(queries, request.prompts, request.task, request.options, images, request.choices)
         timings["backend"] = clock.lap()
-        return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **timings}) for i, answer in enumerate(answers)]
+        return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **extra, **timings}) for i, answer in enumerate(answers)]
 
     def answer(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], backend: str | None = None,
                task: str | None = None, options: GenerationOptions | None = None,
-               choices: Sequence[Sequence[str] | None] | None = None) -> list[Answer]:
-        """The whole path for a batch: containers (bytes or parsed) + prompts (+ choices) -> answers."""
-        return self.run(self.prepare(items, prompts, task, backend, options, choices))
+               choices: Sequence[Sequence[str] | None] | None = None, support: Support | None = None) -> list[Answer]:
+        """The whole path for a batch: containers (bytes or parsed) + prompts (+ choices, or support) -> answers."""
+        return self.run(self.prepare(items, prompts, task, backend, options, choices, support))
 
     def _answer(self, request: Request, i: int, answer: BackendAnswer, timings: dict[str, float]) -> Answer:
         stream, expected = request.streams[i], request.backend.spec.resize

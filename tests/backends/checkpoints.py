@@ -334,14 +334,48 @@ def caption_adapter_state(clip_dim: int, generator: torch.Generator) -> dict[str
     return state
 
 
+def write_meta_llama(folder: Path, generator: torch.Generator, extra: tuple[str, ...] = ()) -> None:
+    """Meta's LLaMA folder at the tiny size: params.json (vocab_size -1), fp16 consolidated.00.pth
+    as released, a tokenizer trained on Shikra's prompts and ``extra``."""
+    folder.mkdir(parents=True)
+    vocab = train_tokenizer(folder / "tokenizer.model", extra=extra)
+    (folder / "params.json").write_text(json.dumps(META_PARAMS))
+    torch.save({k: v.half() for k, v in meta_llama_state(vocab, META_PARAMS["n_layers"], generator).items()}, folder / "consolidated.00.pth")
+
+
 def write_llama_adapter(root: Path, clip_dim: int, seed: int = 0) -> LlamaAdapterFiles:
-    """LLaMA-Adapter V1's caption files: Meta's LLaMA folder (fp16 weights as released, params.json
-    with vocab_size -1, a tokenizer) and the caption adapter ``.pth`` (float32)."""
+    """LLaMA-Adapter V1's caption files: Meta's LLaMA folder and the caption adapter ``.pth`` (float32)."""
     g = torch.Generator().manual_seed(seed)
     files = LlamaAdapterFiles(root / "llama_adapter_len10_layer30_caption_vit_l.pth", root / "llama-7b")
-    files.llama.mkdir(parents=True)
-    vocab = train_tokenizer(files.llama / "tokenizer.model", extra=ADAPTER_CORPUS)
-    (files.llama / "params.json").write_text(json.dumps(META_PARAMS))
-    torch.save({k: v.half() for k, v in meta_llama_state(vocab, META_PARAMS["n_layers"], g).items()}, files.llama / "consolidated.00.pth")
+    write_meta_llama(files.llama, g, ADAPTER_CORPUS)
     torch.save(caption_adapter_state(clip_dim, g), files.adapter)
+    return files
+
+
+# -- V2L: the codebooks folder and LLaMA-2-7B in Meta's format --
+
+#: Vocabulary strings of the tiny global codebook (subwords, bigrams as V2L's are).
+V2L_WORDS = ("cow", "grass", "sky", "beach", "dog", "red", "sand", "tree", "hen", "money", " field", "blue", "water", "cat",
+             "bird", "green", "sea", "wave", "coin", "barn", "hill", "ship", "road", "snow", "fish", " white", "ox", "farm")
+V2L_CORPUS = ("For each of the following input output pairs, output is one of ['cow' or ['dog']",
+              "###\nInput: < cowgrasssky >\nOutput: great_white_shark", "".join(V2L_WORDS))
+
+
+@dataclass(frozen=True)
+class V2LFiles:
+    codebooks: Path  # global_codebook_embedding.pth, global_vocabulary.npy
+    llama: Path  # LLaMA-2 in Meta's format
+
+
+def write_v2l(root: Path, clip_dim: int, seed: int = 0) -> V2LFiles:
+    """V2L's published codebook files at the tiny size (rows random, non-zero, not normalised, as
+    the published means of normalised vectors are not) and a Meta-format LLaMA."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(seed)
+    files = V2LFiles(root / "codebooks", root / "llama-2-7b")
+    files.codebooks.mkdir(parents=True)
+    torch.save(random_nonzero((len(V2L_WORDS), clip_dim), g), files.codebooks / "global_codebook_embedding.pth")
+    np.save(files.codebooks / "global_vocabulary.npy", list(V2L_WORDS))
+    write_meta_llama(files.llama, g, V2L_CORPUS)
     return files

@@ -89,14 +89,14 @@ def meta_rope(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)[:, None]).reshape(x.shape)
 
 
-def reference_logits(llama, caption, ids: list[int], visual: torch.Tensor) -> torch.Tensor:
+def reference_logits(llama, caption, ids: list[int], visual: torch.Tensor | None) -> torch.Tensor:
     """Meta's Transformer.forward_caption on the un-permuted Meta weights, the whole sequence at
-    once: logits [T, vocab]. The last ADAPTER_LAYERS layers add tanh(cap_gate) * softmax(q k_a^T / sqrt(d)) v_a."""
+    once: logits [T, vocab]. The last ADAPTER_LAYERS layers add tanh(cap_gate) * softmax(q k_a^T / sqrt(d)) v_a;
+    with ``caption`` None, Meta's plain Transformer.forward (LLaMA-2's, for V2L)."""
     n, d = len(ids), HIDDEN // HEADS
     h = llama["tok_embeddings.weight"][ids]
     causal = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
-    queries = caption["cap_adapter_query.weight"].view(ADAPTER_LAYERS, ADAPTER_LEN, HIDDEN)
-    first = META_PARAMS["n_layers"] - ADAPTER_LAYERS
+    first = META_PARAMS["n_layers"] - ADAPTER_LAYERS if caption is not None else META_PARAMS["n_layers"]
     for i in range(META_PARAMS["n_layers"]):
         p = f"layers.{i}."
         x = rms_norm(h, llama[p + "attention_norm.weight"])
@@ -105,7 +105,7 @@ def reference_logits(llama, caption, ids: list[int], visual: torch.Tensor) -> to
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.view(n, HEADS, d).transpose(0, 1)  # [heads, T, d]
         out = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d) + causal, -1) @ v
         if i >= first:
-            prompt = queries[i - first] + visual
+            prompt = caption["cap_adapter_query.weight"].view(ADAPTER_LAYERS, ADAPTER_LEN, HIDDEN)[i - first] + visual
             ak = (prompt @ llama[p + "attention.wk.weight"].T).view(ADAPTER_LEN, HEADS, d).transpose(0, 1)
             av = (prompt @ llama[p + "attention.wv.weight"].T).view(ADAPTER_LEN, HEADS, d).transpose(0, 1)
             gate = torch.tanh(caption[p + "attention.cap_gate"]).view(HEADS, 1, 1)

@@ -91,7 +91,7 @@ def test_the_mask_is_the_per_position_union_of_class_tokens(tokenizer):
         assert set(mask[j].nonzero().flatten().tolist()) == allowed
     with pytest.raises(ComneckInputError) as info:
         class_mask(tokenizer, ["x" * 40], tokenizer.vocab_size)
-    assert info.value.code == "bad_prompt" and "V2L decodes 16" in str(info.value)
+    assert info.value.code == "bad_support" and "V2L decodes 16" in str(info.value)
 
 
 @pytest.mark.parametrize("text, classes, expected", [

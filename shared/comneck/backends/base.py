@@ -29,6 +29,7 @@ TASKS: dict[str, str] = {
     "vqa": "answer a question about the image",
     "rec": "locate the object a phrase refers to (box)",
     "classify": "pick the label that fits the image best",
+    "fewshot": "name the image's class from labelled support examples (in-context)",
 }
 
 #: A multiple-choice request offers 2 to 26 choices, answered by letter (A to Z).
@@ -44,6 +45,25 @@ def check_choices(choices: Sequence[str]) -> list[str]:
     if empty:
         raise ComneckInputError(f"choice {empty[0] + 1} is empty", ErrorCode.BAD_CHOICES)
     return list(choices)
+
+
+#: Support examples one few-shot request or support set may hold (a msgpack array's limit).
+MAX_SUPPORT = 64
+
+
+def check_support_labels(labels: Sequence[str], bitstreams: int | None = None) -> list[str]:
+    """Support labels, refused (``bad_support``) unless they are 1 to 64 non-empty strings of at
+    least 2 distinct classes, one per support bitstream when ``bitstreams`` counts those."""
+    if bitstreams is not None and bitstreams != len(labels):
+        raise ComneckInputError(f"give one label per support bitstream (got {bitstreams} bitstreams, {len(labels)} labels)",
+                                ErrorCode.BAD_SUPPORT)
+    if not labels or len(labels) > MAX_SUPPORT:
+        raise ComneckInputError(f"a few-shot episode takes 1 to {MAX_SUPPORT} support examples; got {len(labels)}", ErrorCode.BAD_SUPPORT)
+    if any(not label.strip() for label in labels):
+        raise ComneckInputError("a support label is empty", ErrorCode.BAD_SUPPORT)
+    if len(set(labels)) < 2:
+        raise ComneckInputError(f"a few-shot episode needs at least 2 classes; the support has {len(set(labels))}", ErrorCode.BAD_SUPPORT)
+    return list(labels)
 
 
 @dataclass(frozen=True)
@@ -157,6 +177,15 @@ class BackendAnswer:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SupportExample:
+    """One labelled support example as a few-shot backend shows it in its prompt: ``description``
+    is what :meth:`FewShotBackend.describe` made of its image (V2L: the image's words)."""
+
+    description: str
+    label: str
+
+
 class Backend(Protocol):
     """What the pipeline needs from a loaded downstream model."""
 
@@ -174,4 +203,22 @@ class Backend(Protocol):
         """Features selected by ``spec.tap`` for a batch ([B, ...]) -> one answer per prompt;
         ``images`` (one per item, or empty) lets a backend map boxes back to each photo;
         ``choices`` (one list per item, empty for a free-form item; or empty) are multiple-choice options."""
+        ...
+
+
+class FewShotBackend(Backend, Protocol):
+    """A backend of task ``fewshot``: the pipeline describes each support image once
+    (:meth:`describe`; a registered support set keeps the descriptions), then asks
+    :meth:`fewshot` for each query."""
+
+    def check_support(self, labels: Sequence[str]) -> None:
+        """Refuse labels it cannot decode (``bad_support``), cheaply: it runs before decoding."""
+        ...
+
+    def describe(self, features: torch.Tensor) -> list[str]:
+        """Features selected by ``spec.tap`` for support images [N, ...] -> one description each."""
+        ...
+
+    def fewshot(self, features: torch.Tensor, support: Sequence[SupportExample], options: GenerationOptions) -> list[BackendAnswer]:
+        """Query features [B, ...] -> one answer per query, each in the episode ``support`` makes."""
         ...

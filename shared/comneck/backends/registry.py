@@ -97,6 +97,23 @@ BACKENDS: dict[str, BackendSpec] = {
         options=("llama",),
         resize="paper",
     ),
+    "v2l": BackendSpec(
+        name="v2l",
+        target="comneck.backends.v2l:V2L",
+        description="V2L-Tokenizer few-shot classification: each image's pooled CLIP embedding as words of V2L's global "
+        "codebook, an in-context episode of the labelled support for LLaMA-2-7B, 16 greedy steps under the class-name mask",
+        tasks=("fewshot",),
+        tap=ClipTap("embedding", tokens="cls"),
+        clip=ClipRequirement("ViT-L-14", 224),
+        weight_files=("codebooks/global_codebook_embedding.pth", "codebooks/global_vocabulary.npy",
+                      "llama=LLaMA-2-7B in Meta's format (params.json, consolidated.00.pth, tokenizer.model)"),
+        extra="llm",
+        packages=("transformers", "sentencepiece"),
+        random_init=False,
+        example_prompt="",
+        options=("llama",),
+        resize="paper",
+    ),
 }
 
 

@@ -114,13 +114,13 @@ def class_tokens(tokenizer: SentencePieceTokenizer, label: str) -> list[int]:
 
 def class_mask(tokenizer: SentencePieceTokenizer, classes: Sequence[str], vocab_size: int) -> torch.Tensor:
     """The official [16, V] mask: row j allows token j of every class name (plus EOS). A name of
-    more than 15 tokens does not fit and is refused (``bad_prompt``)."""
+    more than 15 tokens does not fit and is refused (``bad_support``)."""
     mask = torch.zeros(STEPS, vocab_size, dtype=torch.bool)
     for label in classes:
         tokens = class_tokens(tokenizer, label)
         if len(tokens) > STEPS:
             raise ComneckInputError(f"the label {label!r} takes {len(tokens) - 1} tokens; V2L decodes {STEPS} (EOS included)",
-                                    ErrorCode.BAD_PROMPT)
+                                    ErrorCode.BAD_SUPPORT)
         mask[torch.arange(len(tokens)), torch.tensor(tokens)] = True
     return mask
 
