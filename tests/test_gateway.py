@@ -155,7 +155,8 @@ def test_not_ready_then_ready(monkeypatch, gateway, encoded):
         assert client.post("/infer").json()["error"]["code"] == "not_ready"
         release.set()
         through(client).wait_ready(10)
-        assert client.get("/readyz").json() == {"status": "ready", "preset": "tiny", "random_weights": True}
+        assert client.get("/readyz").json() == {"status": "ready", "preset": "tiny", "random_weights": True,
+                                               "backends": {"clip-zero-shot": "loaded"}}
 
 
 def test_a_failed_load_is_reported_not_hidden(tmp_path):
@@ -290,3 +291,4 @@ def test_client_waits_retry_after_plus_jitter(monkeypatch):
     with pytest.raises(GatewayError):
         client.models()
     assert shares == [(0, 0.5), (0, 1.0), (0, 2.0)] and slept == [2.5, 3.0, 4.0]
+

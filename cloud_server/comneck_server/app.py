@@ -475,7 +475,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     @app.get("/readyz", summary="readiness: models loaded and warmed up", responses={503: {"model": ErrorResponse}})
     def readyz(request: Request) -> Response:
         loaded = ready_gateway()
-        return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.models.random_weights})
+        return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.models.random_weights,
+                                 "backends": {name: loaded.pipeline.state(name) for name in loaded.pipeline.specs}})
 
     @app.get("/v1/models", summary="codec, rate points, networks, backends, random-weight status", dependencies=[Depends(authorized)])
     def models(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:

@@ -60,6 +60,7 @@ class Gateway:
         pipeline = Pipeline.from_pretrained(
             preset=settings.preset, device=settings.device, dtype=settings.dtype, codec_weights=files.codec,
             neck_weights=files.neck, clip_weights=files.clip, backends=settings.backend_args, max_side=settings.max_image_side,
+            lazy_backends=settings.lazy_backends,
         )
         workers = None
         if settings.decode_workers:
@@ -109,6 +110,7 @@ class Gateway:
         registered ``support_set``."""
         start = time.perf_counter()
         self._check_prompt_length(prompt, choices or ())
+        self._load_lazy(task, backend)
         support = self._support(task, backend, support_bitstreams, support_labels, support_set)
         request = self.pipeline.prepare([data], [prompt], task, backend, options, [choices], support)
         parsed = time.perf_counter()
@@ -116,6 +118,13 @@ class Gateway:
         answer.timings_ms = {"parse": (parsed - start) * 1e3, "queue": (queued - parsed) * 1e3, **answer.timings_ms}
         answer.timings_ms["server_total"] = (time.perf_counter() - start) * 1e3
         return answer
+
+    def _load_lazy(self, task: str | None, backend: str | None) -> None:
+        """Load the backend a request names if it is lazy and not loaded yet, on the model thread
+        (so no request runs beside the loading, and two requests load it once)."""
+        name, _ = self.pipeline.resolve(task, backend)
+        if name in self.pipeline.pending:
+            self._on_model_thread(lambda: self.pipeline.backend_for(task, backend))
 
     def _support(self, task: str | None, backend: str | None, bitstreams: Sequence[bytes] | None,
                  labels: Sequence[str] | None, name: str | None) -> Support | None:
@@ -134,6 +143,7 @@ class Gateway:
         """Describe labelled support bitstreams once, with ``backend`` (default: the first doing
         ``fewshot``), and keep them under ``name`` for later requests."""
         check_name(name)
+        self._load_lazy("fewshot", backend)
         chosen, _ = self.pipeline.backend_for("fewshot", backend)
         support = self.pipeline.support(bitstreams, labels)
         examples, _ = self._on_model_thread(lambda: self.pipeline.describe_support(support, chosen.spec.name))
@@ -183,17 +193,19 @@ class Gateway:
             },
             "backends": [
                 {
-                    "name": b.spec.name,
-                    "description": b.spec.description,
-                    "tasks": list(b.spec.tasks),
-                    "tap": b.spec.tap.describe(),
-                    "clip": b.spec.clip.describe() if b.spec.clip else "the gateway's CLIP",
-                    "example_prompt": b.spec.example_prompt,
-                    "resize": b.spec.resize,  # the edge's --resize its weights expect (None: any)
-                    "choices": b.spec.choices,  # it answers multiple-choice requests
-                    "random_weights": self.models.random_weights or b.random_weights,
+                    "name": name,
+                    "description": spec.description,
+                    "tasks": list(spec.tasks),
+                    "tap": spec.tap.describe(),
+                    "clip": spec.clip.describe() if spec.clip else "the gateway's CLIP",
+                    "example_prompt": spec.example_prompt,
+                    "resize": spec.resize,  # the edge's --resize its weights expect (None: any)
+                    "choices": spec.choices,  # it answers multiple-choice requests
+                    "state": self.pipeline.state(name),  # loaded, lazy (loads on first use) or failed: why
+                    "random_weights": self.models.random_weights or (self.backends[name].random_weights if name in self.backends
+                                                                     else spec.random_init),
                 }
-                for b in self.backends.values()
+                for name, spec in self.pipeline.specs.items()
             ],
             "device": self.settings.device,
             "dtype": self.settings.dtype,

@@ -48,6 +48,10 @@ class ServerSettings(BaseSettings):
         "default; default clip-zero-shot (COMNECK_BACKEND takes a comma-separated list)",
     )
     backends: Annotated[list[str], NoDecode] = Field([], description="the older spelling of --backend: names, comma-separated")
+    lazy_backends: bool = Field(
+        False, description="load each backend on its first request instead of at start-up (its files, packages and CLIP "
+        "are still checked at start-up); GET /v1/models and /readyz show each one's state",
+    )
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_keys: Annotated[list[str], NoDecode] = Field(

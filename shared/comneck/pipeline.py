@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import (TASKS, Backend, BackendAnswer, FewShotBackend, GenerationOptions, ImageInfo, SupportExample, check_choices, check_support_labels,
-                       load_backend, parse_backend_arg)
+from .backends import (TASKS, Backend, BackendAnswer, BackendSpec, FewShotBackend, GenerationOptions, ImageInfo, SupportExample, check_choices, check_support_labels,
+                       check_backend, load_backend, parse_backend_arg)
+from .backends.registry import BackendArg
 from .bitstream import DEFAULT_MAX_SIDE, Bitstream
 from .clip_split import ClipFeatures, ClipSplit, ClipTap
 from .codec import LATENT_STRIDE, EncodedLatents
@@ -155,6 +156,12 @@ class Pipeline:
         #: worker processes here so a fault in native code costs one request)
         self.entropy_decode: Callable[[EncodedLatents], torch.Tensor] = models.codec.entropy_decode
         self.backends: dict[str, Backend] = {}
+        #: backends registered lazily: checked at start-up, loaded by the first request that needs them
+        self.pending: dict[str, BackendArg] = {}
+        self._lazy_specs: dict[str, BackendSpec] = {}  # of every lazy backend, pending, loaded or failed
+        self._order: list[str] = []  # names as added: the first is the default
+        #: lazily loaded backends whose loading failed, with why (they stay unavailable)
+        self.failed: dict[str, str] = {}
         param = next(models.neck.parameters())
         self.device, self.dtype = param.device, param.dtype
 
@@ -171,33 +178,71 @@ class Pipeline:
         clip_weights: str | Path | None = None,
         backends: Iterable[str] = ("clip-zero-shot",),
         max_side: int = DEFAULT_MAX_SIDE,
+        lazy_backends: bool = False,
     ) -> "Pipeline":
         """Build the preset's networks from the weight sources the server takes (a ``comneck convert``
         folder or training export, a release ``d1_1.pth.tar``, or one source per network; none:
         seeded random weights, which every answer then says) and load ``backends`` (``NAME`` or
-        ``NAME=WEIGHTS[,KEY=PATH]``)."""
+        ``NAME=WEIGHTS[,KEY=PATH]``), or with ``lazy_backends`` check them and load each on first use."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         specs = [parse_backend_arg(arg) for arg in backends]
         dev, dt = check_device(device), check_dtype(dtype)
         files = WeightFiles.bundle(*(Path(p) if p is not None else None for p in (weights, codec_weights, neck_weights, clip_weights)))
         pipeline = cls(build_cloud_models(preset, files).to(dev, dt), max_side)
         for name, backend_weights, options in specs:
-            pipeline.add_backend(name, backend_weights, options)
+            pipeline.add_backend(name, backend_weights, options, lazy=lazy_backends)
         return pipeline
 
     @property
     def preset(self) -> Preset:
         return self.models.preset
 
-    def add_backend(self, name: str, weights: str | Path | None = None, options: dict[str, str] | None = None) -> Backend:
-        """Load a registered backend against this pipeline's CLIP (refused in one line if it does not fit)."""
-        if name in self.backends:
+    def add_backend(self, name: str, weights: str | Path | None = None, options: dict[str, str] | None = None,
+                    lazy: bool = False) -> Backend | None:
+        """Load a registered backend against this pipeline's CLIP (refused in one line if it does not
+        fit); ``lazy``: only check it (files, packages, CLIP) and load it when a request first needs it."""
+        if name in self.specs:
             raise ComneckInputError(f"backend {name} is loaded twice", ErrorCode.BAD_SETTINGS)
+        arg = BackendArg(name, Path(weights) if weights is not None else None, dict(options or {}))
+        if lazy:
+            self._lazy_specs[name] = check_backend(name, weights, self.preset.clip, self.preset.split_block, options)
+            self.pending[name] = arg
+            self._order.append(name)
+            return None
+        backend = self._load(arg)
+        self._order.append(name)
+        return backend
+
+    @property
+    def specs(self) -> dict[str, BackendSpec]:
+        """Every backend served, loaded, lazy or failed, in the order added (the first is the default)."""
+        names = [*self._order, *(n for n in self.backends if n not in self._order)]
+        return {n: self.backends[n].spec if n in self.backends else self._lazy_specs[n] for n in names}
+
+    def state(self, name: str) -> str:
+        """``loaded``, ``lazy`` (loads on its first request) or ``failed: why``."""
+        return "loaded" if name in self.backends else "lazy" if name in self.pending else f"failed: {self.failed[name]}"
+
+    def load_pending(self, name: str) -> Backend:
+        """Load lazy backend ``name`` now; a failure is kept (``load_failed`` for every later request)."""
+        arg = self.pending[name]
+        try:
+            backend = self._load(arg)
+        except Exception as exc:  # bad files found only now, out of memory, ...: the operator reads why
+            self.failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            del self.pending[name]
+            raise ComneckInputError(f"backend {name} failed to load: {self.failed[name]}", ErrorCode.LOAD_FAILED) from None
+        del self.pending[name]
+        return backend
+
+    def _load(self, arg: BackendArg) -> Backend:
+        """Load the backend ``arg`` names onto this pipeline's device and dtype."""
         backend = load_backend(
-            name, weights, options, clip_model=self.models.clip_model, clip_config=self.preset.clip, split_block=self.preset.split_block,
-            clip_random=any(part.startswith("clip") for part in self.models.random_parts), device=self.device, dtype=self.dtype,
+            arg.name, arg.weights, arg.options, clip_model=self.models.clip_model, clip_config=self.preset.clip,
+            split_block=self.preset.split_block, clip_random=any(part.startswith("clip") for part in self.models.random_parts),
+            device=self.device, dtype=self.dtype,
         )
-        self.backends[name] = backend
+        self.backends[arg.name] = backend
         return backend
 
     # -- the steps -------------------------------------------------------------------------
@@ -237,21 +282,29 @@ class Pipeline:
         return tap.select(features, self.models.clip.num_blocks)
 
     # -- the whole path --------------------------------------------------------------------
-    def backend_for(self, task: str | None, backend: str | None) -> tuple[Backend, str]:
-        """The loaded backend and the task a request asks for (defaults: the first backend doing
-        ``task``, else the first backend; its first task)."""
-        if not self.backends:
+    def resolve(self, task: str | None, backend: str | None) -> tuple[str, str]:
+        """The backend (by name, loaded or lazy) and the task a request asks for (defaults: the first
+        backend doing ``task``, else the first backend; its first task), without loading anything."""
+        if not self.specs:
             raise ComneckInputError("no backend is loaded", ErrorCode.UNKNOWN_BACKEND)
-        name = backend or next((n for n, b in self.backends.items() if task in b.spec.tasks), next(iter(self.backends)))
-        if name not in self.backends:
-            raise ComneckInputError(f"backend {name!r} is not loaded here; loaded: {', '.join(self.backends)}", ErrorCode.UNKNOWN_BACKEND)
-        chosen = self.backends[name]
-        task = task or chosen.spec.tasks[0]
+        name = backend or next((n for n, spec in self.specs.items() if task in spec.tasks), next(iter(self.specs)))
+        if name not in self.specs:
+            raise ComneckInputError(f"backend {name!r} is not loaded here; loaded: {', '.join(self.specs)}", ErrorCode.UNKNOWN_BACKEND)
+        spec = self.specs[name]
+        task = task or spec.tasks[0]
         if task not in TASKS:
             raise ComneckInputError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}", ErrorCode.UNKNOWN_TASK)
-        if task not in chosen.spec.tasks:
-            raise ComneckInputError(f"backend {name} does not do {task!r}; it does {', '.join(chosen.spec.tasks)}", ErrorCode.UNSUPPORTED_TASK)
-        return chosen, task
+        if task not in spec.tasks:
+            raise ComneckInputError(f"backend {name} does not do {task!r}; it does {', '.join(spec.tasks)}", ErrorCode.UNSUPPORTED_TASK)
+        return name, task
+
+    def backend_for(self, task: str | None, backend: str | None) -> tuple[Backend, str]:
+        """The backend and task :meth:`resolve` picks, loading a lazy backend now (``load_failed``
+        if it could not load)."""
+        name, task = self.resolve(task, backend)
+        if name in self.failed:
+            raise ComneckInputError(f"backend {name} failed to load: {self.failed[name]}", ErrorCode.LOAD_FAILED)
+        return self.backends[name] if name in self.backends else self.load_pending(name), task
 
     def prepare(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], task: str | None = None,
                 backend: str | None = None, options: GenerationOptions | None = None,
