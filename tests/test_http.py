@@ -115,6 +115,8 @@ def test_cli_errors_are_one_line(server):
     one_line_error(edge("encode", photo, "--server", server, "--prompt", ""), "422 empty_prompt")
     one_line_error(edge("encode", photo, "--server", f"http://127.0.0.1:{free_port()}", "--prompt", PROMPT), "cannot reach")
     one_line_error(edge("encode", photo, "--server", server), "--server needs --prompt")
+    # a caption needs no prompt: the request goes out (and this gateway's labeller cannot caption)
+    one_line_error(edge("encode", photo, "--server", server, "--task", "caption"), "400 unsupported_task")
 
 
 def test_reconstruct_and_models(http, good):

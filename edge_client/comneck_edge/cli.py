@@ -76,8 +76,8 @@ def _ask(args: argparse.Namespace, encoder: EdgeEncoder, encoded: EncodedImage) 
 
 def _encode(args: argparse.Namespace) -> str:
     few_shot = bool(args.support or args.support_set)
-    if args.server and args.prompt is None and not few_shot:
-        raise ComneckInputError("--server needs --prompt (the question for the model)")
+    if args.server and args.prompt is None and not few_shot and args.task != "caption":
+        raise ComneckInputError("--server needs --prompt (the question for the model; none for --task caption)")
     if (args.prompt is not None or few_shot) and not args.server:
         raise ComneckInputError("--prompt, --support and --support-set go with --server URL (offline encoding asks no model)")
     encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoding_arguments(enc)
     ask = enc.add_argument_group("asking a gateway")
     ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")
-    ask.add_argument("--prompt", help="question or instruction for the model (clip-zero-shot: 'Labels: a, b, c')")
-    ask.add_argument("--task", help="caption, vqa, rec or classify (default: the backend's first task)")
+    ask.add_argument("--prompt", help="question or instruction for the model (clip-zero-shot: 'Labels: a, b, c'); "
+                     "not needed for --task caption or few-shot support")
+    ask.add_argument("--task", help="caption, vqa, rec, classify or fewshot (default: the backend's first task; fewshot with --support)")
     ask.add_argument("--backend", help="backend name (default: the gateway's first; see GET /v1/models)")
     ask.add_argument("--choice", action="append", default=[], metavar="TEXT",
                      help="one option of a multiple-choice question, in order A, B, ... (repeatable, 2 to 26; honeybee)")

@@ -205,3 +205,22 @@ def test_support_sets_and_inline_support_over_http(files, tiny, tmp_path):
         assert json.loads(run.stdout)["details"] == named["details"]
         assert gateway.delete_support_set("farm")["name"] == "farm"
         assert [s["name"] for s in gateway.support_sets()] == ["pets"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run where one is lent)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_in_each_dtype_matches_the_cpu(files, tiny_models, v2l, dtype):
+    """float32 on CUDA decodes the CPU's tokens; the half types pick the same words (the codebook
+    search runs in float32) and a class among the episode's."""
+    backend = load_backend("v2l", files.codebooks, {"llama": str(files.llama)}, clip_model=tiny_models.clip_model,
+                           clip_config=tiny_models.preset.clip, split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    support_features, queries = torch.randn(4, v2l.codebook.width, generator=g), torch.randn(3, v2l.codebook.width, generator=g)
+    support = [SupportExample(w, label) for w, label in zip(v2l.describe(support_features), LABELS)]
+    on_cpu = v2l.fewshot(queries, support, GenerationOptions())
+    on_gpu = backend.fewshot(queries.cuda().to(dtype), support, GenerationOptions())
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        assert gpu.details["words"] == cpu.details["words"]
+        assert {e["label"] for e in gpu.details["labels"]} == {"cow", "dog"}
+        if dtype == torch.float32:
+            assert gpu.details["token_ids"] == cpu.details["token_ids"]
