@@ -21,7 +21,7 @@ LAYERS = [
     "backends.v2l_fewshot", "backends.shikra", "backends.honeybee", "backends.llava", "backends.llama_adapter", "backends.v2l", "backends",
     "pipeline", "complexity", "convert",
     "train.config", "train.checkpointing", "train.data", "train.objectives", "train.student", "train.trainer", "train.cli",
-    "cli", "",
+    "cli", "__main__", "",
 ]
 
 

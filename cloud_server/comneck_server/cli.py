@@ -13,6 +13,7 @@ import sys
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from comneck import __version__
 from comneck.backends import check_backend, parse_backend_arg
 from comneck.importers.reading import check_source
 from comneck.errors import ComneckInputError, ErrorCode
@@ -45,8 +46,12 @@ def parse_settings(argv: list[str]) -> ServerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--version" in args:
+        print(f"comneck-server {__version__}")
+        return 0
     try:
-        settings = parse_settings(sys.argv[1:] if argv is None else argv)
+        settings = parse_settings(args)
     except ComneckInputError as exc:
         print(f"comneck-server: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from comneck import __version__
 from comneck.errors import run_command
 from comneck.image import RESIZE_POLICIES, sample_photo
 from comneck.presets import PRESETS
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "over HTTP, print the answer with bpp and timings, stop the gateway. With no --image it uses a photo "
         "bundled with the package.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--image", help="photo to encode (default: the bundled cow_beach.png)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
     parser.add_argument("--rate", type=int, default=1, help="rate index 1..4 (lambda 0.004..0.032)")

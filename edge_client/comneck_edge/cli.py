@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from comneck import __version__
 from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError, run_command
 from comneck.image import RESIZE_POLICIES, padding_of, to_image, unpad
@@ -42,6 +43,27 @@ def _options(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+def _fresh(path: Path, force: bool) -> Path:
+    """An output path that may be written: a file already there needs ``--force``."""
+    if path.exists() and not force:
+        raise ComneckInputError(f"{path} exists: pass --force to overwrite it")
+    return path
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _labelled(pairs: list[str], encoder: EdgeEncoder) -> list[tuple[bytes, str]]:
@@ -84,6 +106,8 @@ def _encode(args: argparse.Namespace) -> str:
                           fixed_point=args.entropy_params == "fixed")
     encoded = encoder.encode_file(args.image)
     out = Path(args.output) if args.output else None if args.server else Path(args.image).with_suffix(".cnk")
+    if out is not None:
+        _fresh(out, args.force)  # after reading the photo: a missing or unreadable one is the first thing to say
     lines = []
     if out is not None:
         try:
@@ -105,6 +129,7 @@ def _decode(args: argparse.Namespace) -> str:
         data = Path(args.bitstream).read_bytes()
     except OSError as exc:
         raise ComneckInputError(f"cannot read {args.bitstream}: {exc.strerror}") from None
+    _fresh(Path(args.output), args.force)
     stream = Bitstream.from_bytes(data)
     codec = build_codec(get_preset(args.preset), args.codec_weights)
     stream.check_codec(codec.config.arch, codec.fingerprint())
@@ -142,9 +167,9 @@ def _support_set(args: argparse.Namespace) -> str:
 
 def _add_gateway_arguments(group: Any) -> None:
     """How to reach a gateway: shared by ``encode --server`` and ``support-set``."""
-    group.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
+    group.add_argument("--timeout", type=_positive_seconds, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
     group.add_argument(
-        "--retries", type=int, default=DEFAULT_RETRIES,
+        "--retries", type=_count, default=DEFAULT_RETRIES,
         help=f"retries on 429/503, after Retry-After plus a jittered exponential backoff (default {DEFAULT_RETRIES})",
     )
     group.add_argument("--api-key", help="API key (default: the COMNECK_API_KEY environment variable)")
@@ -168,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode photos into compact ComNeck bitstreams (ELIC analysis + rANS coding) "
         "and decode them back to images for people to look at.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser(
         "encode",
@@ -208,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decode", help=".cnk bitstream -> image with g_s", description="Reconstruct the image a bitstream holds.")
     dec.add_argument("bitstream", help=".cnk file written by `comneck-edge encode`")
     dec.add_argument("-o", "--output", required=True, help="image file to write (format from the suffix, e.g. recon.png)")
+    for p in (enc, dec):
+        p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     for p in (enc, dec, sup):
         p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
         p.add_argument("--codec-weights", help="ELIC weights, the same as the gateway's: our safetensors, a weights folder (`comneck convert`, a training export), a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")

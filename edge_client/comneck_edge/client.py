@@ -41,10 +41,30 @@ def _known(code: ErrorCode | str) -> ErrorCode | str:
         return code
 
 
-def _decode(response: httpx.Response) -> Any:
-    if response.headers.get("content-type", "").startswith("application/msgpack"):
-        return msgpack.unpackb(response.content, raw=False)
-    return response.json()
+#: What every /infer answer holds (the report reads them).
+ANSWER_KEYS = ("text", "backend", "task", "bytes", "bpp", "timings_ms")
+
+
+def _foreign(response: httpx.Response, why: str) -> GatewayError:
+    """The refusal for an answer no ComNeck gateway gives (a web page, another API)."""
+    kind = response.headers.get("content-type", "no content type").split(";")[0]
+    return GatewayError(ErrorCode.NOT_A_GATEWAY, f"not a ComNeck gateway: {response.url} answered {response.status_code} ({kind}) "
+                                                 f"{why}", response.status_code)
+
+
+def _decode(response: httpx.Response, keys: tuple[str, ...] = ()) -> Any:
+    """The gateway's answer (msgpack or JSON), a map holding ``keys``; anything else is refused
+    as not a gateway's."""
+    try:
+        if response.headers.get("content-type", "").startswith("application/msgpack"):
+            body = msgpack.unpackb(response.content, raw=False)
+        else:
+            body = response.json()
+    except (ValueError, msgpack.UnpackException):
+        raise _foreign(response, "that is neither JSON nor msgpack") from None
+    if not isinstance(body, dict) or any(key not in body for key in keys):
+        raise _foreign(response, f"without {', '.join(keys) or 'a JSON object'}")
+    return body
 
 
 def _body(fields: dict[str, Any], structured: dict[str, Any], files: dict[str, list[bytes]], support: list[bytes],
@@ -73,6 +93,10 @@ class GatewayClient:
         backoff: float = 0.5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if not timeout > 0:
+            raise ComneckInputError(f"the timeout must be a positive number of seconds, got {timeout}")
+        if retries < 0:
+            raise ComneckInputError(f"retries must be 0 or more, got {retries}")
         self.url = url.rstrip("/")
         self.retries, self.backoff = retries, backoff
         headers = {"Accept": "application/msgpack"}
@@ -114,10 +138,12 @@ class GatewayClient:
         if response.is_success:
             return response
         try:
-            error = _decode(response)["error"]
+            error = _decode(response, ("error",))["error"]
             code, message = str(error["code"]), str(error["message"])
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+        except (GatewayError, KeyError, TypeError):
             code, message = ErrorCode.HTTP_ERROR, response.reason_phrase or "no details"
+            if response.status_code == 404:  # a ComNeck 404 says not_found; this server does not know the path at all
+                message += f": is {self.url} the gateway's base URL (http://HOST:PORT, without /infer)?"
         raise GatewayError(code, f"server answered {response.status_code} {code}: {message}", response.status_code)
 
     def infer(
@@ -140,21 +166,21 @@ class GatewayClient:
         if support:
             structured["support_labels"] = [label for _, label in support]
         return _decode(self._send("POST", "/infer", **_body(fields, structured, {"bitstream": [bitstream]},
-                                                          [data for data, _ in support or ()], fmt)))
+                                                          [data for data, _ in support or ()], fmt)), ANSWER_KEYS)
 
     def register_support_set(self, name: str, support: list[tuple[bytes, str]], backend: str | None = None,
                              fmt: Format = "msgpack") -> dict[str, Any]:
         """PUT /v1/support-sets/{name}: labelled support bitstreams, described once by the gateway."""
         kwargs = _body({"backend": backend}, {"support_labels": [label for _, label in support]}, {}, [data for data, _ in support], fmt)
-        return _decode(self._send("PUT", f"/v1/support-sets/{name}", **kwargs))
+        return _decode(self._send("PUT", f"/v1/support-sets/{name}", **kwargs), ("name", "classes"))
 
     def support_sets(self) -> list[dict[str, Any]]:
         """GET /v1/support-sets: name, backend, classes and example count of each registered set."""
-        return _decode(self._send("GET", "/v1/support-sets"))["support_sets"]
+        return _decode(self._send("GET", "/v1/support-sets"), ("support_sets",))["support_sets"]
 
     def delete_support_set(self, name: str) -> dict[str, Any]:
         """DELETE /v1/support-sets/{name}."""
-        return _decode(self._send("DELETE", f"/v1/support-sets/{name}"))
+        return _decode(self._send("DELETE", f"/v1/support-sets/{name}"), ("name",))
 
     def reconstruct(self, bitstream: bytes) -> bytes:
         """POST /reconstruct: PNG bytes of the image g_s reconstructs."""
@@ -163,7 +189,7 @@ class GatewayClient:
 
     def models(self) -> dict[str, Any]:
         """GET /v1/models: codec, rate points, backends, random-weight status."""
-        return _decode(self._send("GET", "/v1/models"))
+        return _decode(self._send("GET", "/v1/models"), ("backends",))
 
     def wait_ready(self, timeout: float = 120.0, poll: float = 0.25, is_alive: Callable[[], bool] = lambda: True) -> None:
         """Poll GET /readyz until the models are loaded, or raise after ``timeout`` seconds

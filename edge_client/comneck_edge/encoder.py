@@ -52,7 +52,7 @@ class EdgeEncoder:
         trained = self.codec.trained_rate
         if rate is not None and trained is not None and check_rate(rate) != trained:
             raise ComneckInputError(f"rate {rate} given, but the codec weights ({Path(self.codec.weights_info.source).name}) are rate {trained}")
-        self.rate = check_rate(rate or trained or 1)
+        self.rate = check_rate(rate if rate is not None else trained or 1)
         self.fingerprint = self.codec.fingerprint()
         self.random_weights = codec_weights is None
 

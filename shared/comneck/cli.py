@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import run_command
 from .presets import PRESETS, get_preset
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="comneck",
         description="ComNeck: compressed image latents -> transform-neck -> CLIP tail -> multimodal LLM.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     cx = sub.add_parser(
         "complexity",

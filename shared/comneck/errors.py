@@ -79,6 +79,7 @@ class ErrorCode(str, Enum):
     # the edge client's own (no answer came from a gateway)
     BAD_URL = "bad_url", 400, "the gateway URL is not http(s)"
     UNREACHABLE = "unreachable", 502, "the gateway cannot be reached"
+    NOT_A_GATEWAY = "not_a_gateway", 502, "the URL answered, but not as a ComNeck gateway (an HTML page, another API's JSON)"
     TIMEOUT = "timeout", 504, "the gateway did not answer in time"
 
 

@@ -16,6 +16,7 @@ import sys
 
 import torch.distributed as dist
 
+from .. import __version__
 from ..errors import run_command
 from .config import load_config
 from .trainer import Trainer
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "neck trains), d2 (codec for humans and machines), d3 (encoder for machines) or postproc (U-Net baseline), "
         "in the paper's three stages. Checkpoints are atomic; --resume continues exactly where a run stopped.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("config", nargs="?", help="YAML config (keys of comneck.train.config.TrainConfig)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. stages.0.epochs=1 (repeatable)")
     parser.add_argument("--scenario", choices=("d1", "d2", "d3", "postproc"))
