@@ -253,10 +253,10 @@ def test_client_retries_429_and_503_with_backoff(monkeypatch):
         calls.append(request)
         if len(calls) < 3:
             return httpx.Response(503 if len(calls) == 1 else 429, headers={"Retry-After": "0"}, json={"error": {"code": "busy", "message": "busy"}})
-        return httpx.Response(200, json={"provider": "ok"})
+        return httpx.Response(200, json={"object": "list", "data": []})
 
     client = GatewayClient("http://gw", retries=3, transport=httpx.MockTransport(handler))
-    assert client.models() == {"provider": "ok"} and len(calls) == 3
+    assert client.models() == {"object": "list", "data": []} and len(calls) == 3
     assert len(slept) == 2 and 0 <= slept[0] <= 0.5 and 0 <= slept[1] <= 1.0
     calls.clear()
     client = GatewayClient("http://gw", retries=1, backoff=0.0, transport=httpx.MockTransport(lambda r: calls.append(r) or httpx.Response(503, json={"error": {"code": "busy", "message": "try later"}})))
@@ -292,3 +292,17 @@ def test_client_waits_retry_after_plus_jitter(monkeypatch):
         client.models()
     assert shares == [(0, 0.5), (0, 1.0), (0, 2.0)] and slept == [2.5, 3.0, 4.0]
 
+
+
+def test_a_taken_port_is_one_line_before_anything_loads(capsys, monkeypatch):
+    import socket
+
+    from comneck_server import cli
+
+    monkeypatch.setattr("comneck_server.app.create_app", lambda *a: pytest.fail("loaded models for a port it cannot take"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli.main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"comneck-server: error: cannot listen on 127.0.0.1:{port}") and "--port" in err and err.count("\n") == 1
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("comneck-server ")

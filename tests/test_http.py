@@ -98,6 +98,15 @@ def test_cli_choices_are_the_zero_shot_labels(server):
                    "422 bad_choices", "2 to 26 choices; got 1")
 
 
+def test_a_json_body_with_base64_bitstreams_answers_as_msgpack_does(http, good):
+    import base64
+
+    as_json = http.post("/infer", json={"bitstream": base64.b64encode(good).decode(), "prompt": PROMPT, "options": {"top_k": 2}}).json()
+    as_msgpack = msgpack.unpackb(http.post("/infer", content=msgpack.packb({"bitstream": good, "prompt": PROMPT, "options": {"top_k": 2}}),
+                                           headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"}).content)
+    assert (as_json["text"], as_json["details"], as_json["bytes"]) == (as_msgpack["text"], as_msgpack["details"], as_msgpack["bytes"])
+
+
 def test_msgpack_and_multipart_give_the_same_answer(http, good):
     body = msgpack.packb({"bitstream": good, "prompt": PROMPT})
     a = http.post("/infer", content=body, headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"})
@@ -122,11 +131,17 @@ def test_cli_errors_are_one_line(server):
 def test_reconstruct_and_models(http, good):
     png = http.post("/reconstruct", content=good, headers={"Content-Type": "application/octet-stream"})
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
-    models = http.get("/v1/models").json()
+    listed = http.get("/v1/models").json()
+    assert listed["object"] == "list" and [(m["id"], m["object"], m["owned_by"]) for m in listed["data"]] == [
+        ("clip-zero-shot", "model", "comneck")]
+    models = listed["comneck"]
     assert models["random_weights"] is True and models["codec"]["rates"] == {"1": 0.004, "2": 0.008, "3": 0.016, "4": 0.032}
-    assert [(b["name"], b["resize"], b["choices"]) for b in models["backends"]] == [("clip-zero-shot", None, True)]
-    assert http.get("/openapi.json").json()["paths"]["/infer"]["post"]["requestBody"]["content"].keys() == {
-        "application/msgpack", "multipart/form-data"}
+    assert [(b["name"], b["resize"], b["choices"], b["state"]) for b in models["backends"]] == [("clip-zero-shot", None, True, "loaded")]
+    openapi = http.get("/openapi.json").json()
+    assert openapi["paths"]["/infer"]["post"]["requestBody"]["content"].keys() == {
+        "application/msgpack", "application/json", "multipart/form-data"}
+    assert set(openapi["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    assert http.get("/").json()["docs"] == "/docs"
     assert http.get("/docs").status_code == 200
 
 
@@ -192,7 +207,13 @@ def test_every_bad_request_gets_its_code(http, good):
         (mp(), 422, "invalid_request"),
         ({"content": b"\xc1\xc1", "headers": {"Content-Type": "application/msgpack"}}, 400, "bad_request"),
         ({"content": msgpack.packb([1, 2]), "headers": {"Content-Type": "application/msgpack"}}, 400, "bad_request"),
-        ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 415, "unsupported_media_type"),
+        ({"content": b"{}", "headers": {"Content-Type": "application/json"}}, 422, "invalid_request"),
+        ({"content": b"{bad", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+        ({"content": b"[]", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+        ({"content": json.dumps({"bitstream": "not base64!", "prompt": PROMPT}).encode(), "headers": {"Content-Type": "application/json"}},
+         422, "invalid_request"),
+        ({"content": b"[" * 300 + b"]" * 300, "headers": {"Content-Type": "application/json"}}, 422, "invalid_request"),
+        ({"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
         ({"data": {"prompt": PROMPT}, "files": {"other": ("x", b"1")}}, 422, "invalid_request"),
         (form(prompt=PROMPT, options="{bad"), 422, "invalid_request"),
         (form(prompt=PROMPT, choices="[cow, horse]"), 422, "invalid_request"),

@@ -8,6 +8,8 @@ Models load once, in a background thread at start-up, so /healthz answers at onc
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import secrets
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgpack
 from fastapi import Depends, FastAPI, Request
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -29,6 +32,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from comneck import __version__
 from comneck.backends import MAX_SUPPORT
 from comneck.errors import ComneckInputError, ErrorCode
 
@@ -41,6 +45,7 @@ log = logging.getLogger("comneck.server")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 MAX_JSON_FIELD_CHARS = 4096  # a multipart JSON field: every option together takes about 120, 26 choices of 150
 ModelT = TypeVar("ModelT", bound=BaseModel)
+MAX_JSON_CONTAINERS = 256  # objects and arrays in a JSON body (an /infer body needs a handful)
 MAX_MSGPACK_CONTAINERS = 8  # maps and arrays in a msgpack body; an InferRequest has up to five
 MAX_MSGPACK_ITEMS = 64  # entries of one msgpack map or array
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -78,6 +83,7 @@ INFER_BODY = {
         "required": True,
         "content": {
             "application/msgpack": {"schema": _inline_schema(InferRequest)},
+            "application/json": {"schema": _inline_schema(InferRequest), "description": "bitstreams as base64 strings"},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -349,14 +355,43 @@ async def _file_parts(form: Any, name: str) -> list[bytes] | None:
     return [await upload.read() for upload in uploads]
 
 
+def _json_body(body: bytes, binary: tuple[str, ...]) -> Any:
+    """A JSON body, its ``binary`` fields (a string, or a list of strings) read as base64; at most
+    ``MAX_JSON_CONTAINERS`` objects or arrays (counted by their opening brackets, which bounds the
+    Python objects a few MiB could become), strict UTF-8."""
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_CONTAINERS:
+        raise ApiError(ErrorCode.INVALID_REQUEST, f"the JSON body holds more than {MAX_JSON_CONTAINERS} objects or arrays")
+    try:
+        raw = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(ErrorCode.INVALID_REQUEST, "the JSON body is not UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        return raw
+    for name in binary:
+        value = raw.get(name)
+        try:
+            if isinstance(value, str):
+                raw[name] = base64.b64decode(value, validate=True)
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                raw[name] = [base64.b64decode(v, validate=True) for v in value]
+        except binascii.Error:
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} must be base64 in a JSON body") from None
+    return raw
+
+
 async def _read_model(request: Request, model: type[ModelT], files: tuple[str, ...], repeated: tuple[str, ...] = ()) -> ModelT:
-    """A msgpack or multipart body as ``model``: in multipart the ``files`` are file parts, the
-    ``repeated`` file parts may come several times (support examples), the JSON fields are text."""
+    """A msgpack, JSON or multipart body as ``model``: in multipart the ``files`` are file parts, the
+    ``repeated`` file parts may come several times (support examples), the JSON fields are text;
+    in JSON the bitstreams are base64 strings."""
     kind = _content_type(request)
-    if kind in MSGPACK_TYPES:
-        raw = _unpack(await request.body())
+    required = ", ".join(model.model_json_schema()["required"])
+    if kind in MSGPACK_TYPES or kind == "application/json":
+        body = await request.body()
+        raw = _unpack(body) if kind in MSGPACK_TYPES else _json_body(body, files + repeated)
         if not isinstance(raw, dict):
-            raise ApiError(ErrorCode.BAD_REQUEST, f"msgpack body must be a map with {', '.join(model.model_json_schema()['required'])}")
+            raise ApiError(ErrorCode.BAD_REQUEST, f"the body must be a map with {required}")
     elif kind == "multipart/form-data":
         async with _form(request, max_fields=8, max_files=len(files) + MAX_SUPPORT * len(repeated)) as form:
             raw = {**form, **{name: await _file_part(form, name) for name in files}}
@@ -367,7 +402,7 @@ async def _read_model(request: Request, model: type[ModelT], files: tuple[str, .
             if isinstance(raw.get(name), str):
                 raw[name] = _parse_json_field(name, raw[name])
     else:
-        raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the request as application/msgpack or multipart/form-data")
+        raise ApiError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send the request as application/msgpack, application/json or multipart/form-data")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
@@ -410,7 +445,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     app = FastAPI(
         title="ComNeck gateway",
         summary="Compressed image latents in, MLLM answers out: entropy decode -> transform-neck -> CLIP tail -> backend.",
-        version="1",
+        version=__version__,
         lifespan=lifespan,
     )
     app.add_middleware(
@@ -422,7 +457,10 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     def known(key: str | None) -> bool:
         return key is not None and any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
 
-    def authorized(request: Request) -> None:
+    # Declared so OpenAPI lists both schemes (the Authorize button of /docs); the check reads the headers itself.
+    bearer, api_key_header = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
+
+    def authorized(request: Request, _bearer: Any = Depends(bearer), _key: Any = Depends(api_key_header)) -> None:
         """Every key the request presents must be a configured one, and it must present one."""
         if not settings.api_keys:
             return
@@ -466,6 +504,11 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         log.exception("internal error on %s", request.url.path)
         return respond(request, error_body(ErrorCode.INTERNAL_ERROR, "internal error; the server log has the details"), ErrorCode.INTERNAL_ERROR.status)
 
+    @app.get("/", summary="what this is and where its documentation is")
+    def root(request: Request) -> Response:
+        return respond(request, {"service": "ComNeck gateway", "version": __version__, "docs": "/docs", "redoc": "/redoc",
+                                 "openapi": "/openapi.json", "health": "/healthz", "ready": "/readyz", "models": "/v1/models"})
+
     @app.get("/healthz", summary="liveness: the process answers")
     def healthz(request: Request) -> Response:
         if state["load_error"]:
@@ -480,7 +523,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
 
     @app.get("/v1/models", summary="codec, rate points, networks, backends, random-weight status", dependencies=[Depends(authorized)])
     def models(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
-        return respond(request, loaded.describe())
+        return respond(request, loaded.model_list())
 
     @app.post(
         "/infer",

@@ -8,6 +8,7 @@ exit code 2 before anything loads.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 from pydantic import ValidationError
@@ -21,6 +22,19 @@ from comneck.pipeline import check_device
 from comneck.presets import get_preset
 
 from .settings import ServerSettings
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before any model loads, an address this process cannot listen on (a port in use,
+    a host that is not this machine's): uvicorn would find out only after minutes of loading."""
+    if port == 0:  # any free port
+        return
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ComneckInputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another server there? "
+                                "pick another with --port", ErrorCode.BAD_SETTINGS) from None
 
 
 def parse_settings(argv: list[str]) -> ServerSettings:
@@ -39,6 +53,7 @@ def parse_settings(argv: list[str]) -> ServerSettings:
     for name, weights, options in backends:
         check_backend(name, weights, preset.clip, preset.split_block, options)
     check_device(settings.device)
+    check_port(settings.host, settings.port)
     for part, path in vars(settings.weight_files).items():
         if path is not None:
             check_source(path, part)

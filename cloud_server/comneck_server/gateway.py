@@ -41,6 +41,7 @@ class Gateway:
         self.settings = settings
         self.workers = workers
         self.support_sets = SupportSets()
+        self.started = int(time.time())  # "created" of the OpenAI-style model list
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-model")
 
     def _on_model_thread(self, work: Callable[[], T]) -> tuple[T, float]:
@@ -90,6 +91,14 @@ class Gateway:
         stream = Bitstream(codec.config.arch, codec.trained_rate or 1, self.models.codec_fingerprint, (side, side), latents)
         taps = [backend.spec.tap for backend in self.backends.values()]
         self._on_model_thread(lambda: self.pipeline.features(self.pipeline.decode([self.pipeline.check(stream)]), taps))
+
+    def model_list(self) -> dict:
+        """``GET /v1/models`` in OpenAI's list shape (``object: list``, one ``data`` entry per backend,
+        its ``id`` the name a request's ``model`` or ``backend`` takes), ComNeck's own description under ``comneck``."""
+        described = self.describe()
+        data = [{"id": b["name"], "object": "model", "created": self.started, "owned_by": "comneck", "comneck": b}
+                for b in described["backends"]]
+        return {"object": "list", "data": data, "comneck": described}
 
     def _check_prompt_length(self, prompt: str, choices: Sequence[str]) -> None:
         """The prompt and its choices together within ``max_prompt_chars``."""

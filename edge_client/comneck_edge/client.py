@@ -188,8 +188,9 @@ class GatewayClient:
         return response.content
 
     def models(self) -> dict[str, Any]:
-        """GET /v1/models: codec, rate points, backends, random-weight status."""
-        return _decode(self._send("GET", "/v1/models"), ("backends",))
+        """GET /v1/models: OpenAI's list (``data``: one entry per backend) and, under ``comneck``, the
+        codec, rate points, backends and random-weight status."""
+        return _decode(self._send("GET", "/v1/models"), ("data",))
 
     def wait_ready(self, timeout: float = 120.0, poll: float = 0.25, is_alive: Callable[[], bool] = lambda: True) -> None:
         """Poll GET /readyz until the models are loaded, or raise after ``timeout`` seconds

@@ -34,7 +34,7 @@ def test_lazy_backends_load_on_first_use_once_and_a_failure_stays_reported(tiny_
     assert info.value.code == "bad_settings"
     with TestClient(create_app(ServerSettings(lazy_backends=True), gateway)) as client:
         assert client.get("/readyz").json()["backends"] == {"clip-zero-shot": "lazy", "shikra": "lazy"}
-        assert [b["state"] for b in client.get("/v1/models").json()["backends"]] == ["lazy", "lazy"]
+        assert [b["state"] for b in client.get("/v1/models").json()["comneck"]["backends"]] == ["lazy", "lazy"]
         loads = []
         real_load = pipeline._load
         pipeline._load = lambda arg: (loads.append(arg.name), real_load(arg))[1]

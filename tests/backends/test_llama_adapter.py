@@ -327,7 +327,7 @@ def test_http_round_trip_on_the_tiny_preset(files, tiny):
 
     data = EdgeEncoder(tiny).encode_file(sample_photo()).data
     with local_gateway("tiny", "--backend", f"llama-adapter-v1={files.adapter},llama={files.llama}") as gateway:
-        models = {b["name"]: b for b in gateway.models()["backends"]}
+        models = {b["name"]: b for b in gateway.models()["comneck"]["backends"]}
         assert models["llama-adapter-v1"]["resize"] == "paper"
         for fmt in ("msgpack", "multipart"):
             answer = gateway.infer(data, "", options={"max_new_tokens": 4}, fmt=fmt)

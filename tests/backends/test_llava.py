@@ -254,7 +254,7 @@ def test_http_round_trip_on_the_tiny_preset(folder, tiny):
 
     data = EdgeEncoder(tiny, resize="pad-square").encode_file(sample_photo()).data
     with local_gateway("tiny", "--backend", f"llava={folder}") as gateway:
-        (listed,) = [b for b in gateway.models()["backends"] if b["name"] == "llava"]
+        (listed,) = [b for b in gateway.models()["comneck"]["backends"] if b["name"] == "llava"]
         assert listed["clip"] == "ViT-L-14 at 224 px, width 64" and listed["tasks"] == ["vqa", "caption"]
         for fmt in ("msgpack", "multipart"):
             answer = gateway.infer(data, "What is in the photo?", backend="llava", options={"max_new_tokens": 4}, fmt=fmt)
