@@ -23,7 +23,7 @@ import msgpack
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -38,6 +38,7 @@ from comneck.errors import ComneckInputError, ErrorCode
 
 from .errors import ApiError, error_body, status_of
 from .gateway import Gateway
+from .openai_chat import ChatRequest, chunks, completion
 from .schemas import ErrorResponse, InferRequest, InferResponse, SupportSetInfo, SupportSetRequest
 from .settings import ServerSettings
 
@@ -545,6 +546,22 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
             random_weights=result.random_weights, note=result.note, details=result.details,
         )
         return respond(request, answer.model_dump(mode="json"))
+
+    @app.post(
+        "/v1/chat/completions",
+        summary="OpenAI's chat API: one user message with the bitstream as a data:application/x-comneck;base64 image URL",
+        responses=ERROR_RESPONSES,
+        dependencies=[Depends(authorized)],
+    )
+    async def chat_completions(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
+        req = await _read_model(request, ChatRequest, ())
+        data, prompt = req.query()
+        with admission.slot():
+            result = await run_in_threadpool(loaded.infer, data, prompt, req.task, req.model, req.options())
+        done = completion(req, result)
+        if req.stream:
+            return StreamingResponse(chunks(done), media_type="text/event-stream")
+        return JSONResponse(done)
 
     @app.put(
         "/v1/support-sets/{name}",
