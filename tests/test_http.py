@@ -142,7 +142,10 @@ def test_reconstruct_and_models(http, good):
         "application/msgpack", "application/json", "multipart/form-data"}
     assert set(openapi["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
     assert http.get("/").json()["docs"] == "/docs"
-    assert http.get("/docs").status_code == 200
+    for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = http.get(page).text  # no CDN: the pages load their scripts from the gateway itself
+        assert f"/static-offline-docs/{asset}" in html and "cdn." not in html
+        assert http.get(f"/static-offline-docs/{asset}").status_code == 200
 
 
 def reseal(data: bytes) -> bytes:

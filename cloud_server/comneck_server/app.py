@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import msgpack
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import APIKeyHeader, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -443,7 +444,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         if state["gateway"] is not None and gateway is None:  # what this app loaded, it stops
             state["gateway"].close()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load Swagger UI and ReDoc from the installed package: they work offline
         title="ComNeck gateway",
         summary="Compressed image latents in, MLLM answers out: entropy decode -> transform-neck -> CLIP tail -> backend.",
         version=__version__,
