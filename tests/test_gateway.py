@@ -306,3 +306,13 @@ def test_a_taken_port_is_one_line_before_anything_loads(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith(f"comneck-server: error: cannot listen on 127.0.0.1:{port}") and "--port" in err and err.count("\n") == 1
     assert cli.main(["--version"]) == 0 and capsys.readouterr().out.startswith("comneck-server ")
+
+
+def test_server_help_names_the_environment_variables(capsys):
+    from comneck_server import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "{Path,null}" not in out and "--weights Path" in out
+    assert all(f"COMNECK_{name.upper()}" in out.replace("\n", " ").replace("  ", " ") for name in ServerSettings.model_fields)

@@ -22,6 +22,8 @@ class ServerSettings(BaseSettings):
         cli_prog_name="comneck-server",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        cli_hide_none_type=True,  # --weights PATH, not {Path,null}
+        cli_avoid_json=True,
         extra="forbid",
     )
 
@@ -105,3 +107,8 @@ class ServerSettings(BaseSettings):
     @property
     def weight_files(self) -> WeightFiles:
         return WeightFiles.bundle(self.weights, self.codec_weights, self.neck_weights, self.clip_weights)
+
+
+# --help names each flag's environment variable beside it (flags and variables set the same thing).
+for _name, _field in ServerSettings.model_fields.items():
+    _field.description = f"{_field.description} [env COMNECK_{_name.upper()}]"
