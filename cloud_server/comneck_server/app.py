@@ -33,7 +33,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from comneck import __version__
+from comneck.version import __version__
 from comneck.backends import MAX_SUPPORT
 from comneck.errors import ComneckInputError, ErrorCode
 

@@ -14,7 +14,7 @@ import sys
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from comneck import __version__
+from comneck.version import __version__
 from comneck.backends import check_backend, parse_backend_arg
 from comneck.importers.reading import check_source
 from comneck.errors import ComneckInputError, ErrorCode

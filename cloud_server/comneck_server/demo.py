@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from comneck import __version__
+from comneck.version import __version__
 from comneck.errors import run_command
 from comneck.image import RESIZE_POLICIES, sample_photo
 from comneck.presets import PRESETS

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from comneck import __version__
+from comneck.version import __version__
 from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError, run_command
 from comneck.image import RESIZE_POLICIES, padding_of, to_image, unpad

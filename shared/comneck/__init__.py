@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 # a warning about a third-party internal that users can do nothing about.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
-__version__ = "0.1.0"
+from .version import __version__
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline

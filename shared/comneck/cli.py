@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .errors import run_command
 from .presets import PRESETS, get_preset
 

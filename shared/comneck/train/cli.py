@@ -16,7 +16,7 @@ import sys
 
 import torch.distributed as dist
 
-from .. import __version__
+from ..version import __version__
 from ..errors import run_command
 from .config import load_config
 from .trainer import Trainer
