@@ -1,5 +1,6 @@
 """The deployment files stay consistent with the code (no Docker engine runs here)."""
 
+import fnmatch
 import re
 import tomllib
 from pathlib import Path
@@ -28,10 +29,53 @@ def test_dockerfiles_start_installed_commands():
     edge = (ROOT / "docker/Dockerfile.edge").read_text()
     assert re.search(r'^CMD \["comneck-server"\]', server, re.M) and "comneck-server" in scripts
     assert re.search(r'^ENTRYPOINT \["comneck-edge"\]', edge, re.M) and "comneck-edge" in scripts
-    # installs follow the lock: torch/torchvision at the locked versions, everything else constrained by it
-    assert 'pip install -c requirements/server.txt ".[server]"' in server
-    assert 'pip install -c requirements/edge.txt ".[edge]"' in edge
-    for text, lock in ((server, "server"), (edge, "edge")):
-        assert f"grep -m1 '^torch==' requirements/{lock}.txt" in text
-        assert re.search(r"^torch==", (ROOT / f"requirements/{lock}.txt").read_text(), re.M)
-    assert "COMNECK_HOST=0.0.0.0" in server
+    assert "COMNECK_HOST=0.0.0.0" in server and "COMNECK_PORT=8000" in server
+
+
+def _pip_installs(dockerfile: str) -> list[str]:
+    """The pip install commands of a Dockerfile's RUN lines (continuations joined, split at &&)."""
+    text = dockerfile.replace("\\\n", " ")
+    runs = [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+    return [part.strip() for run in runs for part in run.split("&&") if re.search(r"\bpip3? install", part)]
+
+
+def test_images_install_the_lock_then_the_project_alone():
+    for name, lock in (("server", "server"), ("edge", "edge")):
+        installs = _pip_installs((ROOT / f"docker/Dockerfile.{name}").read_text())
+        assert installs[0] == f"pip install -r requirements/{lock}.txt"
+        for command in installs:
+            named = re.findall(r"-r (\S+)", command)
+            assert named or "--no-deps" in command, command  # nothing resolved outside the lock
+            for path in named:
+                assert re.fullmatch(r"requirements/\w+\.txt", path) and (ROOT / path).is_file(), path
+        # the project itself: no dependencies, and the lock's setuptools as its build backend
+        assert installs[-1] == "pip install --no-deps --no-build-isolation ."
+        lock_text = (ROOT / f"requirements/{lock}.txt").read_text()
+        for pin in ("torch", "torchvision", "setuptools", "wheel"):
+            assert re.search(rf"^{pin}==", lock_text, re.M), pin
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore leaves `path` out: a pattern matches it or a folder above it
+    (a leading **/ matches at any depth)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        deep = pattern.startswith("**/")
+        for prefix in prefixes:
+            if fnmatch.fnmatchcase(prefix.rsplit("/", 1)[-1] if deep else prefix, pattern.removeprefix("**/")):
+                return True
+    return False
+
+
+def test_dockerignore_keeps_weights_and_local_environments_out():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for path in ("weights/d1_1.pth.tar", ".venv/bin/python", ".venv-lock/bin/uv", ".git/HEAD",
+                 "dist/comneck-0.1.0-py3-none-any.whl", "build/lib/comneck/__init__.py",
+                 "runs/d1/last.safetensors", "shared/comneck.egg-info/PKG-INFO", "torch-2.14.1.whl",
+                 "cloud_server/comneck_server/__pycache__/cli.cpython-311.pyc"):
+        assert _ignored(path, patterns), path
+    for path in ("pyproject.toml", "README.md", "requirements/server.txt", "shared/comneck/assets/cow_beach.png",
+                 "cloud_server/comneck_server/settings.py", "edge_client/comneck_edge/cli.py"):
+        assert not _ignored(path, patterns), path
