@@ -1,5 +1,7 @@
 """The deployment files stay consistent with the code (no Docker engine runs here)."""
 
+import ast
+import fnmatch
 import re
 import tomllib
 from pathlib import Path
@@ -19,7 +21,7 @@ def test_compose_runs_a_checked_gateway_and_an_edge_client_against_it():
     command = edge["command"]
     assert command[0] == "encode" and command[command.index("--server") + 1] == "http://server:8000"
     assert Path(command[1]).name in {p.name for p in (ROOT / "shared/comneck/assets").glob("*.png")}
-    assert "deploy:" in (ROOT / "docker-compose.yml").read_text()  # the commented GPU reservation
+    assert list(edge["environment"]) == ["COMNECK_API_KEY"]  # passed through for a server with keys
 
 
 def test_dockerfiles_start_installed_commands():
@@ -28,10 +30,117 @@ def test_dockerfiles_start_installed_commands():
     edge = (ROOT / "docker/Dockerfile.edge").read_text()
     assert re.search(r'^CMD \["comneck-server"\]', server, re.M) and "comneck-server" in scripts
     assert re.search(r'^ENTRYPOINT \["comneck-edge"\]', edge, re.M) and "comneck-edge" in scripts
-    # installs follow the lock: torch/torchvision at the locked versions, everything else constrained by it
-    assert 'pip install -c requirements/server.txt ".[server]"' in server
-    assert 'pip install -c requirements/edge.txt ".[edge]"' in edge
-    for text, lock in ((server, "server"), (edge, "edge")):
-        assert f"grep -m1 '^torch==' requirements/{lock}.txt" in text
-        assert re.search(r"^torch==", (ROOT / f"requirements/{lock}.txt").read_text(), re.M)
-    assert "COMNECK_HOST=0.0.0.0" in server
+    assert "COMNECK_HOST=0.0.0.0" in server and "COMNECK_PORT=8000" in server
+
+
+def _pip_installs(dockerfile: str) -> list[str]:
+    """The pip install commands of a Dockerfile's RUN lines (continuations joined, split at &&)."""
+    text = dockerfile.replace("\\\n", " ")
+    runs = [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+    return [part.strip() for run in runs for part in run.split("&&") if re.search(r"\bpip3? install", part)]
+
+
+def test_images_install_the_lock_then_the_project_alone():
+    for name, lock in (("server", "server"), ("edge", "edge")):
+        installs = _pip_installs((ROOT / f"docker/Dockerfile.{name}").read_text())
+        assert installs[0] == f"pip install -r requirements/{lock}.txt"
+        for command in installs:
+            named = re.findall(r"-r (\S+)", command)
+            assert named or "--no-deps" in command, command  # nothing resolved outside the lock
+            for path in named:
+                assert re.fullmatch(r"requirements/\w+\.txt", path) and (ROOT / path).is_file(), path
+        # the project itself: no dependencies, and the lock's setuptools as its build backend
+        assert installs[-1] == "pip install --no-deps --no-build-isolation ."
+        lock_text = (ROOT / f"requirements/{lock}.txt").read_text()
+        for pin in ("torch", "torchvision", "setuptools", "wheel"):
+            assert re.search(rf"^{pin}==", lock_text, re.M), pin
+
+
+def _settings_defaults() -> dict[str, object]:
+    """COMNECK_<FIELD> -> the literal default of each ServerSettings field, read from the source
+    (importing the settings would import torch)."""
+    tree = ast.parse((ROOT / "cloud_server/comneck_server/settings.py").read_text())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ServerSettings").body
+    fields = {}
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and node.target.id != "model_config":
+            call = node.value
+            default = call.args[0] if isinstance(call, ast.Call) and call.args else call
+            try:
+                fields[f"COMNECK_{node.target.id.upper()}"] = ast.literal_eval(default)
+            except ValueError:  # an expression such as 8 << 20: kept as its text
+                fields[f"COMNECK_{node.target.id.upper()}"] = ast.unparse(default)
+    return fields
+
+
+def _compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+# Compose-only names: where the host publishes the gateway (not settings of the gateway).
+PUBLISH = {"COMNECK_PUBLISH_HOST", "COMNECK_PUBLISH_PORT"}
+
+
+def test_compose_forwards_every_gateway_setting_with_the_gateways_defaults():
+    settings = _settings_defaults()
+    assert {"COMNECK_DEVICE", "COMNECK_API_KEYS", "COMNECK_LOG_LEVEL"} <= set(settings)
+    environment = _compose()["services"]["server"]["environment"]
+    # all but host and port, which the image fixes (0.0.0.0:8000, published and health-checked)
+    assert set(environment) == set(settings) - {"COMNECK_HOST", "COMNECK_PORT"}
+    assert not PUBLISH & set(settings)
+    for name, value in environment.items():
+        if value is None:
+            continue  # passed through from the shell when set there, else the gateway's default
+        match = re.fullmatch(r"\$\{(\w+):-([^}]*)\}", value)
+        assert match and match[1] == name, value  # the shell's value wins over the default
+        assert match[2] == settings[name], name  # and the default is the gateway's own
+
+
+def test_docs_name_only_forwarded_settings():
+    settings, environment = _settings_defaults(), _compose()["services"]["server"]["environment"]
+    named = set(re.findall(r"COMNECK_[A-Z_]+[A-Z]", (ROOT / "docs/deploy.md").read_text()))
+    for name in named - PUBLISH - {"COMNECK_API_KEY"}:  # the edge client's key, given to the edge service
+        assert name in settings, name
+        assert name in environment or name in {"COMNECK_HOST", "COMNECK_PORT"}, name
+    assert PUBLISH <= named
+
+
+def test_published_port_is_on_localhost_unless_told_otherwise():
+    (port,) = _compose()["services"]["server"]["ports"]
+    assert port == "${COMNECK_PUBLISH_HOST:-127.0.0.1}:${COMNECK_PUBLISH_PORT:-8000}:8000"
+    docs = (ROOT / "docs/deploy.md").read_text()
+    assert "COMNECK_PUBLISH_HOST=0.0.0.0" in docs and "COMNECK_API_KEYS=" in docs
+
+
+def test_gpu_override_reserves_a_gpu_and_runs_on_it():
+    server = _compose("docker-compose.gpu.yml")["services"]["server"]
+    (device,) = server["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
+    assert server["environment"] == {"COMNECK_DEVICE": "${COMNECK_DEVICE:-cuda}"}
+    assert "docker compose -f docker-compose.yml -f docker-compose.gpu.yml" in (ROOT / "docs/deploy.md").read_text()
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore leaves `path` out: a pattern matches it or a folder above it
+    (a leading **/ matches at any depth)."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        deep = pattern.startswith("**/")
+        for prefix in prefixes:
+            if fnmatch.fnmatchcase(prefix.rsplit("/", 1)[-1] if deep else prefix, pattern.removeprefix("**/")):
+                return True
+    return False
+
+
+def test_dockerignore_keeps_weights_and_local_environments_out():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for path in ("weights/d1_1.pth.tar", ".venv/bin/python", ".venv-lock/bin/uv", ".git/HEAD",
+                 "dist/comneck-0.1.0-py3-none-any.whl", "build/lib/comneck/__init__.py",
+                 "runs/d1/last.safetensors", "shared/comneck.egg-info/PKG-INFO", "torch-2.14.1.whl",
+                 "cloud_server/comneck_server/__pycache__/cli.cpython-311.pyc"):
+        assert _ignored(path, patterns), path
+    for path in ("pyproject.toml", "README.md", "requirements/server.txt", "shared/comneck/assets/cow_beach.png",
+                 "cloud_server/comneck_server/settings.py", "edge_client/comneck_edge/cli.py"):
+        assert not _ignored(path, patterns), path
