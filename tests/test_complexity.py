@@ -83,3 +83,12 @@ def test_cli_json_and_errors():
     )
     assert bad.returncode == 2
     assert "multiple of 64" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_paper_figures_stand_only_beside_the_paper_preset():
+    from comneck.complexity import format_report
+
+    tiny = PRESETS["tiny"]
+    text = format_report(complexity_report(tiny, size=256), tiny, 256, 2)
+    assert " paper " not in text.splitlines()[1] and "13.19M" not in text and "linear 40->64" in text and "blocks k+1..4" in text
+    assert "--preset paper" in text.splitlines()[-1]

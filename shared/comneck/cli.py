@@ -19,7 +19,7 @@ def _complexity(args: argparse.Namespace) -> str:
     split = preset.split_block if args.split is None else args.split
     size = preset.image_size if args.size is None else args.size
     report = complexity_report(preset, size=size, split_block=split)
-    return json.dumps(report_json(report), indent=2) if args.json else format_report(report, size, split, preset.clip.image_size)
+    return json.dumps(report_json(report), indent=2) if args.json else format_report(report, preset, size, split)
 
 
 def _convert(args: argparse.Namespace) -> str:

@@ -43,7 +43,7 @@ PAPER_TABLE3: dict[str, tuple[float, float]] = {
 
 #: What each component's numbers include.
 COMPONENT_SCOPE: dict[str, str] = {
-    "neck": "transform-neck: linear 320->1024, class/pos embeddings, ln_pre, 1 attention block",
+    "neck": "transform-neck: linear {M}->{width}, class/pos embeddings, ln_pre, {neck_layers} attention block(s)",
     "g_a": "ELIC analysis transform",
     "h_a": "ELIC hyper-analysis",
     "h_s_ctx": "hyper-synthesis + channel/spatial context + parameter aggregation (both checkerboard passes)",
@@ -51,7 +51,7 @@ COMPONENT_SCOPE: dict[str, str] = {
     "unet": "post-processing U-Net on x_hat (baseline)",
     "clip_embed": "CLIP class + positional embeddings and ln_pre (adds only, no MACs)",
     "clip_head": "CLIP patch-embedding conv (the stem) + blocks 1..k, what the neck replaces",
-    "clip_tail": "CLIP blocks k+1..24 + ln_post + proj, run on the neck's tokens",
+    "clip_tail": "CLIP blocks k+1..{layers} + ln_post + proj, run on the neck's tokens",
     "cloud": "the served cloud path after entropy decoding: neck + CLIP tail (comneck.pipeline.latent_features)",
 }
 
@@ -156,22 +156,28 @@ def complexity_report(preset: Preset, size: int | None = None, split_block: int 
     return report
 
 
-def format_report(report: dict[str, Cost], size: int, split_block: int, clip_size: int = 224) -> str:
-    """A fixed-width table with the paper's Table 3 figures beside ours (where they apply)."""
-    comparable = (size, split_block, clip_size) == (256, 2, 224)  # the setting of Table 3
+def format_report(report: dict[str, Cost], preset: Preset, size: int, split_block: int) -> str:
+    """A fixed-width table; the paper's Table 3 figures stand beside ours only where they measure
+    the same thing (the paper preset at 256 x 256, split k=2), never beside a smaller model's."""
+    comparable = (preset.name, size, split_block) == ("paper", 256, 2)  # the setting of Table 3
+    sizes = {"M": preset.neck.latent_channels, "width": preset.neck.width, "neck_layers": preset.neck.layers, "layers": preset.clip.layers}
+    head = f"{'component':<11} {'params':>12} {'paper':>7} {'kMAC/px':>9} {'paper':>8}  includes" if comparable else \
+        f"{'component':<11} {'params':>12} {'kMAC/px':>9}  includes"
     lines = [
-        f"Complexity at {size}x{size}, split k={split_block} (kMAC per pixel of the codec input;"
+        f"Complexity of preset {preset.name} at {size}x{size}, split k={split_block} (kMAC per pixel of the codec input;"
         " the CLIP head runs at CLIP's own input size)",
-        f"{'component':<11} {'params':>12} {'paper':>7} {'kMAC/px':>9} {'paper':>8}  includes",
+        head,
     ]
     for name, cost in report.items():
-        paper = PAPER_TABLE3.get(name) if comparable else None
-        paper_params = f"{paper[0]:.2f}M" if paper else ""
-        paper_kmac = f"{paper[1]:.2f}" if paper else ""
-        lines.append(
-            f"{name:<11} {cost.params:>12,} {paper_params:>7} {cost.kmac_per_pixel:>9.2f} {paper_kmac:>8}  "
-            f"{COMPONENT_SCOPE[name]}"
-        )
+        scope = COMPONENT_SCOPE[name].format(**sizes)
+        if comparable:
+            paper = PAPER_TABLE3.get(name)
+            paper_params, paper_kmac = (f"{paper[0]:.2f}M", f"{paper[1]:.2f}") if paper else ("", "")
+            lines.append(f"{name:<11} {cost.params:>12,} {paper_params:>7} {cost.kmac_per_pixel:>9.2f} {paper_kmac:>8}  {scope}")
+        else:
+            lines.append(f"{name:<11} {cost.params:>12,} {cost.kmac_per_pixel:>9.2f}  {scope}")
+    if not comparable:
+        lines.append("(the paper's Table 3 figures are for preset paper at 256x256, split k=2: `comneck complexity --preset paper`)")
     return "\n".join(lines)
 
 
