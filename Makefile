@@ -1,12 +1,15 @@
 # The README's two set-up commands: `make demo` and `make test`.
-# Each creates .venv (Python >= 3.10) on first use and installs the exact versions of
-# requirements/dev.txt (the lock), then the project itself without dependencies.
+# Each creates .venv (Python >= 3.10) on first use and installs the exact versions of the lock,
+# then the project itself without dependencies: `make test` requirements/dev.txt (everything),
+# `make demo` only what the demo runs (requirements/server.txt and edge.txt), or nothing more
+# when .venv already holds the dev set.
 # `make lock` updates the lock files to pyproject.toml's ranges, keeping every pin that still fits;
 # `make lock UPGRADE=1` moves every package to its newest allowed release (then run `make test`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.comneck-installed
+DEMO_STAMP := $(VENV)/.comneck-demo-installed
 LOCK_TOOL := .venv-lock
 UV_VERSION := 0.13.9
 LOCK_SETS := edge server train llm dev
@@ -15,14 +18,21 @@ UV_COMPILE = $(LOCK_TOOL)/bin/uv pip compile pyproject.toml --universal --python
 
 .PHONY: demo test complexity bench lock clean
 
-$(STAMP): requirements/dev.txt pyproject.toml
+define install
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "comneck needs Python >= 3.10; set PYTHON=python3.x")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -r requirements/dev.txt
+	$(BIN)/python -m pip install $(1)
 	$(BIN)/python -m pip install --no-deps -e .
-	touch $(STAMP)
+	touch $@
+endef
 
-demo: $(STAMP)
+$(STAMP): requirements/dev.txt pyproject.toml
+	$(call install,-r requirements/dev.txt)
+
+$(DEMO_STAMP): requirements/server.txt requirements/edge.txt pyproject.toml
+	$(call install,-r requirements/server.txt -r requirements/edge.txt)
+
+demo: $(if $(wildcard $(STAMP)),$(STAMP),$(DEMO_STAMP))
 	$(BIN)/comneck-demo
 
 test: $(STAMP)

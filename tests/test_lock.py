@@ -58,3 +58,22 @@ def test_the_tests_run_on_the_locked_versions():
     dev = pins("dev")
     for package in ("torch", "torchvision", "compressai", "open-clip-torch", "transformers", "numpy"):
         assert version(package).split("+")[0] in dev[package], package
+
+
+def test_make_demo_installs_only_what_the_demo_runs(tmp_path):
+    """`make demo` on a fresh clone installs the server and edge locks, not the dev set; on a
+    .venv that already holds the dev set it installs nothing more."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "requirements", tmp_path / "requirements")
+    fresh = subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert "pip install -r requirements/server.txt -r requirements/edge.txt" in fresh and "dev.txt" not in fresh
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / ".comneck-installed").touch()
+    assert subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.splitlines() == [
+        ".venv/bin/comneck-demo"]
