@@ -20,8 +20,8 @@ LAYERS = [
     "backends.engines.hf", "backends.engines", "backends.sp_tokenizer", "backends.hf_checkpoint", "backends.meta_checkpoint",
     "backends.v2l_fewshot", "backends.shikra", "backends.honeybee", "backends.llava", "backends.llama_adapter", "backends.v2l", "backends",
     "pipeline", "complexity", "convert",
-    "train.config", "train.checkpointing", "train.data", "train.objectives", "train.student", "train.trainer", "train.cli",
-    "cli", "__main__", "launch", "",
+    "train.config", "train.checkpointing", "train.interrupt", "train.data", "train.objectives", "train.student", "train.trainer",
+    "train.cli", "cli", "__main__", "launch", "",
 ]
 
 

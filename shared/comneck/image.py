@@ -159,8 +159,12 @@ def unpad(x: torch.Tensor, padding: Padding) -> torch.Tensor:
     return x[..., padding.top : h - padding.bottom, padding.left : w - padding.right]
 
 
-def sample_photo(name: str = "cow_beach.png") -> Path:
-    """Path of a photo bundled with the package (``cow_beach.png``, ``chicken_on_money.png``)."""
+#: the photos bundled with the package
+SAMPLE_PHOTOS = ("cow_beach.png", "chicken_on_money.png")
+
+
+def sample_photo(name: str = SAMPLE_PHOTOS[0]) -> Path:
+    """Path of a photo bundled with the package (one of ``SAMPLE_PHOTOS``)."""
     path = Path(__file__).parent / "assets" / name
     if not path.is_file():
         raise ComneckInputError(f"no bundled photo called {name!r}")

@@ -87,6 +87,29 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
+#: what a run writes into its output folder (the text-embedding cache is keyed, so it stays)
+RUN_FILES = ("checkpoints", "log.jsonl", "tensorboard", "export")
+
+
+def prepare_output(root: Path, resume: bool, force: bool, clear: bool = True) -> None:
+    """Check the output folder before any slow work: ``resume`` needs a checkpoint there, a new
+    run needs a folder without an earlier run's files, or ``force`` (which deletes those files
+    where ``clear``: one process of a run does it). A re-run never appends to an old log."""
+    if resume:
+        if latest_checkpoint(root) is None:
+            raise ComneckInputError(f"--resume: no checkpoint in {root / 'checkpoints'}; drop --resume to start a new run", ErrorCode.BAD_CHECKPOINT)
+        return
+    found = [name for name in RUN_FILES if (root / name).exists()]
+    if found and not force:
+        raise ComneckInputError(f"{root} holds an earlier run ({', '.join(found)}); pass --resume to continue it or --force to start afresh", ErrorCode.BAD_OUTPUT)
+    for name in found if clear else ():
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     """(weights per network, state, training state) of a checkpoint folder."""
     try:

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..errors import ComneckInputError, ErrorCode
-from ..presets import PRESETS, RATE_LAMBDAS
+from ..presets import PRESETS, RATE_LAMBDAS, get_preset
 
 Scenario = Literal["d1", "d2", "d3", "postproc"]
+#: the words ``amp`` accepts and the mode each means (YAML reads a bare off/on as a boolean)
+AMP_WORDS = {"off": "off", "false": "off", "on": "bf16", "true": "bf16", "bf16": "bf16", "fp16": "fp16"}
 
 
 class _Strict(BaseModel):
@@ -23,7 +25,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    root: Path = Field(description="ImageFolder root: one sub-folder of images per class (ImageNet train layout)")
+    root: Literal["sample"] | Path = Field(description="ImageFolder root: one sub-folder of images per class (ImageNet train layout); "
+                                           "sample: the two photos bundled with the package (a smoke run)")
     classes: Path | None = Field(None, description="class names: a .txt (one per line, folder order) or .json {folder: name}")
     limit: int | None = Field(None, gt=0, description="use only the first N images (smoke tests)")
 
@@ -60,7 +63,7 @@ class TrainConfig(_Strict):
     clip_pretrained: str | None = Field(None, description="or an open_clip pretrained tag for the preset's CLIP, e.g. openai")
     neck_weights: Path | None = Field(None, description="start the neck from these weights (e.g. d2/d3 stage i)")
     device: str = "cpu"
-    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision for neck/CLIP/U-Net")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision for neck/CLIP/U-Net (on/true mean bf16, false off)")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
     output: Path = Path("runs/train")
     seed: int = 0
@@ -82,6 +85,31 @@ class TrainConfig(_Strict):
         if name not in PRESETS:
             raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
         return name
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp(cls, amp: Any) -> Any:
+        if isinstance(amp, bool):
+            return "bf16" if amp else "off"
+        if isinstance(amp, str) and amp.lower() in AMP_WORDS:
+            return AMP_WORDS[amp.lower()]
+        raise ValueError(f"{amp!r} is no mixed-precision mode; use off, bf16 or fp16 (on = bf16)")
+
+    @field_validator("clip_pretrained")
+    @classmethod
+    def _pretrained_tag(cls, tag: str | None, info: ValidationInfo) -> str | None:
+        """Refuse a tag open_clip has no weights for, naming the ones it has (before any slow work)."""
+        if tag is None or "preset" not in info.data:
+            return tag
+        import open_clip
+
+        name = get_preset(info.data["preset"]).clip.name
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if not tags:
+            raise ValueError(f"preset {info.data['preset']}'s CLIP {name} has no pretrained weights; use preset paper, or clip_weights")
+        if tag not in tags:
+            raise ValueError(f"{tag!r} is no pretrained tag of {name}; choose one of {', '.join(tags)}")
+        return tag
 
     @property
     def lmbda(self) -> float:

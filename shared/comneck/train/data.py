@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 
 from ..errors import ComneckInputError, ErrorCode
-from ..image import load_image, resize_for_codec, to_tensor
+from ..image import SAMPLE_PHOTOS, load_image, resize_for_codec, sample_photo, to_tensor
 from .config import DataConfig
 
 
@@ -53,17 +53,41 @@ def read_class_names(path: Path | None, folders: list[str]) -> list[str]:
     return names
 
 
+class SamplePhotos(Dataset):
+    """``data.root: sample``: the photos bundled with the package, one class each (cow, chicken),
+    so a smoke run needs no download."""
+
+    def __init__(self, transform: TwoViews) -> None:
+        self.paths = [sample_photo(name) for name in SAMPLE_PHOTOS]
+        self.classes = [name.split("_")[0] for name in SAMPLE_PHOTOS]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        return self.transform(load_image(self.paths[index])), index
+
+
 def build_dataset(config: DataConfig, codec_size: int, clip_size: int) -> tuple[Dataset, list[str]]:
     """The two-view dataset and its class names."""
-    if not Path(config.root).is_dir():
+    views = TwoViews(codec_size, clip_size)
+    if config.root == "sample":
+        folder: ImageFolder | SamplePhotos = SamplePhotos(views)
+    elif not Path(config.root).is_dir():
         raise ComneckInputError(f"data root {config.root} is not a folder", ErrorCode.BAD_CONFIG)
-    try:
-        folder = ImageFolder(str(config.root), loader=load_image, transform=TwoViews(codec_size, clip_size))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise ComneckInputError(f"data root {config.root}: {exc}".splitlines()[0], ErrorCode.BAD_CONFIG) from None
+    else:
+        folder = _image_folder(Path(config.root), views)
     names = read_class_names(config.classes, folder.classes)
     dataset: Dataset = Subset(folder, range(min(config.limit, len(folder)))) if config.limit else folder
     return dataset, names
+
+
+def _image_folder(root: Path, views: TwoViews) -> ImageFolder:
+    try:
+        return ImageFolder(str(root), loader=load_image, transform=views)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ComneckInputError(f"data root {root}: {exc}".splitlines()[0], ErrorCode.BAD_CONFIG) from None
 
 
 class ResumableSampler(Sampler[int]):

@@ -26,12 +26,14 @@ from ..zero_shot import label_embeddings
 from ..clip_split import ClipSplit
 from ..errors import ComneckInputError, ErrorCode
 from ..models import WeightFiles, build_cloud_models, seeded
+from ..pipeline import check_device
 from ..presets import get_preset
 from ..unet import UNet
 from ..weights_folder import write_folder
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import ResumableSampler, build_dataset
+from .interrupt import Interrupted, StopRequest, ignore_sigint
 from .objectives import Stage, ZeroShotHead, bits_per_pixel, combine, stage_plan
 from .student import Student, Target
 
@@ -44,8 +46,9 @@ def _pretrained_clip(name: str, tag: str) -> nn.Module:
 
     try:
         return open_clip.create_model(name, pretrained=tag).eval()
-    except Exception as exc:  # open_clip raises many kinds for a missing or unknown tag
-        raise ComneckInputError(f"cannot load CLIP {name} pretrained={tag}: {exc}", ErrorCode.BAD_WEIGHTS) from None
+    except Exception as exc:  # open_clip raises many kinds (no network, a broken cache); the first line says which
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise ComneckInputError(f"cannot load CLIP {name} pretrained={tag}: {reason}", ErrorCode.BAD_WEIGHTS) from None
 
 
 def text_embeddings(clip: nn.Module, names: list[str], cache: Path, key: str) -> torch.Tensor:
@@ -72,7 +75,7 @@ class Trainer:
         self.config = config
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.device = torch.device(config.device)
+        self.device = check_device(config.device)
         preset = get_preset(config.preset)
         torch.manual_seed(config.seed)
 
@@ -99,6 +102,7 @@ class Trainer:
         self.loader = DataLoader(
             self.dataset, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.workers, drop_last=True,
             generator=torch.Generator(),  # its own seed source, so creating an iterator leaves the global RNG alone (exact resume)
+            worker_init_fn=ignore_sigint,
         )
         self.stages = stage_plan(config)
         self.position = {"stage": 0, "epoch": 0, "step_in_epoch": 0, "global_step": 0}
@@ -186,9 +190,10 @@ class Trainer:
         return terms.values
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _save(self, optim: torch.optim.Optimizer, aux_optim: torch.optim.Optimizer | None) -> None:
+    def _save(self, optim: torch.optim.Optimizer, aux_optim: torch.optim.Optimizer | None) -> Path | None:
+        """Checkpoint the current position (rank 0 writes it); its folder, or None on other ranks."""
         if self.rank != 0:
-            return
+            return None
         state = {**self.position, "stage_name": self.stages[self.position["stage"]].name, "config": self.config.model_dump(mode="json")}
         training = {
             "optimizer": optim.state_dict(),
@@ -196,7 +201,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
         }
-        save_checkpoint(self.config.output, self.position["global_step"], self._modules(), state, training, self.config.keep_checkpoints)
+        return save_checkpoint(self.config.output, self.position["global_step"], self._modules(), state, training, self.config.keep_checkpoints)
 
     def resume(self) -> bool:
         """Load the newest checkpoint in the output folder, if any; True when one was loaded."""
@@ -225,8 +230,25 @@ class Trainer:
                 if name in values:
                     self._board.add_scalar(f"{values['stage_name']}/{name}", values[name], values["global_step"])
 
+    def total_steps(self) -> int:
+        """Steps of the whole run, from its start."""
+        return len(self.loader) * sum(stage.epochs for stage in self.config.stages)
+
+    def _stop_wanted(self, stop: StopRequest) -> bool:
+        """Whether Ctrl-C was pressed; under DDP whether any process saw it, so all stop at the same step."""
+        if self.world == 1:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def run(self, stop_after_steps: int | None = None) -> dict[str, Any]:
-        """Train from the current position to the end (or for ``stop_after_steps`` steps); export at the end."""
+        """Train from the current position to the end (or for ``stop_after_steps`` steps); export at
+        the end. Ctrl-C ends the step under way, saves a checkpoint and raises :class:`Interrupted`."""
+        with StopRequest() as stop:
+            return self._train(stop_after_steps, stop)
+
+    def _train(self, stop_after_steps: int | None, stop: StopRequest) -> dict[str, Any]:
         steps_done = 0
         resumed, self._resumed = self._resumed, None
         for stage_index in range(self.position["stage"], len(self.stages)):
@@ -266,6 +288,8 @@ class Trainer:
                         self._save(optim, aux_optim)
                     if steps_done == stop_after_steps:
                         return {"stopped_at": dict(self.position)}
+                    if self._stop_wanted(stop):
+                        raise Interrupted(self.position["global_step"], self._save(optim, aux_optim))
                 self.position.update(epoch=epoch + 1, step_in_epoch=0)
                 self._save(optim, aux_optim)
             if any(p.startswith("codec") for p in stage.trains):
