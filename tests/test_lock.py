@@ -63,6 +63,7 @@ def test_the_tests_run_on_the_locked_versions():
 def test_make_demo_installs_only_what_the_demo_runs(tmp_path):
     """`make demo` on a fresh clone installs the server and edge locks, not the dev set; on a
     .venv that already holds the dev set it installs nothing more."""
+    import os
     import shutil
     import subprocess
 
@@ -71,9 +72,14 @@ def test_make_demo_installs_only_what_the_demo_runs(tmp_path):
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "requirements", tmp_path / "requirements")
-    fresh = subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # as typed, not under `make test`
+
+    def dry_run() -> str:
+        return subprocess.run(["make", "--no-print-directory", "-n", "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              check=True).stdout
+
+    fresh = dry_run()
     assert "pip install -r requirements/server.txt -r requirements/edge.txt" in fresh and "dev.txt" not in fresh
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / ".comneck-installed").touch()
-    assert subprocess.run(["make", "-n", "demo"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.splitlines() == [
-        ".venv/bin/comneck-demo"]
+    assert dry_run().splitlines() == [".venv/bin/comneck-demo"]
