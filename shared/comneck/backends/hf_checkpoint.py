@@ -24,9 +24,10 @@ from .sp_tokenizer import SentencePieceTokenizer
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
-#: The LLaMA fields a published config.json may set; the others keep transformers' defaults.
-_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "rope_theta")
+#: The LLaMA sizes a published config.json may set (positive integers), then its other fields;
+#: what it leaves out keeps transformers' defaults.
+_LLAMA_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+_LLAMA_FIELDS = (*_LLAMA_SIZES, "max_position_embeddings", "rms_norm_eps", "hidden_act", "rope_theta")
 
 
 def bad(folder: Path, why: str) -> ComneckInputError:
@@ -154,7 +155,7 @@ def llama_config(fields: Mapping[str, Any], tokenizer: SentencePieceTokenizer, f
     tokenizer: release-era configs carry stale ones (HF-LLaMA 4.28: 0/1/-1)."""
     from transformers import LlamaConfig
 
-    for key in _LLAMA_FIELDS[:6]:  # the sizes
+    for key in _LLAMA_SIZES:
         value = fields.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad(folder, f"the LLaMA config's {key} is {value!r}, not a positive integer")
