@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 SERVER_ONLY = ["fastapi", "uvicorn", "transformers", "open_clip", "pydantic", "pydantic_settings", "comneck_server", "comneck.backends", "comneck.pipeline"]
 
 
@@ -19,3 +21,24 @@ def test_edge_client_works_without_server_dependencies():
     assert run.returncode == 0, run.stderr
     num_bytes, _ = run.stdout.split(" ", 1)
     assert int(num_bytes) > 0 and "(64, 128)" in run.stdout
+
+
+@pytest.mark.parametrize("module, mistake", [("comneck_edge.cli", ["encode", "x.jpg", "--rate", "two"]),
+                                             ("comneck_server.demo", ["--rate", "two"]),
+                                             ("comneck.train.cli", ["c.yaml", "--rate", "two"])])
+def test_help_and_argument_mistakes_answer_without_importing_torch(module, mistake):
+    """`comneck-edge --help` used to take 4-7 s on 2 cores: it imported torch and the codec to print text."""
+    code = (
+        "import sys\n"
+        f"from {module} import main\n"
+        f"for argv in (['--help'], {mistake!r}):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit as exc: print('@', argv[-1], exc.code)\n"
+        "import comneck_edge\n"
+        "comneck_edge.GatewayClient('http://127.0.0.1:1').close()\n"
+        "print('@ torch imported:', 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert [line for line in run.stdout.splitlines() if line.startswith("@")] == ["@ --help 0", "@ two 2", "@ torch imported: False"]
+    assert "--rate: invalid int value: 'two'" in run.stderr

@@ -17,10 +17,8 @@ from contextlib import contextmanager
 
 from comneck.version import __version__
 from comneck.errors import run_command
-from comneck.image import RESIZE_POLICIES, sample_photo
-from comneck.presets import PRESETS
-from comneck_edge import EdgeEncoder, GatewayClient
-from comneck_edge.report import format_answer
+from comneck.presets import PRESETS, RESIZE_POLICIES
+from comneck_edge.client import GatewayClient
 
 DEFAULT_PROMPT = "What is in the photo? Labels: cow, horse, dog, beach, city street"
 
@@ -55,6 +53,10 @@ def local_gateway(
 
 def run_demo(image: str | None, preset: str, rate: int, resize: str, prompt: str) -> str:
     """Start a gateway, ask it about one photo, stop it; return the printed report."""
+    from comneck.image import sample_photo  # here, not at the top: --help needs no torch
+    from comneck_edge.encoder import EdgeEncoder
+    from comneck_edge.report import format_answer
+
     path = image or str(sample_photo())
     encoder = EdgeEncoder(preset, rate=rate, resize=resize)  # type: ignore[arg-type]
     encoder.encode_file(path)  # warm-up: first calls pay one-off allocation costs

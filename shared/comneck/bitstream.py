@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from .codec import EncodedLatents
 from .errors import ComneckInputError, ErrorCode
-from .image import RESIZE_POLICIES, padding_of
-from .presets import RATE_LAMBDAS
+from .image import padding_of
+from .presets import RATE_LAMBDAS, RESIZE_POLICIES
 
 MAGIC = b"CNKB"
 VERSION = 1

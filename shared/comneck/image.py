@@ -20,10 +20,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .errors import ComneckInputError
+from .presets import RESIZE_POLICIES
 
 ResizePolicy = Literal["paper", "pad-square", "pad-square-white", "none", "stretch"]
-#: In wire order (comneck.bitstream numbers them so): append new policies, never reorder.
-RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "pad-square-white", "none", "stretch")
 #: Fill of each padding policy: CLIP's mean colour, as LLaVA's expand2square pads; white, as
 #: Shikra's Expand2square pads.
 PAD_FILLS: dict[str, tuple[int, int, int]] = {"pad-square": (122, 116, 104), "pad-square-white": (255, 255, 255)}

@@ -14,6 +14,10 @@ from typing import Any
 from .errors import ComneckInputError
 
 #: Rate index (1..4) -> lambda of the rate-distortion trade-off the weights were trained at.
+#: How a photo becomes the codec's input (comneck.image does them), in wire order: comneck.bitstream
+#: numbers them so; append new policies, never reorder. Here, not in comneck.image, so that the
+#: command-line parsers name them without importing torch.
+RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "pad-square-white", "none", "stretch")
 RATE_LAMBDAS: dict[int, float] = {1: 0.004, 2: 0.008, 3: 0.016, 4: 0.032}
 
 CODEC_ARCHS = ("elic2022-chandelier", "elic2022-official")

@@ -14,15 +14,15 @@ import json
 import os
 import shlex
 import sys
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from ..version import __version__
 from ..errors import run_command
-from .checkpointing import prepare_output
 from .config import load_config
 from .interrupt import Interrupted
-from .trainer import Trainer
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 SHORTCUTS = {
     "scenario": "scenario",
@@ -101,6 +101,11 @@ def banner(trainer: Trainer, resumed: bool) -> str:
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> str:
+    import torch.distributed as dist  # here, not at the top: --help and argument mistakes need no torch
+
+    from .checkpointing import prepare_output
+    from .trainer import Trainer
+
     overrides = list(args.set)
     for flag, key in SHORTCUTS.items():
         value = getattr(args, flag)
@@ -129,14 +134,16 @@ def _train(args: argparse.Namespace, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    import torch.distributed as dist
+
     try:
         return run_command("comneck-train", lambda: _train(args, argv))
-    except Interrupted as stopped:  # Ctrl-C: the trainer saved a checkpoint at a step boundary
+    except Interrupted as stopped:  # Ctrl-C or SIGTERM: the trainer saved a checkpoint at a step boundary
         if stopped.checkpoint is not None:
             world = dist.get_world_size() if dist.is_initialized() else 1
-            print(f"comneck-train: interrupted at step {stopped.step}; checkpoint saved in {stopped.checkpoint}\n"
+            print(f"comneck-train: {stopped}; checkpoint saved in {stopped.checkpoint}\n"
                   f"comneck-train: resume with: {resume_command(argv, world)}", file=sys.stderr)
-        return 130
+        return 128 + stopped.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during a step
         print("comneck-train: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return 130

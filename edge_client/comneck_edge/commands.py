@@ -1,0 +1,146 @@
+"""What ``comneck-edge``'s commands do, once its arguments are parsed.
+
+Kept apart from the parser in ``cli.py`` so that ``comneck-edge --help`` and argument mistakes
+answer without importing torch and the codec (seconds on a small device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comneck.bitstream import Bitstream
+from comneck.errors import ComneckInputError
+from comneck.image import padding_of, to_image, unpad
+from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
+from comneck.presets import get_preset
+
+from .client import GatewayClient
+from .encoder import EdgeEncoder, EncodedImage
+from .report import format_answer
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    """``--option key=value`` pairs; values are read as JSON where they parse (numbers, booleans)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ComneckInputError(f"--option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _fresh(path: Path, force: bool) -> Path:
+    """An output path that may be written: a file already there needs ``--force``."""
+    if path.exists() and not force:
+        raise ComneckInputError(f"{path} exists: pass --force to overwrite it")
+    return path
+
+
+def _labelled(pairs: list[str], encoder: EdgeEncoder) -> list[tuple[bytes, str]]:
+    """``PHOTO=LABEL`` pairs -> (bitstream, label), each photo encoded as the query is."""
+    out = []
+    for pair in pairs:
+        photo, sep, label = pair.rpartition("=")
+        if not sep or not photo or not label.strip():
+            raise ComneckInputError(f"a support example is PHOTO=LABEL, got {pair!r}")
+        out.append((encoder.encode_file(photo).data, label))
+    return out
+
+
+def _client(args: argparse.Namespace) -> GatewayClient:
+    api_key = args.api_key or os.environ.get("COMNECK_API_KEY")
+    return GatewayClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries)
+
+
+def _ask(args: argparse.Namespace, encoder: EdgeEncoder, encoded: EncodedImage) -> str:
+    options = _options(args.option)
+    support = _labelled(args.support, encoder) or None
+    task = args.task or ("fewshot" if support or args.support_set else None)
+    with _client(args) as client:
+        start = time.perf_counter()
+        response = client.infer(encoded.data, args.prompt or "", task, args.backend, options, fmt=args.format,
+                                choices=args.choice or None, support=support, support_set=args.support_set)
+        round_trip_ms = (time.perf_counter() - start) * 1e3
+    if args.json:
+        return json.dumps({**response, "edge_timings_ms": encoded.timings_ms, "round_trip_ms": round_trip_ms}, indent=2)
+    return format_answer(encoded, response, round_trip_ms)
+
+
+def encode(args: argparse.Namespace) -> str:
+    few_shot = bool(args.support or args.support_set)
+    if args.server and args.prompt is None and not few_shot and args.task != "caption":
+        raise ComneckInputError("--server needs --prompt (the question for the model; none for --task caption)")
+    if (args.prompt is not None or few_shot) and not args.server:
+        raise ComneckInputError("--prompt, --support and --support-set go with --server URL (offline encoding asks no model)")
+    encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
+                          fixed_point=args.entropy_params == "fixed")
+    encoded = encoder.encode_file(args.image)
+    out = Path(args.output) if args.output else None if args.server else Path(args.image).with_suffix(".cnk")
+    if out is not None:
+        _fresh(out, args.force)  # after reading the photo: a missing or unreadable one is the first thing to say
+    lines = []
+    if out is not None:
+        try:
+            out.write_bytes(encoded.data)
+        except OSError as exc:
+            raise ComneckInputError(f"cannot write {out}: {exc.strerror}") from None
+        h, w = encoded.bitstream.image_size
+        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {encoder.rate}, "
+                     f"{encoded.entropy_params} entropy parameters)")
+    if args.server:
+        lines.append(_ask(args, encoder, encoded))
+    elif encoder.random_weights:
+        lines.append(RANDOM_WEIGHTS_NOTE)
+    return "\n".join(lines)
+
+
+def decode(args: argparse.Namespace) -> str:
+    try:
+        data = Path(args.bitstream).read_bytes()
+    except OSError as exc:
+        raise ComneckInputError(f"cannot read {args.bitstream}: {exc.strerror}") from None
+    _fresh(Path(args.output), args.force)
+    stream = Bitstream.from_bytes(data)
+    codec = build_codec(get_preset(args.preset), args.codec_weights)
+    stream.check_codec(codec.config.arch, codec.fingerprint())
+    with torch.inference_mode():
+        x_hat = codec.synthesize(codec.entropy_decode(stream.latents))
+    image = to_image(unpad(x_hat, padding_of(*stream.image_size)))
+    try:
+        image.save(args.output)
+    except (OSError, ValueError) as exc:
+        raise ComneckInputError(f"cannot write {args.output}: {exc}") from None
+    note = f"\n{RANDOM_WEIGHTS_NOTE}" if args.codec_weights is None else ""
+    return f"{args.output}: {image.width}x{image.height} reconstructed with g_s{note}"
+
+
+def support_set(args: argparse.Namespace) -> str:
+    if args.action != "list" and not args.name:
+        raise ComneckInputError(f"support-set {args.action} needs the set's name")
+    with _client(args) as client:
+        if args.action == "list":
+            sets = client.support_sets()
+            return "\n".join(f"{s['name']}: {s['examples']} examples of {', '.join(s['classes'])} ({s['backend']})" for s in sets) \
+                or "no support sets registered"
+        if args.action == "delete":
+            if args.examples:
+                raise ComneckInputError("support-set delete takes only the set's name")
+            gone = client.delete_support_set(args.name)
+            return f"deleted {gone['name']} ({gone['examples']} examples)"
+        if not args.examples:
+            raise ComneckInputError("support-set register NAME needs PHOTO=LABEL examples")
+        encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
+                              fixed_point=args.entropy_params == "fixed")
+        made = client.register_support_set(args.name, _labelled(args.examples, encoder), args.backend, fmt=args.format)
+        return f"registered {made['name']}: {made['examples']} examples of {', '.join(made['classes'])} ({made['backend']})"
