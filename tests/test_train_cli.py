@@ -2,6 +2,7 @@
 folder that holds a run, --resume without a checkpoint, Ctrl-C, the banner, short refusals."""
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -79,17 +80,23 @@ def test_an_earlier_run_needs_resume_or_force_and_resume_needs_a_checkpoint(tmp_
     assert "resuming at step 1 of 6" in banner(resumed.stderr)[0]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+def wait_for_a_step(log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, signum, code):
     args = [TINY, "--output", str(tmp_path), "--epochs", "400,1,1"]
     proc = subprocess.Popen([sys.executable, "-m", "comneck.train.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ((tmp_path / "log.jsonl").is_file() and (tmp_path / "log.jsonl").read_text()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    wait_for_a_step(tmp_path / "log.jsonl")
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and stdout == "" and "Traceback" not in stderr, stderr[-2000:]
+    assert proc.returncode == code and stdout == "" and "Traceback" not in stderr, stderr[-2000:]
     interrupted, resume = banner(stderr)[-2:]
-    step = int(interrupted.split("interrupted at step ")[1].split(";")[0])
+    name = signal.Signals(signum).name
+    step = int(interrupted.split(f"interrupted by {name} at step ")[1].split(";")[0])
     checkpoint = tmp_path / "checkpoints" / f"step-{step:08d}"
     assert interrupted.endswith(f"checkpoint saved in {checkpoint}") and (tmp_path / "checkpoints" / "latest").read_text() == checkpoint.name
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -99,6 +106,46 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     assert json.loads(again.stdout)["stopped_at"]["global_step"] == step + 1
 
 
+def test_ctrl_c_under_torchrun_saves_once_for_both_processes(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and both workers; torchrun then sends SIGINT again."""
+    args = [TINY, "--output", str(tmp_path), "--epochs", "400,1,1", "--batch-size", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "comneck.train.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    wait_for_a_step(tmp_path / "log.jsonl")
+    os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal does
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and stdout == "", stderr[-3000:]
+    interrupted, resume = banner(stderr)[-2:]
+    step = int(interrupted.split("interrupted by SIGINT at step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
+    assert resume == f"comneck-train: resume with: torchrun --nproc-per-node 2 -m comneck.train.cli {shlex.join(args)} --resume"
+    again = train(TINY, "--output", str(tmp_path), "--resume", "--stop-after-steps", "1")  # one process takes it on
+    assert again.returncode == 0 and json.loads(again.stdout)["stopped_at"]["global_step"] == step + 1, again.stderr[-2000:]
+
+
+
 def test_the_resume_command_drops_force_and_stop_after_steps():
     assert resume_command(["c.yaml", "--force", "--stop-after-steps", "3", "--set", "a=b c"]) == "comneck-train c.yaml --set 'a=b c' --resume"
     assert resume_command(["c.yaml", "--stop-after-steps=3", "--resume"], world=2) == "torchrun --nproc-per-node 2 -m comneck.train.cli c.yaml --resume"
+
+
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_a_second_signal_stops_at_once_except_under_torchrun(monkeypatch, under_torchrun):
+    """torchrun passes a terminal's Ctrl-C on to workers that already had it: that one must not abort the save."""
+    from comneck.train.interrupt import StopRequest
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    if under_torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        if under_torchrun:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum == signal.SIGTERM  # the first one is the one reported
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

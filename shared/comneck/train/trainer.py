@@ -234,17 +234,17 @@ class Trainer:
         """Steps of the whole run, from its start."""
         return len(self.loader) * sum(stage.epochs for stage in self.config.stages)
 
-    def _stop_wanted(self, stop: StopRequest) -> bool:
-        """Whether Ctrl-C was pressed; under DDP whether any process saw it, so all stop at the same step."""
+    def _stop_signal(self, stop: StopRequest) -> int:
+        """The signal that asks to stop (0: none); under DDP the one any process saw, so all stop at the same step."""
         if self.world == 1:
-            return stop.requested
-        flag = torch.tensor([float(stop.requested)], device=self.device)
+            return stop.signum or 0
+        flag = torch.tensor([float(stop.signum or 0)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def run(self, stop_after_steps: int | None = None) -> dict[str, Any]:
         """Train from the current position to the end (or for ``stop_after_steps`` steps); export at
-        the end. Ctrl-C ends the step under way, saves a checkpoint and raises :class:`Interrupted`."""
+        the end. Ctrl-C or SIGTERM ends the step under way, saves a checkpoint and raises :class:`Interrupted`."""
         with StopRequest() as stop:
             return self._train(stop_after_steps, stop)
 
@@ -288,8 +288,9 @@ class Trainer:
                         self._save(optim, aux_optim)
                     if steps_done == stop_after_steps:
                         return {"stopped_at": dict(self.position)}
-                    if self._stop_wanted(stop):
-                        raise Interrupted(self.position["global_step"], self._save(optim, aux_optim))
+                    signum = self._stop_signal(stop)
+                    if signum:
+                        raise Interrupted(self.position["global_step"], self._save(optim, aux_optim), signum)
                 self.position.update(epoch=epoch + 1, step_in_epoch=0)
                 self._save(optim, aux_optim)
             if any(p.startswith("codec") for p in stage.trains):
