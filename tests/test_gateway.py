@@ -18,7 +18,7 @@ from comneck_edge import EdgeEncoder, GatewayClient, GatewayError
 from comneck_server.app import Admission, create_app
 from comneck_server.errors import ApiError
 from comneck_server.gateway import Gateway
-from comneck_server.settings import ServerSettings
+from comneck_server.settings import ServerSettings, read_settings
 
 PROMPT = "Labels: cow, horse, beach"
 
@@ -268,15 +268,15 @@ def test_client_retries_429_and_503_with_backoff(monkeypatch):
 def test_settings_from_the_environment_and_flags(monkeypatch):
     monkeypatch.setenv("COMNECK_API_KEYS", "a, b")
     monkeypatch.setenv("COMNECK_MAX_BODY_BYTES", "1000")
-    settings = ServerSettings(_cli_parse_args=["--max-body-bytes", "2000", "--backends", "clip-zero-shot"])
+    settings = read_settings(["--max-body-bytes", "2000", "--backends", "clip-zero-shot"])
     assert settings.api_keys == ["a", "b"] and settings.max_body_bytes == 2000
     assert settings.backend_args == ["clip-zero-shot"]
-    repeated = ServerSettings(_cli_parse_args=["--backend", "clip-zero-shot", "--backend", "other=/w"])
+    repeated = read_settings(["--backend", "clip-zero-shot", "--backend", "other=/w"])
     assert repeated.backend_args == ["clip-zero-shot", "other=/w"]
     monkeypatch.setenv("COMNECK_BACKEND", "shikra=/d,base=/b,clip-zero-shot")
-    assert ServerSettings(_cli_parse_args=[]).backend_args == ["shikra=/d,base=/b", "clip-zero-shot"]
+    assert read_settings([]).backend_args == ["shikra=/d,base=/b", "clip-zero-shot"]
     monkeypatch.setenv("COMNECK_BACKEND", "clip-zero-shot")
-    assert ServerSettings(_cli_parse_args=[]).backend_args == ["clip-zero-shot"]
+    assert read_settings([]).backend_args == ["clip-zero-shot"]
     assert dataclasses.asdict(settings.weight_files) == {"codec": None, "neck": None, "clip": None}
 
 
@@ -314,5 +314,9 @@ def test_server_help_names_the_environment_variables(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert done.value.code == 0 and "{Path,null}" not in out and "--weights Path" in out
+    assert done.value.code == 0 and "{Path,null}" not in out and "list[str]" not in out
+    usage = " ".join(out.split("\n\n")[0].split())
+    for shown in ("--weights PATH", "--backend NAME[=WEIGHTS]", "--api-keys KEYS", "--port N", "--host HOST",
+                  "--decode-timeout-s SECONDS", "--dtype {float32,float16,bfloat16}", "--lazy-backends | --no-lazy-backends"):
+        assert shown in usage, shown
     assert all(f"COMNECK_{name.upper()}" in out.replace("\n", " ").replace("  ", " ") for name in ServerSettings.model_fields)

@@ -21,7 +21,7 @@ from comneck.errors import ComneckInputError, ErrorCode
 from comneck.pipeline import check_device
 from comneck.presets import get_preset
 
-from .settings import ServerSettings
+from .settings import ServerSettings, read_settings
 
 
 def check_port(host: str, port: int) -> None:
@@ -40,7 +40,7 @@ def check_port(host: str, port: int) -> None:
 def parse_settings(argv: list[str]) -> ServerSettings:
     """Settings from ``argv`` and the environment, checked as far as possible without loading models."""
     try:
-        settings = ServerSettings(_cli_parse_args=argv)
+        settings = read_settings(argv)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ComneckInputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", ErrorCode.BAD_SETTINGS) from None

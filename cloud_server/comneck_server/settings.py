@@ -3,11 +3,12 @@ which override the defaults (pydantic-settings does the parsing and the ``--help
 
 from __future__ import annotations
 
+from argparse import ArgumentParser
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 
 from comneck.backends import BACKENDS
 from comneck.models import WeightFiles
@@ -112,3 +113,22 @@ class ServerSettings(BaseSettings):
 # --help names each flag's environment variable beside it (flags and variables set the same thing).
 for _name, _field in ServerSettings.model_fields.items():
     _field.description = f"{_field.description} [env COMNECK_{_name.upper()}]"
+
+#: pydantic-settings names a flag's value by its Python type (``--port int``, ``--backend list[str]``);
+#: --help shows what a user types instead: these, else by type, else the flag's name in capitals.
+_METAVARS = {"backend": "NAME[=WEIGHTS]", "backends": "NAMES", "api_keys": "KEYS"}
+_TYPE_METAVARS = {"Path": "PATH", "int": "N", "float": "SECONDS"}
+
+
+def _add_argument(parser: ArgumentParser, *names: str, **kwargs: Any) -> Any:
+    metavar = kwargs.get("metavar")
+    if metavar and not metavar.startswith("{"):  # {a,b,c} choices stay
+        dest = str(kwargs.get("dest", ""))
+        kwargs["metavar"] = _METAVARS.get(dest) or _TYPE_METAVARS.get(metavar) or dest.upper()
+    return parser.add_argument(*names, **kwargs)
+
+
+def read_settings(argv: list[str]) -> ServerSettings:
+    """Settings from ``argv`` (``--help`` prints and exits), then ``COMNECK_*`` variables, then defaults."""
+    source = CliSettingsSource(ServerSettings, add_argument_method=_add_argument)
+    return ServerSettings(_cli_settings_source=source(args=argv))
