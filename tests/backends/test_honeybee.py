@@ -214,13 +214,28 @@ def test_another_vision_tower_is_refused(tiny_models, folders, tmp_path):
     tower = tmp_path / "tower"
     shutil.copytree(folders.checkpoint, tower)
     (tower / "config.json").write_text(json.dumps({**config, "vision_config": {**config["vision_config"], "image_size": 336}}))
+    preset = get_preset("tiny")  # start-up refuses it from config.json, before any model loads
+    with pytest.raises(ComneckInputError) as info:
+        check_backend("honeybee", tower, preset.clip, preset.split_block)
+    assert info.value.code == "bad_settings" and "reads ViT-L-14-336 at 336 px, width 64" in str(info.value)
     with pytest.raises(ComneckInputError) as info:
         load(tiny_models, tower, tokenizer=str(folders.tokenizer))
-    assert info.value.code == "bad_settings" and "vision_config {'image_size': 336}" in str(info.value)
-    preset = get_preset("tiny-336")  # the registry refuses it at start-up, before reading anything
+    assert info.value.code == "bad_settings" and "reads ViT-L-14-336 at 336 px" in str(info.value)
+    wide = tmp_path / "wide"
+    shutil.copytree(folders.checkpoint, wide)
+    (wide / "config.json").write_text(json.dumps({**config, "vision_config": {**config["vision_config"], "hidden_size": 1280}}))
+    with pytest.raises(ComneckInputError) as info:
+        check_backend("honeybee", wide, preset.clip, preset.split_block)
+    assert "reads ViT-L-14 at 224 px, width 1280" in str(info.value)
+    for broken in ("not an object", {"image_size": "big"}):
+        (wide / "config.json").write_text(json.dumps({**config, "vision_config": broken}))
+        with pytest.raises(ComneckInputError) as info:
+            check_backend("honeybee", wide, preset.clip, preset.split_block)
+        assert info.value.code == "bad_weights" and "vision_config" in str(info.value) and "\n" not in str(info.value)
+    preset = get_preset("tiny-336")  # the release's own 224 px config on a 336 px gateway
     with pytest.raises(ComneckInputError) as info:
         check_backend("honeybee", folders.checkpoint, preset.clip, preset.split_block)
-    assert info.value.code == "bad_settings" and "reads ViT-L-14 at 224 px" in str(info.value)
+    assert info.value.code == "bad_settings" and "reads ViT-L-14 at 224 px, width 64" in str(info.value)
 
 
 def test_choices_are_checked_before_decoding(honeybee, tiny_models, monkeypatch):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import ComneckInputError, ErrorCode
-from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
+from .base import BackendAnswer, BackendContext, BackendSpec, ClipRequirement, GenerationOptions, ImageInfo
 from .c_abstractor import PREFIX as ABSTRACTOR, CAbstractor, load_abstractor_state
 from .engines import HFEngine, check_context
 from .hf_checkpoint import bad, iter_tensors, llama_config, llama_from_tensors, read_config
@@ -55,6 +55,20 @@ def pick(answer: str, choices: Sequence[str]) -> str | None:
     the stripped, lower-cased answer equals the letter); None when it names none."""
     said = answer.strip().lower()
     return next((letter for letter in LETTERS[: len(choices)] if said == letter.lower()), None)
+
+
+def clip_requirement(folder: Path) -> ClipRequirement:
+    """The CLIP a Honeybee checkpoint's abstractor was trained on, from config.json's
+    ``vision_config`` alone (start-up calls it before any model loads): OpenAI's CLIP-L at its
+    patch and image size (the release's 224 px and 14 where the config leaves them out), under
+    open_clip's name, and the tower's width where the config gives one."""
+    vision = read_config(folder).get("vision_config") or {}
+    if not isinstance(vision, dict):
+        raise bad(folder, "config.json's vision_config is not an object")
+    size, patch, width = vision.get("image_size", 224), vision.get("patch_size", 14), vision.get("hidden_size")
+    if not all(isinstance(v, int) and v > 0 for v in (size, patch, width or 1)):
+        raise bad(folder, f"vision_config image_size {size!r}, patch_size {patch!r}, hidden_size {width!r}: want positive integers")
+    return ClipRequirement(f"ViT-L-{patch}" + ("" if size == 224 else f"-{size}"), size, width)
 
 
 def _tokenizer(folder: Path, option: str | None) -> SentencePieceTokenizer:
@@ -97,7 +111,6 @@ class Honeybee:
         projector_config = config.get("visual_projector_config")
         if not isinstance(projector_config, dict):
             raise bad(folder, "config.json has no visual_projector_config")
-        cls._check_tower(config.get("vision_config") or {}, context, folder)
         tokenizer = _tokenizer(folder, context.options.get("tokenizer"))
         text = config["text_config"]
         if tokenizer.vocab_size != text.get("vocab_size"):
@@ -126,16 +139,6 @@ class Honeybee:
         abstractor = abstractor.to(device=context.device, dtype=context.dtype).eval()
         return cls(context.spec, HFEngine(llama, tokenizer), abstractor, tokenizer, abstractor.num_tokens,
                    int(text.get("max_position_embeddings", 2048)))
-
-    @staticmethod
-    def _check_tower(vision: dict[str, Any], context: BackendContext, folder: Path) -> None:
-        """The checkpoint's vision_config must describe the gateway's CLIP (size, patch, width)."""
-        clip = context.clip_config
-        want = {"image_size": clip.image_size, "patch_size": clip.image_size // clip.grid, "hidden_size": clip.width}
-        wrong = {k: vision.get(k) for k, v in want.items() if vision.get(k, v) != v}
-        if wrong:
-            raise ComneckInputError(f"{folder}: vision_config {wrong} is not this gateway's CLIP ({clip.describe()}, width "
-                                    f"{clip.width}): another vision tower", ErrorCode.BAD_SETTINGS)
 
     def prompt_ids(self, prompt: str, choices: Sequence[str] = ()) -> list[int]:
         """The prompt's ids as the release-era processor makes them: BOS, then the text split only

@@ -55,6 +55,7 @@ BACKENDS: dict[str, BackendSpec] = {
         tasks=("vqa",),
         tap=ClipTap("hidden", block=-1, tokens="patches"),
         clip=ClipRequirement("ViT-L-14", 224),
+        clip_of_weights="comneck.backends.honeybee:clip_requirement",
         weight_files=("config.json", "pytorch_model*.bin (vision_model., abstractor., language_model.)",
                       "tokenizer.model (or tokenizer=PATH: lmsys/vicuna-7b-v1.5's)"),
         extra="llm",
