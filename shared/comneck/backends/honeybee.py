@@ -21,7 +21,6 @@ from __future__ import annotations
 import string
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
