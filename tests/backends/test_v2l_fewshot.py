@@ -10,7 +10,7 @@ import transformers
 from checkpoints import HEADS, HIDDEN, INTERMEDIATE, LAYERS, llama_state, random_nonzero, train_tokenizer
 
 from comneck.backends.sp_tokenizer import SentencePieceTokenizer
-from comneck.backends.v2l_fewshot import (STEPS, Codebook, class_logprobs, class_mask, classes_of, instruction, masked_greedy,
+from comneck.backends.v2l_fewshot import (STEPS, Codebook, PromptState, class_logprobs, class_mask, classes_of, instruction, masked_greedy,
                                           predicted_class, prompt_ids)
 from comneck.errors import ComneckInputError
 
@@ -114,10 +114,18 @@ def test_masked_greedy_equals_a_full_forward_each_step(tokenizer, model):
             token = int(probs.argmax())
             reference.append(token)
             sequence = torch.cat([sequence, model.get_input_embeddings()(torch.tensor([token]))])
-    out = masked_greedy(model, embeds, mask)
+    read = []  # how many positions each forward call runs
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: read.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        state = PromptState(model, embeds)
+        scores = class_logprobs(state, tokenizer, classes)  # before the decoding: neither changes the prompt's cache
+        out = masked_greedy(state, mask)
+    finally:
+        hook.remove()
     assert out == reference and len(out) == STEPS
     assert out[0] in {tokenizer.sp.encode(c)[0] for c in classes}
-    scores = class_logprobs(model, embeds, tokenizer, classes)
+    # the prompt is read once; each class then runs its own tokens, the decoding its 15 fed-back ones
+    assert read == [len(ids), *(len(tokenizer.sp.encode(c)) for c in classes), *[1] * (STEPS - 1)]
     with torch.no_grad():
         for label, score in scores.items():
             tokens = tokenizer.sp.encode(label) + [2]

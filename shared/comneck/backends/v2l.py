@@ -26,7 +26,7 @@ from .engines import check_context
 from .hf_checkpoint import llama_from_tensors
 from .meta_checkpoint import MetaLlama
 from .sp_tokenizer import SentencePieceTokenizer
-from .v2l_fewshot import (DEFAULT_WORDS, STEPS, Codebook, class_logprobs, class_mask, classes_of, masked_greedy, predicted_class,
+from .v2l_fewshot import (DEFAULT_WORDS, STEPS, Codebook, PromptState, class_logprobs, class_mask, classes_of, masked_greedy, predicted_class,
                           prompt_ids)
 
 CODEBOOK_FILES = ("global_codebook_embedding.pth", "global_vocabulary.npy")
@@ -96,10 +96,11 @@ class V2L:
             ids = prompt_ids(self.tokenizer, classes, [(e.description, e.label) for e in support], words)
             check_context("v2l", len(ids), options.model_copy(update={"max_new_tokens": STEPS}), self.context_length)
             embeds = table(torch.tensor(ids, device=table.weight.device))
-            tokens = masked_greedy(self.model, embeds, mask)
+            state = PromptState(self.model, embeds)  # the prompt read once, for the decoding and the scores
+            tokens = masked_greedy(state, mask)
             text = self.tokenizer.decode(tokens, skip_special_tokens=False)
             found = predicted_class(text, classes)
-            scores = class_logprobs(self.model, embeds, self.tokenizer, classes)
+            scores = class_logprobs(state, self.tokenizer, classes)
             probabilities = torch.softmax(torch.tensor(list(scores.values()), dtype=torch.float64), 0).tolist()
             ranked = sorted(zip(scores, scores.values(), probabilities), key=lambda item: -item[1])
             details = {

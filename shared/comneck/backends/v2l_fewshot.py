@@ -14,8 +14,9 @@ decoding, over any transformers causal LM; the backend around them loads LLaMA-2
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,21 +126,42 @@ def class_mask(tokenizer: SentencePieceTokenizer, classes: Sequence[str], vocab_
     return mask
 
 
+class PromptState:
+    """The LLM having read the prompt once: its KV cache and the next token's logits. Masked
+    decoding and the class scores both continue from it, each on its own copy of the cache (a
+    transformers cache grows in place), so the prompt is encoded once per query, not 1 + C times."""
+
+    @torch.inference_mode()
+    def __init__(self, model: nn.Module, embeds: torch.Tensor) -> None:
+        # transformers 5 renamed the cache argument and field (past_key_values -> cache); use this version's
+        self._name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.model = model
+        result = model(inputs_embeds=embeds[None], use_cache=True)
+        self._cache, self.logits = getattr(result, self._name), result.logits[0, -1]
+
+    def fork(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A continuation of the prompt: call it with embeddings [n, H] for their logits [n, V];
+        successive calls extend the same continuation, never the prompt's own cache."""
+        cache = copy.deepcopy(self._cache)
+
+        def extend(embeds: torch.Tensor) -> torch.Tensor:
+            return self.model(inputs_embeds=embeds[None], use_cache=True, **{self._name: cache}).logits[0]
+
+        return extend
+
+
 @torch.inference_mode()
-def masked_greedy(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> list[int]:
-    """16 greedy steps from the prompt embeddings [T, H]: each step the most likely token among
-    those its mask row allows (``argmax(softmax(logits) * mask)``; an empty row gives ``<unk>``,
-    as argmax over zeros does). No early stop: the official loop sets ``eos_id = -1``."""
-    # transformers 5 renamed the cache argument and field (past_key_values -> cache); use this version's
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out: list[int] = []
-    past, step_input = None, embeds[None]
-    for row in mask.to(embeds.device):
-        result = model(inputs_embeds=step_input, use_cache=True, **{name: past})
-        past, logits = getattr(result, name), result.logits[0, -1]
+def masked_greedy(state: PromptState, mask: torch.Tensor) -> list[int]:
+    """16 greedy steps after the prompt: each step the most likely token among those its mask row
+    allows (``argmax(softmax(logits) * mask)``; an empty row gives ``<unk>``, as argmax over zeros
+    does). No early stop: the official loop sets ``eos_id = -1``."""
+    table = state.model.get_input_embeddings()
+    extend, logits, out = state.fork(), state.logits, []
+    for step, row in enumerate(mask.to(logits.device)):
         token = int(logits.masked_fill(~row, float("-inf")).argmax()) if row.any() else UNK
         out.append(token)
-        step_input = model.get_input_embeddings()(torch.tensor([[token]], device=embeds.device))
+        if step + 1 < len(mask):  # the last token's logits are never read
+            logits = extend(table(torch.tensor([token], device=logits.device)))[-1]
     return out
 
 
@@ -151,15 +173,14 @@ def predicted_class(text: str, classes: Sequence[str]) -> str | None:
 
 
 @torch.inference_mode()
-def class_logprobs(model: nn.Module, embeds: torch.Tensor, tokenizer: SentencePieceTokenizer,
-                   classes: Sequence[str]) -> dict[str, float]:
+def class_logprobs(state: PromptState, tokenizer: SentencePieceTokenizer, classes: Sequence[str]) -> dict[str, float]:
     """Each class's sequence log-probability after the prompt (its name's tokens and EOS, teacher
     forced, unmasked): a ranking of every class, not only the decoded one."""
-    table = model.get_input_embeddings()
+    table = state.model.get_input_embeddings()
     scores = {}
     for label in classes:
-        tokens = torch.tensor(class_tokens(tokenizer, label), device=embeds.device)
-        sequence = torch.cat([embeds, table(tokens[:-1])])
-        logp = torch.log_softmax(model(inputs_embeds=sequence[None]).logits[0, embeds.shape[0] - 1 :].float(), dim=-1)
+        tokens = torch.tensor(class_tokens(tokenizer, label), device=state.logits.device)
+        logits = torch.cat([state.logits[None], state.fork()(table(tokens[:-1]))]) if len(tokens) > 1 else state.logits[None]
+        logp = torch.log_softmax(logits.float(), dim=-1)
         scores[label] = float(logp.gather(-1, tokens[:, None]).sum())
     return scores
