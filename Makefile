@@ -5,6 +5,7 @@
 # when .venv already holds the dev set.
 # `make lock` updates the lock files to pyproject.toml's ranges, keeping every pin that still fits;
 # `make lock UPGRADE=1` moves every package to its newest allowed release (then run `make test`).
+# Both also write requirements/{edge,server}-cpu.txt: the same pins with PyTorch's CPU-only build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -51,6 +52,7 @@ lock:
 	for set in $(filter-out dev,$(LOCK_SETS)); do \
 		$(UV_COMPILE) --extra $$set -c requirements/constraints.txt -c requirements/dev.txt -o requirements/$$set.txt || exit 1; \
 	done
+	$(PYTHON) requirements/cpu_lock.py
 
 clean:
 	rm -rf $(VENV) $(LOCK_TOOL) .pytest_cache

@@ -42,13 +42,15 @@ def _pip_installs(dockerfile: str) -> list[str]:
 
 def test_images_install_the_lock_then_the_project_alone():
     for name, lock in (("server", "server"), ("edge", "edge")):
-        installs = _pip_installs((ROOT / f"docker/Dockerfile.{name}").read_text())
+        dockerfile = (ROOT / f"docker/Dockerfile.{name}").read_text()
+        installs = _pip_installs(dockerfile.replace("${LOCK}", lock))
+        assert f"ARG LOCK={lock}\n" in dockerfile and (ROOT / f"requirements/{lock}-cpu.txt").is_file()  # --build-arg LOCK=NAME-cpu
         assert installs[0] == f"pip install -r requirements/{lock}.txt"
         for command in installs:
             named = re.findall(r"-r (\S+)", command)
             assert named or "--no-deps" in command, command  # nothing resolved outside the lock
             for path in named:
-                assert re.fullmatch(r"requirements/\w+\.txt", path) and (ROOT / path).is_file(), path
+                assert re.fullmatch(r"requirements/[\w-]+\.txt", path) and (ROOT / path).is_file(), path
         # the project itself: no dependencies, and the lock's setuptools as its build backend
         assert installs[-1] == "pip install --no-deps --no-build-isolation ."
         lock_text = (ROOT / f"requirements/{lock}.txt").read_text()

@@ -83,3 +83,23 @@ def test_make_demo_installs_only_what_the_demo_runs(tmp_path):
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / ".comneck-installed").touch()
     assert dry_run().splitlines() == [".venv/bin/comneck-demo"]
+
+
+@pytest.mark.parametrize("name", ["edge", "server"])
+def test_the_cpu_only_lock_is_the_lock_with_the_cpu_build_of_torch(name):
+    """requirements/NAME-cpu.txt is what `make lock` writes from NAME.txt: every other pin the same,
+    torch and torchvision as the +cpu pair of the same versions, none of the CUDA build's packages."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpu_lock", ROOT / "requirements" / "cpu_lock.py")
+    cpu_lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_lock)
+    written = (ROOT / "requirements" / f"{name}-cpu.txt").read_text()
+    assert written == cpu_lock.cpu_variant((ROOT / "requirements" / f"{name}.txt").read_text(), name), "run make lock"
+    cuda, cpu = pins(name), pins(f"{name}-cpu")
+    gone = {package for package in cuda if package.startswith(("nvidia-", "cuda-")) or package == "triton"}
+    assert len(gone) >= 10 and set(cpu) == set(cuda) - gone
+    for package in ("torch", "torchvision"):
+        assert sorted(cpu[package]) == sorted([cuda[package][0], cuda[package][0] + "+cpu"])
+    assert all(cpu[package] == versions for package, versions in cuda.items() if package not in gone | {"torch", "torchvision"})
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in written.splitlines()
