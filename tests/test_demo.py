@@ -18,8 +18,19 @@ def test_demo_round_trip_prints_answer_bpp_timings_and_says_weights_are_random()
 def test_demo_reports_bad_input_in_one_line(tmp_path):
     bad = tmp_path / "photo.jpg"
     bad.write_bytes(b"\x00" * 10)
-    for args in (["--image", str(bad)], ["--image", str(tmp_path / "nope.png")], ["--rate", "9"]):
+    for args in (["--image", str(bad)], ["--image", str(tmp_path / "nope.png")], ["--rate", "9"], ["--rate", "0"]):
         run = run_demo(*args)
         assert run.returncode == 2
         assert run.stderr.startswith("comneck-demo: error:") and run.stderr.count("\n") == 1
         assert "Traceback" not in run.stderr
+
+
+def test_rate_zero_is_refused_by_the_python_api_too():
+    """`rate or trained or 1` once read rate 0 as rate 1."""
+    import pytest
+
+    from comneck.errors import ComneckInputError
+    from comneck_edge import EdgeEncoder
+
+    with pytest.raises(ComneckInputError, match="rate index must be one of 1..4"):
+        EdgeEncoder("tiny", rate=0)

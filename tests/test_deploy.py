@@ -1,4 +1,4 @@
-"""The deployment files stay consistent with the code (no Docker engine runs here)."""
+"""The deployment files stay consistent with the code; Docker Compose itself renders them where this machine has it (no engine runs here)."""
 
 import ast
 import fnmatch
@@ -6,6 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +147,50 @@ def test_dockerignore_keeps_weights_and_local_environments_out():
     for path in ("pyproject.toml", "README.md", "requirements/server.txt", "shared/comneck/assets/cow_beach.png",
                  "cloud_server/comneck_server/settings.py", "edge_client/comneck_edge/cli.py"):
         assert not _ignored(path, patterns), path
+
+
+def _compose_cli() -> list[str] | None:
+    """Docker Compose's own CLI where this machine has one (`docker compose` v2, else v1's `docker-compose`)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def _rendered(cli: list[str], env: dict[str, str], *files: str) -> dict:
+    """What Compose makes of the files with the shell's `env` (`config` needs no engine)."""
+    import os
+    import subprocess
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("COMNECK_")}
+    args = [part for name in files for part in ("-f", str(ROOT / name))]
+    run = subprocess.run([*cli, *args, "config"], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return yaml.safe_load(run.stdout)["services"]["server"]
+
+
+def _published(server: dict) -> tuple[str, int]:
+    (port,) = server["ports"]
+    if isinstance(port, str):  # v1: "HOST:PUBLISHED:TARGET/tcp"
+        host, published, _ = port.split(":")
+        return host, int(published)
+    return port["host_ip"], int(port["published"])
+
+
+def test_compose_itself_renders_what_the_docs_say():
+    """The operator's commands, rendered by Docker Compose (no engine needed): CPU on localhost by
+    default, COMNECK_* forwarded from the shell, the GPU override reserving a GPU."""
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no Docker Compose on this machine (apt-get install docker-compose)")
+    plain = _rendered(cli, {}, "docker-compose.yml")
+    assert plain["environment"]["COMNECK_DEVICE"] == "cpu" and "deploy" not in plain
+    assert _published(plain) == ("127.0.0.1", 8000)
+    asked = _rendered(cli, {"COMNECK_DEVICE": "cuda", "COMNECK_MAX_QUEUE": "4", "COMNECK_PUBLISH_HOST": "0.0.0.0"}, "docker-compose.yml")
+    assert (asked["environment"]["COMNECK_DEVICE"], str(asked["environment"]["COMNECK_MAX_QUEUE"])) == ("cuda", "4")
+    assert _published(asked) == ("0.0.0.0", 8000)
+    gpu = _rendered(cli, {}, "docker-compose.yml", "docker-compose.gpu.yml")
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["environment"]["COMNECK_DEVICE"] == "cuda" and device["driver"] == "nvidia" and "gpu" in device["capabilities"]
