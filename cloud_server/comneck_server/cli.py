@@ -15,10 +15,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from comneck.version import __version__
-from comneck.backends import check_backend, parse_backend_arg
-from comneck.importers.reading import check_source
 from comneck.errors import ComneckInputError, ErrorCode
-from comneck.pipeline import check_device
 from comneck.presets import get_preset
 
 from .settings import ServerSettings, read_settings
@@ -46,6 +43,11 @@ def parse_settings(argv: list[str]) -> ServerSettings:
         raise ComneckInputError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}", ErrorCode.BAD_SETTINGS) from None
     except SettingsError as exc:
         raise ComneckInputError(str(exc).splitlines()[0], ErrorCode.BAD_SETTINGS) from None
+    # only now: these checks import torch and the model code (seconds), which --help and a mistyped flag need not wait for
+    from comneck.backends import check_backend, parse_backend_arg
+    from comneck.importers.reading import check_source
+    from comneck.pipeline import check_device
+
     preset = get_preset(settings.preset)
     backends = [parse_backend_arg(arg) for arg in settings.backend_args]
     if len({arg.name for arg in backends}) != len(backends):

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from argparse import ArgumentParser
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 
-from comneck.backends import BACKENDS
-from comneck.models import WeightFiles
 from comneck.presets import PRESETS
+
+if TYPE_CHECKING:
+    from comneck.models import WeightFiles
 
 
 class ServerSettings(BaseSettings):
@@ -91,6 +92,10 @@ class ServerSettings(BaseSettings):
     def _join_options(cls, parts: list[str]) -> list[str]:
         """Put ``KEY=PATH`` options (``shikra=DELTA,base=LLAMA``) back onto the backend they follow:
         a part named for an option of the backend before it continues that backend."""
+        if not parts:
+            return parts
+        from comneck.backends import BACKENDS  # here: the registry imports torch, which --help need not wait for
+
         joined: list[str] = []
         for part in parts:
             before = BACKENDS.get(joined[-1].partition("=")[0].strip()) if joined else None
@@ -107,6 +112,8 @@ class ServerSettings(BaseSettings):
 
     @property
     def weight_files(self) -> WeightFiles:
+        from comneck.models import WeightFiles
+
         return WeightFiles.bundle(self.weights, self.codec_weights, self.neck_weights, self.clip_weights)
 
 
