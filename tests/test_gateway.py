@@ -147,6 +147,7 @@ def test_not_ready_then_ready(monkeypatch, gateway, encoded):
         return gateway
 
     monkeypatch.setattr(Gateway, "load", staticmethod(slow_load))
+    monkeypatch.setattr(gateway, "close", lambda: None)  # the app stops what it loaded: not the module's shared gateway
     with TestClient(create_app(ServerSettings())) as client:
         assert client.get("/healthz").status_code == 200
         response = client.get("/readyz")
@@ -320,3 +321,32 @@ def test_server_help_names_the_environment_variables(capsys):
                   "--decode-timeout-s SECONDS", "--dtype {float32,float16,bfloat16}", "--lazy-backends | --no-lazy-backends"):
         assert shown in usage, shown
     assert all(f"COMNECK_{name.upper()}" in out.replace("\n", " ").replace("  ", " ") for name in ServerSettings.model_fields)
+
+
+def test_metrics_count_requests_stage_times_and_bitstream_bytes(gateway, encoded):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with TestClient(create_app(ServerSettings(), gateway)) as client:
+        answer = through(client).infer(encoded.data, PROMPT)
+        refused = client.post("/infer", content=b"\x00", headers={"Content-Type": "application/octet-stream"})
+        assert refused.status_code == 415 and client.get("/no/such/page").status_code == 404
+        scraped = client.get("/metrics")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain; version=")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(scraped.text) for s in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("comneck_requests_total", route="/infer", status="200") == 1
+    assert value("comneck_requests_total", route="/infer", status="415") == 1
+    assert value("comneck_requests_total", route="unmatched", status="404") == 1
+    assert value("comneck_request_seconds_count", route="/infer") == 2
+    for stage, ms in answer["timings_ms"].items():  # the stage times are the ones the answer reported
+        assert value("comneck_stage_seconds_count", stage=stage, backend="clip-zero-shot") == 1
+        assert value("comneck_stage_seconds_sum", stage=stage, backend="clip-zero-shot") == pytest.approx(ms / 1e3)
+    assert value("comneck_bitstream_bytes_sum") == len(encoded.data) and value("comneck_bitstream_bytes_count") == 1
+    assert value("comneck_admitted_requests") == 0
+    with TestClient(create_app(ServerSettings(api_keys=["k1"]), gateway)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200

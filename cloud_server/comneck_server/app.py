@@ -38,6 +38,7 @@ from comneck.backends import MAX_SUPPORT
 from comneck.errors import ComneckInputError, ErrorCode
 
 from .errors import ApiError, error_body, status_of
+from .metrics import CountRequests, Metrics
 from .gateway import Gateway
 from .openai_chat import ChatRequest, chunks, completion
 from .schemas import ErrorResponse, InferRequest, InferResponse, SupportSetInfo, SupportSetRequest
@@ -455,6 +456,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         min_rate=settings.min_upload_bytes_per_s, grace_s=settings.upload_grace_s,
     )
     admission = Admission(settings.max_queue)
+    metrics = Metrics(in_flight=lambda: admission.count)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: it counts BodyLimit's refusals too
 
     def known(key: str | None) -> bool:
         return key is not None and any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
@@ -509,7 +512,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     @app.get("/", summary="what this is and where its documentation is")
     def root(request: Request) -> Response:
         return respond(request, {"service": "ComNeck gateway", "version": __version__, "docs": "/docs", "redoc": "/redoc",
-                                 "openapi": "/openapi.json", "health": "/healthz", "ready": "/readyz", "models": "/v1/models"})
+                                 "openapi": "/openapi.json", "health": "/healthz", "ready": "/readyz", "models": "/v1/models",
+                                 "metrics": "/metrics"})
 
     @app.get("/healthz", summary="liveness: the process answers")
     def healthz(request: Request) -> Response:
@@ -522,6 +526,19 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         loaded = ready_gateway()
         return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.models.random_weights,
                                  "backends": {name: loaded.pipeline.state(name) for name in loaded.pipeline.specs}})
+
+    @app.get("/metrics", summary="Prometheus metrics: requests, stage times, bitstream sizes, admitted requests",
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}}, dependencies=[Depends(authorized)])
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def run_inference(loaded: Gateway, *args: Any) -> Any:
+        """``Gateway.infer`` in an admission slot on a worker thread, its stage times counted."""
+        with admission.slot():
+            result = await run_in_threadpool(loaded.infer, *args)
+        metrics.observe_answer(result.backend, result.timings_ms, result.num_bytes)
+        return result
 
     @app.get("/v1/models", summary="codec, rate points, networks, backends, random-weight status", dependencies=[Depends(authorized)])
     def models(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
@@ -538,9 +555,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     async def infer(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
         # read before the slot: a slow upload holds no queue place
         req = await _read_model(request, InferRequest, ("bitstream",), ("support_bitstreams",))
-        with admission.slot():
-            result = await run_in_threadpool(loaded.infer, req.bitstream, req.prompt, req.task, req.backend, req.options, req.choices,
-                                             req.support_bitstreams, req.support_labels, req.support_set)
+        result = await run_inference(loaded, req.bitstream, req.prompt, req.task, req.backend, req.options, req.choices,
+                                     req.support_bitstreams, req.support_labels, req.support_set)
         answer = InferResponse(
             text=result.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,
             image_size=result.image_size, rate=result.rate, timings_ms=result.timings_ms,
@@ -557,8 +573,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     async def chat_completions(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
         req = await _read_model(request, ChatRequest, ())
         data, prompt = req.query()
-        with admission.slot():
-            result = await run_in_threadpool(loaded.infer, data, prompt, req.task, req.model, req.options())
+        result = await run_inference(loaded, data, prompt, req.task, req.model, req.options())
         done = completion(req, result)
         if req.stream:
             return StreamingResponse(chunks(done), media_type="text/event-stream")
