@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from comneck.backends import Backend, load_backend
 from comneck.backends.shikra import SYSTEM, TEMPLATES
+from comneck.presets import ClipConfig
 
 VISION_WIDTH = 64
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 48, 2, 4, 96
@@ -379,3 +381,11 @@ def write_v2l(root: Path, clip_dim: int, seed: int = 0) -> V2LFiles:
     np.save(files.codebooks / "global_vocabulary.npy", list(V2L_WORDS))
     write_meta_llama(files.llama, g, V2L_CORPUS)
     return files
+
+
+def load_tiny(name: str, tiny_models, weights: Path | str, *, clip_config: ClipConfig | None = None, device: str = "cpu",
+              dtype: torch.dtype = torch.float32, **options: str) -> Backend:
+    """Load backend ``name`` from ``weights`` beside the tiny models' CLIP (``clip_config``: the
+    preset's unless given), with ``options`` as ``--backend NAME=WEIGHTS,KEY=PATH`` gives them."""
+    return load_backend(name, weights, options, clip_model=tiny_models.clip_model, clip_config=clip_config or tiny_models.preset.clip,
+                        split_block=tiny_models.preset.split_block, device=device, dtype=dtype)

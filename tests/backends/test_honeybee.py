@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 
 import pytest
 import torch
 import transformers
-from checkpoints import HEADS, HIDDEN, HONEYBEE_PROJECTOR, INTERMEDIATE, LAYERS, VISION_WIDTH, write_honeybee
+from checkpoints import HEADS, HIDDEN, HONEYBEE_PROJECTOR, INTERMEDIATE, LAYERS, VISION_WIDTH, load_tiny, write_honeybee
 from test_c_abstractor import reference as abstractor_reference
 
-from comneck.backends import GenerationOptions, check_backend, load_backend
+from comneck.backends import GenerationOptions, check_backend
 from comneck.backends.engines import Generation
 from comneck.backends.honeybee import pick, render
 from comneck.errors import ComneckInputError
@@ -28,9 +29,7 @@ def folders(tmp_path_factory):
     return write_honeybee(tmp_path_factory.mktemp("honeybee"))
 
 
-def load(tiny_models, weights, **options):
-    return load_backend("honeybee", weights, options, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip,
-                        split_block=tiny_models.preset.split_block)
+load = partial(load_tiny, "honeybee")
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +295,7 @@ def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folders, ti
     types still rank the CPU's first token in their top 3, with finite log-probabilities."""
     import math
 
-    backend = load_backend("honeybee", folders.checkpoint, {"tokenizer": str(folders.tokenizer)}, clip_model=tiny_models.clip_model,
-                           clip_config=tiny_models.preset.clip, split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    backend = load(tiny_models, folders.checkpoint, tokenizer=str(folders.tokenizer), device="cuda", dtype=dtype)
     features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
     prompts, choices = ["Which animal is it?", "What is in the photo?", "Where?"], [CHOICES, [], CHOICES[:2]]
     options = GenerationOptions(max_new_tokens=6, logprobs=3)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from functools import partial
 
 import pytest
 import torch
-from checkpoints import ADAPTER_CORPUS, ADAPTER_LAYERS, ADAPTER_LEN, HEADS, HIDDEN, META_PARAMS, train_tokenizer, write_llama_adapter
+from checkpoints import ADAPTER_CORPUS, ADAPTER_LAYERS, ADAPTER_LEN, HEADS, HIDDEN, META_PARAMS, load_tiny, train_tokenizer, write_llama_adapter
 
-from comneck.backends import GenerationOptions, check_backend, load_backend
+from comneck.backends import GenerationOptions, check_backend
 from comneck.backends.llama_adapter import PROMPT, write_converted
 from comneck.backends.meta_checkpoint import ffn_hidden, to_hf_rotary
 from comneck.errors import ComneckInputError
@@ -32,9 +33,7 @@ def files(tmp_path_factory, clip_dim):
     return write_llama_adapter(tmp_path_factory.mktemp("llama-adapter"), clip_dim)
 
 
-def load(tiny_models, weights, **options):
-    return load_backend("llama-adapter-v1", weights, options, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip,
-                        split_block=tiny_models.preset.split_block)
+load = partial(load_tiny, "llama-adapter-v1")
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +355,7 @@ def test_a_converted_folder_with_bad_sizes_is_refused(tiny_models, files, tmp_pa
 def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(files, tiny_models, adapter, dtype):
     """float32 on CUDA gives the CPU's tokens, and a batch what single calls give; the half types
     rank the CPU's first token in their top 3, with finite log-probabilities."""
-    backend = load_backend("llama-adapter-v1", files.adapter, {"llama": str(files.llama)}, clip_model=tiny_models.clip_model,
-                           clip_config=tiny_models.preset.clip, split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    backend = load(tiny_models, files.adapter, llama=str(files.llama), device="cuda", dtype=dtype)
     features = torch.randn(3, TOKENS, adapter.connector.clip_dim, generator=torch.Generator().manual_seed(5))
     options = GenerationOptions(max_new_tokens=STEPS, logprobs=3)
     on_cpu = adapter.generate(features, PROMPTS, "caption", options)

@@ -6,14 +6,15 @@ import json
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 import transformers
-from checkpoints import LLAVA_CONTEXT, VISION_WIDTH, write_llava
+from checkpoints import LLAVA_CONTEXT, VISION_WIDTH, load_tiny, write_llava
 from references import greedy
 
-from comneck.backends import GenerationOptions, check_backend, load_backend
+from comneck.backends import GenerationOptions, check_backend
 from comneck.backends.hf_checkpoint import llama_config
 from comneck.backends.llava import CheckpointConfig, clip_requirement
 from comneck.errors import ComneckInputError
@@ -28,10 +29,7 @@ def folder(tmp_path_factory):
     return write_llava(tmp_path_factory.mktemp("llava"))
 
 
-def load(tiny_models, weights, preset="tiny"):
-    clip = PRESETS[preset].clip  # the backend reads no CLIP weights: the tiny models' serve any tiny preset
-    return load_backend("llava", weights, clip_model=tiny_models.clip_model, clip_config=clip,
-                        split_block=tiny_models.preset.split_block)
+load = partial(load_tiny, "llava")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +153,7 @@ def test_a_tower_of_another_clip_is_refused_at_start_up_before_the_llm_loads(pre
     monkeypatch.setattr("comneck.backends.llava.llama_from_tensors", lambda *a: pytest.fail("loaded the LLM"))
     clip = PRESETS[preset].clip
     with pytest.raises(ComneckInputError) as info:
-        load(tiny_models, folder, preset)
+        load(tiny_models, folder, clip_config=clip)  # the backend reads no CLIP weights: the tiny models' serve any preset
     assert info.value.code == "bad_settings" and "\n" not in str(info.value)
     assert f"backend llava reads {needs}; this gateway's preset runs {clip.describe()}, width {clip.width}" in str(info.value)
 
@@ -172,7 +170,7 @@ def test_the_server_refuses_a_336_px_checkpoint_on_the_tiny_preset_at_start_up(t
 def test_a_336_px_checkpoint_serves_the_tiny_336_preset_with_576_image_tokens(tiny_models, tmp_path):
     folder = write_llava(tmp_path, image_size=336)
     assert check_backend("llava", folder, PRESETS["tiny-336"].clip, 2).clip.describe() == "ViT-L-14-336 at 336 px, width 64"
-    backend = load(tiny_models, folder, "tiny-336")
+    backend = load(tiny_models, folder, clip_config=PRESETS["tiny-336"].clip)
     features = torch.randn(1, 576, VISION_WIDTH, generator=torch.Generator().manual_seed(6))
     (answer,) = backend.generate(features, PROMPTS[:1], "vqa", GenerationOptions(max_new_tokens=6, logprobs=1))
     assert answer.details["prompt_token_ids"].count(backend.image_token) == 576
@@ -275,8 +273,7 @@ def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folder, tin
     types still rank the CPU's first token in their top 3, with finite log-probabilities."""
     import math
 
-    backend = load_backend("llava", folder, {}, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip,
-                           split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    backend = load(tiny_models, folder, device="cuda", dtype=dtype)
     features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
     prompts, options = ["What is in the photo?", "Where is the cow?", "Describe it."], GenerationOptions(max_new_tokens=6, logprobs=3)
     on_cpu = llava.generate(features, prompts, "vqa", options)

@@ -6,14 +6,15 @@ import json
 import math
 import random
 import shutil
+from functools import partial
 
 import pytest
 import torch
 import transformers
-from checkpoints import HIDDEN, HEADS, INTERMEDIATE, LAYERS, VISION_WIDTH, write_shikra
+from checkpoints import HIDDEN, HEADS, INTERMEDIATE, LAYERS, VISION_WIDTH, load_tiny, write_shikra
 from references import greedy
 
-from comneck.backends import GenerationOptions, load_backend
+from comneck.backends import GenerationOptions
 from comneck.backends.shikra import SYSTEM, TEMPLATES, parse_boxes, render, write_merged
 from comneck.backends.sp_tokenizer import SentencePieceTokenizer
 from comneck.errors import ComneckInputError
@@ -27,10 +28,7 @@ def folders(tmp_path_factory):
     return write_shikra(tmp_path_factory.mktemp("shikra"))
 
 
-def load(tiny_models, weights, **options):
-    clip = tiny_models.preset.clip
-    return load_backend("shikra", weights, options, clip_model=tiny_models.clip_model, clip_config=clip,
-                        split_block=tiny_models.preset.split_block)
+load = partial(load_tiny, "shikra")
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +269,7 @@ def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folders, ti
     """float32 on CUDA gives the CPU's tokens, and a batch gives what single calls give; the half
     types (whose rounding the random tiny LLaMA amplifies) still rank the CPU's first token in
     their top 3, with finite log-probabilities."""
-    backend = load_backend("shikra", folders.merged, {}, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip,
-                           split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    backend = load(tiny_models, folders.merged, device="cuda", dtype=dtype)
     features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
     prompts, options = ["the cow", "a dog on the left", "the beach"], GenerationOptions(max_new_tokens=6, logprobs=3)
     on_cpu = shikra.generate(features, prompts, "rec", options)

@@ -8,13 +8,14 @@ import dataclasses
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
-from checkpoints import V2L_WORDS, write_v2l
+from checkpoints import V2L_WORDS, load_tiny, write_v2l
 from test_llama_adapter import reference_logits
 
-from comneck.backends import GenerationOptions, SupportExample, load_backend
+from comneck.backends import GenerationOptions, SupportExample
 from comneck.errors import ComneckInputError
 from comneck.pipeline import Pipeline
 
@@ -31,9 +32,7 @@ def files(tmp_path_factory, clip_dim):
     return write_v2l(tmp_path_factory.mktemp("v2l"), clip_dim)
 
 
-def load(tiny_models, codebooks, **options):
-    return load_backend("v2l", codebooks, options, clip_model=tiny_models.clip_model, clip_config=tiny_models.preset.clip,
-                        split_block=tiny_models.preset.split_block)
+load = partial(load_tiny, "v2l")
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +211,7 @@ def test_support_sets_and_inline_support_over_http(files, tiny, tmp_path):
 def test_cuda_in_each_dtype_matches_the_cpu(files, tiny_models, v2l, dtype):
     """float32 on CUDA decodes the CPU's tokens; the half types pick the same words (the codebook
     search runs in float32) and a class among the episode's."""
-    backend = load_backend("v2l", files.codebooks, {"llama": str(files.llama)}, clip_model=tiny_models.clip_model,
-                           clip_config=tiny_models.preset.clip, split_block=tiny_models.preset.split_block, device="cuda", dtype=dtype)
+    backend = load(tiny_models, files.codebooks, llama=str(files.llama), device="cuda", dtype=dtype)
     g = torch.Generator().manual_seed(4)
     support_features, queries = torch.randn(4, v2l.codebook.width, generator=g), torch.randn(3, v2l.codebook.width, generator=g)
     support = [SupportExample(w, label) for w, label in zip(v2l.describe(support_features), LABELS)]
