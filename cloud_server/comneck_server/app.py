@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ log = logging.getLogger("comneck.server")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 MAX_JSON_FIELD_CHARS = 4096  # a multipart JSON field: every option together takes about 120, 26 choices of 150
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ResultT = TypeVar("ResultT")
 MAX_JSON_CONTAINERS = 256  # objects and arrays in a JSON body (an /infer body needs a handful)
 MAX_MSGPACK_CONTAINERS = 8  # maps and arrays in a msgpack body; an InferRequest has up to five
 MAX_MSGPACK_ITEMS = 64  # entries of one msgpack map or array
@@ -533,10 +534,14 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    async def run_inference(loaded: Gateway, *args: Any) -> Any:
-        """``Gateway.infer`` in an admission slot on a worker thread, its stage times counted."""
+    async def admitted(work: Callable[..., ResultT], *args: Any) -> ResultT:
+        """``work(*args)`` in an admission slot, on a worker thread (the gateway hands model work to its model thread)."""
         with admission.slot():
-            result = await run_in_threadpool(loaded.infer, *args)
+            return await run_in_threadpool(work, *args)
+
+    async def run_inference(loaded: Gateway, *args: Any) -> Any:
+        """``Gateway.infer`` admitted, its stage times counted."""
+        result = await admitted(loaded.infer, *args)
         metrics.observe_answer(result.backend, result.timings_ms, result.num_bytes)
         return result
 
@@ -589,8 +594,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     )
     async def put_support_set(name: str, request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
         req = await _read_model(request, SupportSetRequest, (), ("support_bitstreams",))
-        with admission.slot():
-            entry = await run_in_threadpool(loaded.register_support, name, req.support_bitstreams, req.support_labels, req.backend)
+        entry = await admitted(loaded.register_support, name, req.support_bitstreams, req.support_labels, req.backend)
         return respond(request, SupportSetInfo(**entry.describe()).model_dump())
 
     @app.get("/v1/support-sets", summary="the registered support sets", dependencies=[Depends(authorized)])
@@ -612,8 +616,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     )
     async def reconstruct(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:
         data = await _read_bitstream_body(request)
-        with admission.slot():
-            png = await run_in_threadpool(loaded.reconstruct, data)
+        png = await admitted(loaded.reconstruct, data)
         return Response(png, media_type="image/png")
 
     return app

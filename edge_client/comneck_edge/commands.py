@@ -47,6 +47,12 @@ def _fresh(path: Path, force: bool) -> Path:
     return path
 
 
+def _encoder(args: argparse.Namespace) -> EdgeEncoder:
+    """The encoder the encoding flags describe (``encode`` and ``support-set register`` share them)."""
+    return EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
+                       fixed_point=args.entropy_params == "fixed")
+
+
 def _labelled(pairs: list[str], encoder: EdgeEncoder) -> list[tuple[bytes, str]]:
     """``PHOTO=LABEL`` pairs -> (bitstream, label), each photo encoded as the query is."""
     out = []
@@ -83,8 +89,7 @@ def encode(args: argparse.Namespace) -> str:
         raise ComneckInputError("--server needs --prompt (the question for the model; none for --task caption)")
     if (args.prompt is not None or few_shot) and not args.server:
         raise ComneckInputError("--prompt, --support and --support-set go with --server URL (offline encoding asks no model)")
-    encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
-                          fixed_point=args.entropy_params == "fixed")
+    encoder = _encoder(args)
     encoded = encoder.encode_file(args.image)
     out = Path(args.output) if args.output else None if args.server else Path(args.image).with_suffix(".cnk")
     if out is not None:
@@ -140,7 +145,6 @@ def support_set(args: argparse.Namespace) -> str:
             return f"deleted {gone['name']} ({gone['examples']} examples)"
         if not args.examples:
             raise ComneckInputError("support-set register NAME needs PHOTO=LABEL examples")
-        encoder = EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
-                              fixed_point=args.entropy_params == "fixed")
+        encoder = _encoder(args)
         made = client.register_support_set(args.name, _labelled(args.examples, encoder), args.backend, fmt=args.format)
         return f"registered {made['name']}: {made['examples']} examples of {', '.join(made['classes'])} ({made['backend']})"
