@@ -4,6 +4,7 @@ forward computes from the same tensors; each kind of bad checkpoint is refused o
 
 import json
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -197,13 +198,16 @@ def test_each_broken_checkpoint_is_refused_with_its_own_message(tiny_release, tm
     assert "never unpickles" in refused({"state_dict": state, "trap": Trap()}) and not Trap.ran
 
 
-def test_convert_writes_a_folder_that_server_and_edge_load(tiny_release, tmp_path):
+def test_convert_writes_a_folder_that_server_and_edge_load(tiny_release, tmp_path, capsys):
     from comneck.cli import main
 
     path, official, _ = tiny_release
     out = tmp_path / "d2_3"
     assert main(["convert", str(path), "-o", str(out), "--preset", "tiny"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "final norm" in line]
+    assert len(said) == 1 and said[0].startswith("clip final norm: twice (the neck was trained through the official code's CLIP")
     manifest = json.loads((out / "comneck.json").read_text())
+    assert manifest["clip_final_norm"] == "twice"
     assert sorted(p.name for p in out.iterdir()) == ["codec.safetensors", "comneck.json", "neck.safetensors"]
     assert (manifest["scenario"], manifest["rate"], manifest["lmbda"], manifest["layout"]) == ("d2", 3, 0.016, "release")
     direct = build_codec(TINY, path)
@@ -216,10 +220,42 @@ def test_convert_writes_a_folder_that_server_and_edge_load(tiny_release, tmp_pat
     assert "refuses" not in (out / "comneck.json").read_text() and (out / "codec.safetensors").is_file()
     gateway = Gateway.load(ServerSettings(weights=out))
     assert gateway.models.random_parts == ("clip",) and gateway.describe()["codec"]["weights"] == {"layout": "comneck", "scenario": "d2", "rate": 3}
+    described = gateway.describe()["clip"]
+    assert (described["final_norm"], described["final_norm_recorded"], gateway.models.clip.final_norm) == ("twice", "twice", "twice")
     result = gateway.infer(encoder.encode_file(sample_photo()).data, "Labels: cow, beach")
     assert result.text in ("cow", "beach")
     from_release = Gateway.load(ServerSettings(weights=path))  # the release file itself, converted in memory
     assert from_release.models.codec_fingerprint == gateway.models.codec_fingerprint
+    assert from_release.models.clip_final_norm == "twice"
+
+
+def test_an_operator_may_override_the_recorded_final_norm_and_the_log_says_so(tiny_release, tmp_path, caplog):
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from comneck.convert import convert
+    from comneck.pipeline import Pipeline
+    from comneck_server.app import create_app
+
+    out = tmp_path / "converted"
+    convert(tiny_release[0], out, TINY)
+    assert Pipeline.from_pretrained(out, preset="tiny").models.clip_final_norm == "twice"
+    assert Pipeline.from_pretrained(out, preset="tiny", clip_final_norm="once").models.clip_final_norm == "once"
+    assert Pipeline.from_pretrained(preset="tiny").models.clip_final_norm == "once"  # random neck: the preset's
+    caplog.set_level(logging.INFO)
+    with TestClient(create_app(ServerSettings(weights=out, clip_final_norm="once"))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        described = client.get("/v1/models").json()["comneck"]["clip"]
+        assert (described["final_norm"], described["final_norm_recorded"]) == ("once", "twice")
+    said = [r.getMessage() for r in caplog.records if "final norm" in r.getMessage() and "overriding" in r.getMessage()]
+    assert said == ["CLIP final norm once by --clip-final-norm, overriding the twice the neck's weights record"]
+    meta = json.loads((out / "comneck.json").read_text())
+    (out / "comneck.json").write_text(json.dumps({**meta, "clip_final_norm": "thrice"}))
+    with pytest.raises(ComneckInputError, match=r"comneck.json clip_final_norm: 'thrice' is no CLIP final-norm setting"):
+        Pipeline.from_pretrained(out, preset="tiny")
 
 
 def test_no_loader_unpickles_without_weights_only():

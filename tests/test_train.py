@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from comneck.clip_split import ClipSplit
 from comneck.errors import ComneckInputError
 from comneck.image import sample_photo
 from comneck.models import build_codec
@@ -126,16 +127,31 @@ def test_a_resumed_run_equals_an_uninterrupted_one(dataset, tmp_path):
 
 
 def test_the_export_is_a_weights_folder_the_gateway_and_edge_load(dataset, tmp_path, tiny):
-    trainer = Trainer(config(dataset, tmp_path, "scenario=d3", "rate=2", "data.limit=4", "stages.0.epochs=0", "stages.2.epochs=0"))
+    trainer = Trainer(config(dataset, tmp_path, "scenario=d3", "rate=2", "data.limit=4", "stages.0.epochs=0", "stages.2.epochs=0",
+                             "clip_final_norm=twice"))
+    assert trainer.student.clip.final_norm == "twice"  # student and teacher: one CLIP split
     summary = trainer.run()
     export = tmp_path / "export"
     manifest = json.loads((export / "comneck.json").read_text())
+    assert manifest["clip_final_norm"] == "twice"
     assert (manifest["format"], manifest["version"], manifest["preset"], manifest["layout"]) == ("comneck-weights", 1, "tiny", "comneck")
     assert (manifest["scenario"], manifest["rate"], manifest["lmbda"], manifest["codec_arch"]) == ("d3", 2, 0.008, tiny.codec.arch)
     assert manifest["training"] == {k: v for k, v in summary.items() if k not in ("scenario", "rate", "preset")}
     assert manifest["training"]["steps"] == 2 and f"--weights {export}" in manifest["training"]["serve"]
     gateway = Gateway.load(ServerSettings(preset="tiny", weights=export))
-    assert gateway.models.random_parts == ("clip",)
+    assert gateway.models.random_parts == ("clip",) and gateway.describe()["clip"]["final_norm"] == "twice"
+    y_hat = torch.randn(1, tiny.codec.M, 16, 16)
+    student = trainer.student.cpu().eval()
+    with torch.no_grad():  # the seeded CLIP's ln_post (weight 1, bias 0) is nearly idempotent: make it tell once from twice
+        for ln_post in (student.clip.visual.ln_post, gateway.models.clip.visual.ln_post):
+            torch.manual_seed(5)
+            ln_post.weight.normal_(1.0, 0.5), ln_post.bias.normal_(0.0, 0.5)
+    with torch.no_grad():  # the served features are the ones the neck was trained against, not standard CLIP's
+        trained = student.clip.tail(student.neck(y_hat)).embedding
+        once = ClipSplit(student.clip.visual, student.clip.split_block, "once").tail(student.neck(y_hat)).embedding
+    served = gateway.pipeline.features([y_hat]).embedding
+    torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(served, once, rtol=1e-3, atol=1e-3)
     described = gateway.describe()["codec"]
     assert described["weights"] == {"layout": "comneck", "scenario": "d3", "rate": 2}
     assert described["fingerprint"] == manifest["codec_fingerprint"] != build_codec(tiny).fingerprint().hex()
@@ -153,7 +169,8 @@ def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    for args in (["--data", str(tmp_path / "none")], ["--data", str(tmp_path), "--rate", "9"], [str(tmp_path / "missing.yaml")]):
+    for args in (["--data", str(tmp_path / "none")], ["--data", str(tmp_path), "--rate", "9"], [str(tmp_path / "missing.yaml")],
+                 ["--data", str(tmp_path), "--set", "clip_final_norm=thrice"]):
         run = run_train(*args, "--output", str(tmp_path / "out"))
         assert run.returncode == 2 and run.stderr.startswith("comneck-train: error:") and run.stderr.count("\n") == 1, run.stderr
 

@@ -436,7 +436,11 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
             state["load_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.exception("loading the models failed")
             return
-        log.info("ready in %.1f s; %s", time.perf_counter() - start, loaded.models.note)
+        models = loaded.models
+        if models.final_norm_overridden:
+            log.warning("CLIP final norm %s by --clip-final-norm, overriding the %s the neck's weights record",
+                        models.clip_final_norm, models.recorded_final_norm)
+        log.info("ready in %.1f s; CLIP final norm %s; %s", time.perf_counter() - start, models.clip_final_norm, models.note)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]

@@ -61,7 +61,7 @@ class Gateway:
         pipeline = Pipeline.from_pretrained(
             preset=settings.preset, device=settings.device, dtype=settings.dtype, codec_weights=files.codec,
             neck_weights=files.neck, clip_weights=files.clip, backends=settings.backend_args, max_side=settings.max_image_side,
-            lazy_backends=settings.lazy_backends,
+            lazy_backends=settings.lazy_backends, clip_final_norm=settings.clip_final_norm,
         )
         workers = None
         if settings.decode_workers:
@@ -199,6 +199,8 @@ class Gateway:
             "clip": {
                 "name": preset.clip.name, "image_size": preset.clip.image_size, "blocks": self.models.clip.num_blocks,
                 "enters_block": preset.split_block + 1,
+                # ln_post once (standard CLIP) or twice (the official code's), and what the neck's weights record
+                "final_norm": self.models.clip_final_norm, "final_norm_recorded": self.models.recorded_final_norm,
             },
             "backends": [
                 {

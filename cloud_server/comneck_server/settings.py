@@ -43,6 +43,11 @@ class ServerSettings(BaseSettings):
     clip_weights: Path | None = Field(
         None, description="CLIP weights: our/open_clip safetensors or .pt (OpenAI TorchScript too), Hugging Face CLIP, a weights folder"
     )
+    clip_final_norm: Literal["once", "twice"] | None = Field(
+        None, description="CLIP's final LayerNorm: once (standard CLIP) or twice (the paper's official code, which trained "
+        "the released necks); default: what the weights record (a release checkpoint or its converted folder: twice), "
+        "else once",
+    )
     device: str = Field("cpu", description="where the neck, CLIP and backends run: cpu, cuda or cuda:N (entropy decoding stays on the CPU)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="neck/CLIP/backend precision")
     backend: Annotated[list[str], NoDecode] = Field(

@@ -37,6 +37,9 @@ def _convert(args: argparse.Namespace) -> str:
         lam = f"lambda {manifest['lmbda']}" if manifest["lmbda"] else "rate unknown: pass --rate"
         lines.append(f"codec {manifest['codec_arch']}, scenario {manifest['scenario'] or 'unknown'}, rate {manifest['rate'] or '?'} ({lam}), "
                      f"fingerprint {manifest['codec_fingerprint']}")
+    if manifest.get("clip_final_norm") == "twice":
+        lines.append("clip final norm: twice (the neck was trained through the official code's CLIP, which applies ln_post "
+                     "twice; the gateway does the same unless --clip-final-norm once overrides it)")
     if manifest.get("clip_missing_parts"):
         lines.append(f"clip lacks: {', '.join(manifest['clip_missing_parts'])} (they stay random; outputs that use them say so)")
     lines.append(f"serve: comneck-server --preset {args.preset} --weights {args.output}")

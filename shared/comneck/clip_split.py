@@ -4,6 +4,11 @@ the tail C' (block k+1 .. last -> features), so the neck's tokens can enter in t
 The split reuses open_clip's own modules and steps (``_embeds``, ``resblocks``,
 ``_pool``, ``proj``), so head-then-tail equals ``CLIP.encode_image`` exactly.
 Blocks are numbered from 1 as in the paper ("the third transformer block").
+
+``final_norm="twice"`` reproduces the paper's official CLIP (``CLIP_modify``), whose
+``VisionTransformer.forward`` applies ``ln_post`` two times before ``proj``: every feature after
+``ln_post`` (``post_ln``, ``projected``, ``embedding``) then sees the norm twice; the hidden
+block outputs do not change.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from .errors import ComneckInputError, ErrorCode
-from .presets import ClipConfig
+from .presets import ClipConfig, check_final_norm
 
 
 def build_clip(config: ClipConfig) -> open_clip.CLIP:
@@ -94,9 +99,10 @@ class ClipTap:
 
 
 class ClipSplit(nn.Module):
-    """open_clip ViT cut after ``split_block`` blocks (0..layers-1)."""
+    """open_clip ViT cut after ``split_block`` blocks (0..layers-1); ``final_norm``: ``once``
+    (standard CLIP) or ``twice`` (the official code's double ``ln_post``)."""
 
-    def __init__(self, visual: VisionTransformer, split_block: int = 2) -> None:
+    def __init__(self, visual: VisionTransformer, split_block: int = 2, final_norm: str = "once") -> None:
         super().__init__()
         if not isinstance(visual, VisionTransformer):
             raise TypeError(f"ClipSplit needs an open_clip VisionTransformer, got {type(visual).__name__}")
@@ -105,6 +111,7 @@ class ClipSplit(nn.Module):
             raise ComneckInputError(f"split block must be in 0..{layers - 1} for a {layers}-block ViT, got {split_block}")
         self.visual = visual
         self.split_block = split_block
+        self.final_norm = check_final_norm(final_norm)
 
     @property
     def num_blocks(self) -> int:
@@ -140,6 +147,8 @@ class ClipSplit(nn.Module):
             if j in wanted:
                 hidden[j] = x
         visual = self.visual
+        if self.final_norm == "twice":  # one extra ln_post; open_clip's pooling and post_ln below add the second
+            x = visual.ln_post(x)
         pooled, _ = visual._pool(x)
         if visual.proj is not None:
             pooled = pooled @ visual.proj

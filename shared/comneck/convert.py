@@ -2,7 +2,8 @@
 
 The folder holds one safetensors file per network found in the source (``codec``, ``neck``,
 ``clip``) and ``comneck.json``: preset, codec architecture, scenario, rate index and lambda,
-the source's name and SHA-256, and the codec fingerprint its bitstreams will carry. Every network is
+the source's name and SHA-256, the codec fingerprint its bitstreams will carry and, with a neck,
+``clip_final_norm: twice`` (the official code's CLIP, which the neck was trained against). Every network is
 loaded into the preset's model before it is written, so a folder that exists also loads.
 """
 
@@ -70,6 +71,9 @@ def convert(source: str | Path, output: str | Path, preset: Preset, scenario: st
         neck = seeded(preset.seed + 1, TransformNeck, preset.neck)
         fit(neck, neck_from(obj, source)[0], "neck")
         parts["neck"] = neck
+        # A neck in the official layout was trained through the official code's CLIP, which applies
+        # ln_post twice; a gateway serving the folder does the same unless its operator overrides it.
+        details["clip_final_norm"] = "twice"
     if "clip" in found:
         imported = clip_from_object(obj, source)
         clip = seeded(preset.seed + 2, build_clip, preset.clip)

@@ -19,8 +19,8 @@ from .importers.elic import is_derived
 from .importers.fitting import fit, key_problems
 from .importers.reading import read_weights
 from .importers.sources import CodecSource, codec_from, neck_from, read_codec, read_neck
-from .presets import Preset
-from .weights_folder import read_manifest
+from .presets import Preset, check_final_norm
+from .weights_folder import MANIFEST, read_manifest
 
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (no checkpoint loaded): outputs show the data path works, not model quality"
 
@@ -93,6 +93,19 @@ class WeightFiles:
         return cls(codec or own["codec"], neck or own["neck"], clip or own["clip"])
 
 
+def recorded_final_norm(neck: Path | None) -> str | None:
+    """The CLIP final norm a neck was trained against, as its source records it: a weights folder's
+    ``clip_final_norm`` (None when it records none), ``twice`` for a neck file outside a weights folder
+    (the release checkpoint's ``adapter`` or the official layout, trained through the official code's
+    CLIP, which applies ``ln_post`` twice), None for no neck weights (random)."""
+    if neck is None:
+        return None
+    if Path(neck).is_dir():
+        recorded = read_manifest(Path(neck)).get("clip_final_norm")
+        return None if recorded is None else check_final_norm(recorded, f"{Path(neck) / MANIFEST} clip_final_norm")
+    return "twice"
+
+
 @dataclass
 class ComneckModels:
     """The cloud side's networks for one preset."""
@@ -103,9 +116,21 @@ class ComneckModels:
     clip_model: nn.Module  # the whole open_clip CLIP: backends may use its text tower
     clip: nn.Module  # ClipSplit over clip_model.visual
     random_parts: tuple[str, ...] = ("codec", "neck", "clip")
+    #: the CLIP final norm the neck's weights record (None: they record none)
+    recorded_final_norm: str | None = None
 
     def __post_init__(self) -> None:
         self.codec_fingerprint = self.codec.fingerprint()
+
+    @property
+    def clip_final_norm(self) -> str:
+        """How often the CLIP split runs ``ln_post``: ``once`` or ``twice``."""
+        return self.clip.final_norm
+
+    @property
+    def final_norm_overridden(self) -> bool:
+        """The operator chose a CLIP final norm other than the one the neck's weights record."""
+        return self.recorded_final_norm not in (None, self.clip_final_norm)
 
     @property
     def random_weights(self) -> bool:
@@ -123,8 +148,10 @@ class ComneckModels:
         return self
 
 
-def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles()) -> ComneckModels:
-    """Codec, neck and CLIP split of a preset, from weight files where given."""
+def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles(), clip_final_norm: str | None = None) -> ComneckModels:
+    """Codec, neck and CLIP split of a preset, from weight files where given. The CLIP split's final
+    norm is ``clip_final_norm`` when given (the operator's word), else what the neck's weights record
+    (:func:`recorded_final_norm`), else the preset's."""
     from .clip_split import ClipSplit, build_clip
     from .neck import TransformNeck
 
@@ -144,5 +171,7 @@ def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles()) -> 
         imported = read_clip(weights.clip)
         load_clip(clip, imported)
         random_parts += [f"clip {part}" for part in imported.missing_parts]
-    split = ClipSplit(clip.visual, preset.split_block).eval()
-    return ComneckModels(preset, build_codec(preset, codec_weights), neck, clip, split, tuple(random_parts))
+    recorded = recorded_final_norm(weights.neck)
+    final_norm = check_final_norm(clip_final_norm, "clip_final_norm") if clip_final_norm is not None else recorded or preset.clip_final_norm
+    split = ClipSplit(clip.visual, preset.split_block, final_norm).eval()
+    return ComneckModels(preset, build_codec(preset, codec_weights), neck, clip, split, tuple(random_parts), recorded)

@@ -179,16 +179,19 @@ class Pipeline:
         backends: Iterable[str] = ("clip-zero-shot",),
         max_side: int = DEFAULT_MAX_SIDE,
         lazy_backends: bool = False,
+        clip_final_norm: str | None = None,
     ) -> "Pipeline":
         """Build the preset's networks from the weight sources the server takes (a ``comneck convert``
         folder or training export, a release ``d1_1.pth.tar``, or one source per network; none:
         seeded random weights, which every answer then says) and load ``backends`` (``NAME`` or
-        ``NAME=WEIGHTS[,KEY=PATH]``), or with ``lazy_backends`` check them and load each on first use."""
+        ``NAME=WEIGHTS[,KEY=PATH]``), or with ``lazy_backends`` check them and load each on first use.
+        ``clip_final_norm`` (``once`` or ``twice``) overrides what the neck's weights record (a release
+        checkpoint: ``twice``) and the preset's default (``once``)."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         specs = [parse_backend_arg(arg) for arg in backends]
         dev, dt = check_device(device), check_dtype(dtype)
         files = WeightFiles.bundle(*(Path(p) if p is not None else None for p in (weights, codec_weights, neck_weights, clip_weights)))
-        pipeline = cls(build_cloud_models(preset, files).to(dev, dt), max_side)
+        pipeline = cls(build_cloud_models(preset, files, clip_final_norm).to(dev, dt), max_side)
         for name, backend_weights, options in specs:
             pipeline.add_backend(name, backend_weights, options, lazy=lazy_backends)
         return pipeline

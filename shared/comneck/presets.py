@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import ComneckInputError
+from .errors import ComneckInputError, ErrorCode
 
 #: Rate index (1..4) -> lambda of the rate-distortion trade-off the weights were trained at.
 #: How a photo becomes the codec's input (comneck.image does them), in wire order: comneck.bitstream
@@ -21,6 +21,20 @@ RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "pad-square-white", "
 RATE_LAMBDAS: dict[int, float] = {1: 0.004, 2: 0.008, 3: 0.016, 4: 0.032}
 
 CODEC_ARCHS = ("elic2022-chandelier", "elic2022-official")
+
+#: How often CLIP's final LayerNorm (``ln_post``) runs before ``proj``: ``once`` as in CLIP itself
+#: (OpenAI's and open_clip's code), ``twice`` as in the paper's official code (its ``CLIP_modify``
+#: applies ``ln_post`` two times), which trained and evaluated the released necks. Here, not in
+#: comneck.clip_split, so that the command-line parsers name them without importing torch.
+FINAL_NORMS: tuple[str, ...] = ("once", "twice")
+
+
+def check_final_norm(value: object, where: str = "clip final norm") -> str:
+    """``once`` or ``twice``, or a one-line error naming ``where`` the value came from."""
+    if value not in FINAL_NORMS:
+        raise ComneckInputError(f"{where}: {value!r} is no CLIP final-norm setting; use once (standard CLIP) or twice "
+                                "(the official code's double ln_post)", ErrorCode.BAD_SETTINGS)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,11 @@ class Preset:
     image_size: int = 256  # codec input side (resize + centre crop)
     seed: int = 0  # random initialisation is seeded so edge and cloud build identical weights
     unet_base: int = 64  # post-processing baseline width (64: the paper's 31.04 M U-Net)
+    #: CLIP's final LayerNorm ``once`` (standard CLIP) or ``twice`` (the official code): see FINAL_NORMS
+    clip_final_norm: str = "once"
+
+    def __post_init__(self) -> None:
+        check_final_norm(self.clip_final_norm, f"preset {self.name}")
 
 
 # ViT-L/14 at 224 px as in open_clip's "ViT-L-14" config; written out so building it

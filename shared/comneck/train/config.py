@@ -62,6 +62,10 @@ class TrainConfig(_Strict):
     clip_weights: Path | None = Field(None, description="teacher CLIP (open_clip keys, safetensors); none: seeded random")
     clip_pretrained: str | None = Field(None, description="or an open_clip pretrained tag for the preset's CLIP, e.g. openai")
     neck_weights: Path | None = Field(None, description="start the neck from these weights (e.g. d2/d3 stage i)")
+    clip_final_norm: Literal["once", "twice"] | None = Field(
+        None, description="CLIP's final LayerNorm for student and teacher: once (standard CLIP) or twice (the official "
+        "code's double ln_post, which the released necks were trained with); none: what neck_weights record, else the "
+        "preset's (once); the export records it")
     device: str = "cpu"
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision for neck/CLIP/U-Net (on/true mean bf16, false off)")
     workers: int = Field(0, ge=0, description="data-loader worker processes")
