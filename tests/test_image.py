@@ -5,10 +5,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from comneck.errors import ComneckInputError
-from comneck.image import PAD_FILLS, check_image_tensor, load_image, resize_for_codec, sample_photo, to_tensor
+from comneck.image import PAD_FILLS, check_image_tensor, frame_to_photo, load_image, resize_for_codec, sample_photo, to_tensor
 
 
 def png_bytes(mode: str, size: tuple[int, int]) -> bytes:
@@ -107,21 +107,40 @@ def test_bad_tensors_are_refused(tensor, message):
 
 
 @pytest.mark.parametrize("policy", ["paper", "pad-square", "pad-square-white", "stretch"])
-@pytest.mark.parametrize("width, height", [(640, 480), (300, 500), (333, 333), (900, 97)])
+@pytest.mark.parametrize("width, height", [(640, 480), (640, 427), (427, 640), (300, 500), (333, 333), (900, 97)])
 def test_frame_to_photo_inverts_the_resize_policy(policy, width, height):
-    """A black rectangle drawn on the photo (inside the centre square, which every policy keeps),
-    found again in the codec input, maps back to where it was."""
-    from PIL import ImageDraw
-
-    from comneck.image import frame_to_photo
-
+    """A blue rectangle drawn on a white photo (inside the centre square, which every policy
+    keeps), found again in the codec input, maps back to where it was within one codec pixel."""
     m = min(width, height)
-    box = [width / 2 - 0.3 * m, height / 2 - 0.15 * m, width / 2 + 0.1 * m, height / 2 + 0.25 * m]
-    photo = Image.new("RGB", (width, height), (250, 250, 250))
-    ImageDraw.Draw(photo).rectangle([round(v) for v in box], fill=(0, 0, 0))
-    framed = np.asarray(resize_for_codec(photo, policy, 256).convert("L")) < 60  # the rectangle, not a grey fill
-    ys, xs = np.nonzero(framed)
+    box = [round(width / 2 - 0.3 * m), round(height / 2 - 0.15 * m), round(width / 2 + 0.1 * m), round(height / 2 + 0.25 * m)]
+    photo = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(photo).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(0, 0, 255))  # inclusive ends
+    framed = np.asarray(resize_for_codec(photo, policy, 256)).astype(int)
+    ys, xs = np.nonzero(framed[..., 2] - framed[..., 0] > 127)  # more than half blue: white is 0, CLIP's mean -18
     found = [xs.min() / 256, ys.min() / 256, (xs.max() + 1) / 256, (ys.max() + 1) / 256]
     back = frame_to_photo(found, (height, width), policy, 256)
-    tolerance = 2 * max(width, height) / 256 + 1  # a codec-input pixel or two of resampling blur
+    tolerance = max(width, height) / 256  # one codec-input pixel in the photo's pixels
     assert all(abs(a - b) <= tolerance for a, b in zip(back, box)), (back, box)
+
+
+def expand2square_then_resize(photo: Image.Image, fill: tuple[int, int, int], size: int) -> Image.Image:
+    """Shikra's Expand2square (mllm/dataset/utils/transform.py), LLaVA's expand2square with CLIP's
+    mean colour, written out: a square photo as it is; a wide one pasted at (0, (W - H) // 2) on a
+    W x W square of ``fill``, a tall one at ((H - W) // 2, 0) on H x H; then a bicubic resize."""
+    w, h = photo.size
+    square = photo
+    if w != h:
+        square = Image.new("RGB", (max(w, h), max(w, h)), fill)
+        square.paste(photo, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return square.resize((size, size), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("policy, fill", [("pad-square-white", (255, 255, 255)), ("pad-square", (122, 116, 104))])
+@pytest.mark.parametrize("width, height", [(640, 427), (427, 640), (500, 500), (301, 40)])
+def test_pad_square_frames_as_expand2square_does(policy, fill, width, height):
+    """Pixel for pixel the official padding at full size, then the square resized to the codec's."""
+    noise = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    photo = Image.fromarray(noise, mode="RGB")
+    ours = np.asarray(resize_for_codec(photo, policy, 256))
+    assert ours.shape == (256, 256, 3)
+    assert np.array_equal(ours, np.asarray(expand2square_then_resize(photo, fill, 256)))

@@ -48,32 +48,32 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     return ImageOps.exif_transpose(img).convert("RGB")
 
 
-def _square_fit(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The pad-square geometry: the photo's size scaled so its long side is ``size``, and where
-    it sits centred on the ``size`` x ``size`` canvas (left, top)."""
-    scale = size / max(width, height)
-    fw, fh = max(1, round(width * scale)), max(1, round(height * scale))
-    return (fw, fh), ((size - fw) // 2, (size - fh) // 2)
+def _square_offset(width: int, height: int) -> tuple[int, int]:
+    """Where Shikra's and LLaVA's expand2square paste a ``width`` x ``height`` photo on its square
+    of side max(W, H): (left, top), centred with floor division, so boxes map back exactly."""
+    side = max(width, height)
+    return (side - width) // 2, (side - height) // 2
 
 
 def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int = 256) -> Image.Image:
     """Apply the resize policy.
 
     ``paper``: bicubic resize of the short side to ``size``, centre crop ``size`` x ``size``
-    (the official code's codec input). ``pad-square``: bicubic resize of the long side to
-    ``size``, centred on a ``size`` x ``size`` canvas of CLIP's mean colour, so the whole photo
-    survives and boxes map back by one scale and offset; ``pad-square-white``: the same on
-    white (Shikra's padding). ``stretch``: bicubic resize to ``size`` x ``size``, the aspect ratio
-    not kept (Honeybee's processor). ``none``: unchanged.
+    (the official code's codec input). ``pad-square``: the photo pasted at full resolution,
+    centred at ((S - W) // 2, (S - H) // 2), on a square of side S = max(W, H) and CLIP's mean
+    colour (LLaVA's expand2square), then that square bicubic-resized to ``size``: the whole photo
+    survives and boxes map back exactly. ``pad-square-white``: the same on white (Shikra's
+    Expand2square). ``stretch``: bicubic resize to ``size`` x ``size``, the aspect ratio not kept
+    (Honeybee's processor). ``none``: unchanged.
     """
     if policy == "paper":
         img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC)
         return TF.center_crop(img, size)
     if policy in PAD_FILLS:
-        (fw, fh), offset = _square_fit(img.width, img.height, size)
-        canvas = Image.new("RGB", (size, size), PAD_FILLS[policy])
-        canvas.paste(img.resize((fw, fh), Image.Resampling.BICUBIC), offset)
-        return canvas
+        side = max(img.width, img.height)
+        square = Image.new("RGB", (side, side), PAD_FILLS[policy])
+        square.paste(img, _square_offset(img.width, img.height))
+        return square.resize((size, size), Image.Resampling.BICUBIC)
     if policy == "stretch":
         return img.resize((size, size), Image.Resampling.BICUBIC)
     if policy == "none":
@@ -84,8 +84,16 @@ def resize_for_codec(img: Image.Image, policy: ResizePolicy = "paper", size: int
 def frame_to_photo(box: list[float], photo_size: tuple[int, int], policy: ResizePolicy, side: int) -> list[float]:
     """A box [x0, y0, x1, y1] normalised to the ``side`` x ``side`` codec input -> pixels of the
     photo of ``photo_size`` (H, W) that :func:`resize_for_codec` turned into that input: the
-    inverse of its scale and of its crop (``paper``) or padding (``pad-square*``)."""
+    inverse of its scale and of its crop (``paper``) or padding (``pad-square*``).
+
+    It needs only the exact geometry recorded in the container (:class:`comneck.bitstream.Source`:
+    the photo's size and the policy) and the codec side. For ``pad-square*``, as Shikra maps its
+    boxes back: the box times S = max(W, H), less the offset ((S - W) // 2, (S - H) // 2)."""
     h, w = photo_size
+    if policy in PAD_FILLS:
+        s = max(w, h)
+        left, top = _square_offset(w, h)
+        return [box[0] * s - left, box[1] * s - top, box[2] * s - left, box[3] * s - top]
     x0, y0, x1, y1 = (v * side for v in box)
     if policy in ("none", "stretch"):
         return [x0 * w / side, y0 * h / side, x1 * w / side, y1 * h / side]
@@ -93,10 +101,6 @@ def frame_to_photo(box: list[float], photo_size: tuple[int, int], policy: Resize
         scale_w, scale_h = (side / w, int(side * h / w) / h) if w <= h else (int(side * w / h) / w, side / h)
         left, top = round((w * scale_w - side) / 2), round((h * scale_h - side) / 2)
         return [(x0 + left) / scale_w, (y0 + top) / scale_h, (x1 + left) / scale_w, (y1 + top) / scale_h]
-    if policy in PAD_FILLS:
-        scale = side / max(w, h)
-        _, (left, top) = _square_fit(w, h, side)
-        return [(x0 - left) / scale, (y0 - top) / scale, (x1 - left) / scale, (y1 - top) / scale]
     raise ComneckInputError(f"unknown resize policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
 
 

@@ -143,19 +143,20 @@ def test_boxes_are_read_as_the_official_rec_metric_reads_them(text, box, note):
         assert sum(map(len, groups)) == int(note.split()[0])
 
 
-@pytest.mark.parametrize("width, height", [(640, 480), (300, 500), (256, 256), (1001, 97)])
+@pytest.mark.parametrize("width, height", [(640, 427), (427, 640), (500, 500), (640, 480), (1001, 97)])
 def test_boxes_in_the_white_square_map_back_as_the_official_expand2square_does(width, height):
-    """Our pad-square-white frames the photo in a 256 square; Shikra's Expand2square pads it at
-    full size. Mapping a box back our way agrees with the official formula to a pixel."""
+    """Shikra's boxes are normalised to the Expand2square square: times its side max(W, H), less
+    the offset Expand2square pasted the photo at ((H - W) // 2 on x when tall, (W - H) // 2 on y
+    when wide), they are the photo's pixels. frame_to_photo agrees to 1e-6 px."""
     rng = random.Random(width * height)
     side = max(width, height)
+    dx = (height - width) // 2 if height > width else 0
+    dy = (width - height) // 2 if width > height else 0
     for _ in range(20):
-        box = sorted(rng.uniform(0, 1) for _ in range(2)) + sorted(rng.uniform(0, 1) for _ in range(2))
-        box = [box[0], box[2], box[1], box[3]]
-        official = [box[0] * side - (side - width) // 2, box[1] * side - (side - height) // 2,
-                    box[2] * side - (side - width) // 2, box[3] * side - (side - height) // 2]
-        ours = frame_to_photo(box, (height, width), "pad-square-white", 256)
-        assert all(abs(a - b) <= 1.0 + side / 256 for a, b in zip(ours, official))
+        xs, ys = sorted(rng.uniform(0, 1) for _ in range(2)), sorted(rng.uniform(0, 1) for _ in range(2))
+        box = [xs[0], ys[0], xs[1], ys[1]]
+        official = [box[0] * side - dx, box[1] * side - dy, box[2] * side - dx, box[3] * side - dy]
+        assert frame_to_photo(box, (height, width), "pad-square-white", 256) == pytest.approx(official, abs=1e-6)
 
 
 def test_a_box_comes_back_in_the_photos_pixels_and_a_mis_framed_photo_is_noted(shikra, tiny_models, monkeypatch):
@@ -174,8 +175,8 @@ def test_a_box_comes_back_in_the_photos_pixels_and_a_mis_framed_photo_is_noted(s
         data = EdgeEncoder(tiny_models.preset, resize=policy).encode_file(photo).data
         (answer,) = pipeline.answer([data], ["the chicken"], backend="shikra")
         assert answer.details["box"] == [0.1, 0.25, 0.6, 0.75]
-        expected = frame_to_photo([0.1, 0.25, 0.6, 0.75], (640, 640), policy, 256)
-        assert answer.details["box_pixels"] == pytest.approx(expected, abs=0.05)
+        # the photo is 640 x 640: either policy only scales it to 256, so the box is 640 times itself
+        assert answer.details["box_pixels"] == pytest.approx([64.0, 160.0, 384.0, 480.0], abs=0.05)
         assert ("resize_note" in answer.details) is note
     with pytest.raises(ComneckInputError) as info:
         pipeline.prepare([data], ["the chicken"], backend="shikra", choices=[["left", "right"]])
