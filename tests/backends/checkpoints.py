@@ -383,6 +383,19 @@ def write_v2l(root: Path, clip_dim: int, seed: int = 0) -> V2LFiles:
     return files
 
 
+def write_v2l_checkpoint(path: Path, codebook: torch.Tensor | None, seed: int = 0) -> Path:
+    """``v2l-decode.pth`` at the tiny size: ``VQModel_LLaMA``'s state dict (a few of its modules,
+    random and non-zero) under ``model`` when the name holds "last", else under ``state_dict`` (the
+    key the official loader reads), with ``tok_embeddings_global.weight`` when ``codebook`` is given."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"quant_conv.weight": random_nonzero((8, 4, 1, 1), g), "quant_conv.bias": random_nonzero((8,), g),
+             "tok_embeddings.weight": random_nonzero((16, 8), g)}
+    if codebook is not None:
+        state["tok_embeddings_global.weight"] = codebook
+    torch.save({"model" if "last" in path.name else "state_dict": state, "epoch": 10}, path)
+    return path
+
+
 def load_tiny(name: str, tiny_models, weights: Path | str, *, clip_config: ClipConfig | None = None, device: str = "cpu",
               dtype: torch.dtype = torch.float32, **options: str) -> Backend:
     """Load backend ``name`` from ``weights`` beside the tiny models' CLIP (``clip_config``: the

@@ -139,6 +139,42 @@ def test_details_carry_the_letter_and_the_choices_text(honeybee, monkeypatch):
     assert missed.details["choice"] is None and missed.details["choice_note"] == "the answer is not one of the letters A-D"
 
 
+ANSWER = "B . a cow , isn't it ?"  # what the model may say, spaces before punctuation included
+
+
+@pytest.mark.parametrize("setting", [False, True, None])
+def test_answers_decode_as_the_tokenizer_folders_config_says(tiny_models, folders, tmp_path, setting):
+    """clean_up_tokenization_spaces of the tokenizer_config.json beside tokenizer.model (absent:
+    LlamaTokenizer's default, False), given as the folder or the file, decodes as transformers'
+    own LlamaTokenizer loaded from the same folder. transformers 5 skips the clean-up for BPE
+    models unless told otherwise; the release-era slow tokenizer (4.30) had no such exception,
+    so the reference is told to apply it."""
+    vicuna = tmp_path / "vicuna"
+    shutil.copytree(folders.tokenizer, vicuna)
+    if setting is not None:
+        (vicuna / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": setting}))
+    reference = transformers.LlamaTokenizer.from_pretrained(
+        str(vicuna), clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    assert reference.clean_up_tokenization_spaces is bool(setting)
+    ids = [1, *reference.encode(ANSWER, add_special_tokens=False), 2]
+    expected = reference.batch_decode([ids], skip_special_tokens=True)
+    assert expected == (["B. a cow, isn't it?"] if setting else [ANSWER])  # the two settings differ on this answer
+    for option in (vicuna, vicuna / "tokenizer.model"):
+        backend = load(tiny_models, folders.checkpoint, tokenizer=str(option))
+        assert backend.tokenizer.batch_decode([ids]) == expected, option
+
+
+def test_a_bad_tokenizer_config_is_refused_in_one_line(tiny_models, folders, tmp_path):
+    vicuna = tmp_path / "vicuna"
+    shutil.copytree(folders.tokenizer, vicuna)
+    for content, message in (('{"clean_up_tokenization_spaces": "no"}', "clean_up_tokenization_spaces is 'no'; expected true or false"),
+                             ("{not json", "tokenizer_config.json: not JSON")):
+        (vicuna / "tokenizer_config.json").write_text(content)
+        with pytest.raises(ComneckInputError) as info:
+            load(tiny_models, folders.checkpoint, tokenizer=str(vicuna))
+        assert info.value.code == "bad_weights" and message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
 def test_safetensors_and_a_tokenizer_in_the_folder_load_the_same_model(honeybee, tiny_models, tmp_path):
     other = write_honeybee(tmp_path, fmt="safetensors", tokenizer_inside=True)
     backend = load(tiny_models, other.checkpoint)

@@ -1,9 +1,11 @@
-"""V2L on tiny files in the published layouts (the codebooks folder, LLaMA-2 in Meta's format),
-against the published equations: Meta's LLaMA forward written out, the official distance, episode
-prompt, per-position class mask and prefix match; support sets over HTTP."""
+"""V2L on tiny files in the published layouts (the codebooks folder, v2l-decode.pth, LLaMA-2 in
+Meta's format), against the published equations: Meta's LLaMA forward written out, the official
+distance, the official episode prompt less its labelled query, per-position class mask and prefix
+match; support sets over HTTP."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import subprocess
@@ -12,8 +14,9 @@ from functools import partial
 
 import pytest
 import torch
-from checkpoints import V2L_WORDS, load_tiny, write_v2l
+from checkpoints import V2L_WORDS, load_tiny, random_nonzero, write_v2l, write_v2l_checkpoint
 from test_llama_adapter import reference_logits
+from test_v2l_fewshot import official_episode, without_labelled_query
 
 from comneck.backends import GenerationOptions, SupportExample
 from comneck.errors import ComneckInputError
@@ -40,32 +43,26 @@ def v2l(tiny_models, files):
     return load(tiny_models, files.codebooks, llama=str(files.llama))
 
 
-def official_words(files, embeddings: torch.Tensor, k: int = 21) -> list[str]:
-    """models_v2l.py: normalise, d = |g|² + |e|² - 2 g e^T, topk(-d), the strings joined."""
-    rows = torch.load(files.codebooks / "global_codebook_embedding.pth", weights_only=True).double()
+def file_rows(files) -> torch.Tensor:
+    return torch.load(files.codebooks / "global_codebook_embedding.pth", weights_only=True)
+
+
+def official_words(rows: torch.Tensor, embeddings: torch.Tensor, k: int = 21) -> list[str]:
+    """models_v2l.py on codebook ``rows``: normalise, d = |g|² + |e|² - 2 g e^T, topk(-d), the strings joined."""
+    rows = rows.double()
     g = embeddings.double() / embeddings.double().norm(dim=-1, keepdim=True)
     d = (g**2).sum(1, keepdim=True) + (rows**2).sum(1) - 2 * g @ rows.T
     return ["".join(V2L_WORDS[i] for i in row) for row in torch.topk(-d, k, dim=1).indices.tolist()]
 
 
-def official_prompt(sp, classes, support, query) -> list[int]:
-    """eval_understanding.py: BOS + instruction, then ###/Input/Output pieces, each its own encode."""
-    instruction = "For each of the following input output pairs, output is one of "
-    for c in classes:
-        instruction += "['%s' or " % c
-    ids = [sp.bos_id(), *sp.encode(instruction[:-4] + "]\n")]
-    for words, label in support:
-        ids += sp.encode("###\nInput: < ") + sp.encode(words) + sp.encode(" >\nOutput: ") + sp.encode(label)
-    return ids + sp.encode("###\nInput: < ") + sp.encode(query) + sp.encode(" >\nOutput: ")
-
-
-def test_words_prompt_masked_decoding_and_class_scores_equal_the_reference(v2l, files):
+def test_words_served_prompt_masked_decoding_and_class_scores_equal_the_reference(v2l, files):
+    """The prompt checked is the official episode less its labelled query (a served query has no label)."""
     llama = {k: v.double() for k, v in torch.load(files.llama / "consolidated.00.pth", weights_only=True).items()}
     sp = v2l.tokenizer.sp
     g = torch.Generator().manual_seed(4)
     support_features, queries = torch.randn(4, v2l.codebook.width, generator=g), torch.randn(3, v2l.codebook.width, generator=g)
     words = v2l.describe(support_features)
-    assert words == official_words(files, support_features)
+    assert words == official_words(file_rows(files), support_features)
     support = [SupportExample(w, label) for w, label in zip(words, LABELS)]
     answers = v2l.fewshot(queries, support, GenerationOptions())
     classes = ["cow", "dog"]
@@ -73,8 +70,9 @@ def test_words_prompt_masked_decoding_and_class_scores_equal_the_reference(v2l, 
     for c in classes:
         for j, token in enumerate(sp.encode(c) + [2]):
             mask[j, token] = 1
-    for query, answer in zip(official_words(files, queries), answers):
-        ids = official_prompt(sp, classes, list(zip(words, LABELS)), query)
+    for query, answer in zip(official_words(file_rows(files), queries), answers):
+        episode = official_episode(sp, classes, [*zip(words, LABELS), (query, "cow")], query)  # any label: it is cut out
+        ids = without_labelled_query(sp, episode, query, "cow")
         assert answer.details["prompt_token_ids"] == ids and answer.details["words"] == query
         sequence, tokens = list(ids), []
         for row in mask:  # generate_fewshot at temperature 0: argmax(softmax(logits) * mask[j]), no early stop
@@ -94,6 +92,48 @@ def test_words_prompt_masked_decoding_and_class_scores_equal_the_reference(v2l, 
     for i in range(3):  # a batch of three equals three single calls
         (single,) = v2l.fewshot(queries[i : i + 1], support, GenerationOptions())
         assert single.details["token_ids"] == answers[i].details["token_ids"]
+
+
+def test_the_codebook_inside_v2l_decode_pth_takes_precedence(tiny_models, files, v2l, tmp_path):
+    """The official load: the codebook file builds tok_embeddings_global, then the checkpoint's
+    state dict (under "state_dict", or "model" for a name holding "last") replaces it when it holds
+    the key. The words follow whichever codebook that leaves."""
+    rows = file_rows(files)
+    inside = random_nonzero(tuple(rows.shape), torch.Generator().manual_seed(7))
+    features = torch.randn(4, rows.shape[1], generator=torch.Generator().manual_seed(8))
+    from_file = official_words(rows, features)
+    assert v2l.describe(features) == from_file
+    assert official_words(inside, features) != from_file  # the two codebooks tell the images apart differently
+    cases = {
+        write_v2l_checkpoint(tmp_path / "v2l-decode.pth", inside): official_words(inside, features),
+        write_v2l_checkpoint(tmp_path / "v2l-last.pth", inside): official_words(inside, features),
+        write_v2l_checkpoint(tmp_path / "without.pth", None): from_file,
+    }
+    for checkpoint, expected in cases.items():
+        backend = load(tiny_models, files.codebooks, llama=str(files.llama), checkpoint=str(checkpoint))
+        assert backend.describe(features) == expected, checkpoint.name
+    wrong = {
+        "v2l-decode-wide.pth": random_nonzero((rows.shape[0], rows.shape[1] + 1), torch.Generator()),
+        "v2l-decode-short.pth": random_nonzero((rows.shape[0] - 1, rows.shape[1]), torch.Generator()),
+    }
+    expected_shape = f"expected a float tensor of shape {list(rows.shape)}"
+    for name, codebook in wrong.items():
+        checkpoint = write_v2l_checkpoint(tmp_path / name, codebook)
+        with pytest.raises(ComneckInputError) as info:
+            load(tiny_models, files.codebooks, llama=str(files.llama), checkpoint=str(checkpoint))
+        message = str(info.value)
+        assert info.value.code == "bad_weights" and str(checkpoint) in message and expected_shape in message, message
+        assert f"tok_embeddings_global.weight is {list(codebook.shape)}" in message and "\n" not in message
+    elsewhere = tmp_path / "v2l-last-but-state_dict.pth"  # a name holding "last": the official loader reads "model"
+    torch.save({"state_dict": {"tok_embeddings_global.weight": inside}}, elsewhere)
+    with pytest.raises(ComneckInputError) as info:
+        load(tiny_models, files.codebooks, llama=str(files.llama), checkpoint=str(elsewhere))
+    assert info.value.code == "bad_weights" and "holds no 'model' dict" in str(info.value)
+    pickled = tmp_path / "v2l-decode-args.pth"  # read with weights_only: no Python object beyond tensors is rebuilt
+    torch.save({"state_dict": {"tok_embeddings_global.weight": inside}, "args": argparse.Namespace(stage=2)}, pickled)
+    with pytest.raises(ComneckInputError) as info:
+        load(tiny_models, files.codebooks, llama=str(files.llama), checkpoint=str(pickled))
+    assert info.value.code == "bad_weights" and "never unpickles" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_bad_support_and_prompts_get_their_own_codes(v2l, tiny_models, files):

@@ -1,7 +1,11 @@
 """V2L few-shot parts: codebook files, words, prompt ids, the class mask and masked decoding,
-against the official construction written out here."""
+against the official code's constructions written out here (the prompt: the official episode less
+the labelled query it shows before asking, which a served request cannot know)."""
 
 from __future__ import annotations
+
+import os
+import shlex
 
 import numpy as np
 import pytest
@@ -53,33 +57,95 @@ def test_codebook_words_are_the_nearest_rows_by_the_official_distance(tmp_path):
         assert nearest == order and words == "".join(WORDS[i] for i in order)
 
 
+def test_the_vocabulary_loads_as_a_unicode_array_or_a_pickled_object_array_of_str(tmp_path):
+    """The official reader's np.load(allow_pickle=True) reads both; so does ours, without np.load's pickle."""
+    emb_file, voc_file, rows = codebook_files(tmp_path)
+    np.save(tmp_path / "objects.npy", np.array(WORDS, dtype=object), allow_pickle=True)
+    assert np.load(voc_file).dtype.kind == "U"
+    for vocabulary in (voc_file, tmp_path / "objects.npy"):
+        expected = tuple(np.load(vocabulary, allow_pickle=True).tolist())  # the official read, on trusted files
+        codebook = Codebook.load(emb_file, vocabulary)
+        assert codebook.words == expected == tuple(WORDS) and torch.equal(codebook.embeddings, rows)
+
+
+class RunsAShell:
+    """Pickles as a call of os.system: what a hostile .npy would carry."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_vocabulary_pickle_that_would_run_code_is_refused_before_it_runs(tmp_path):
+    emb_file, _, _ = codebook_files(tmp_path)
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.npy"
+    np.save(hostile, np.array([*WORDS[:7], RunsAShell(f"touch {shlex.quote(str(marker))}")], dtype=object), allow_pickle=True)
+    with pytest.raises(ComneckInputError) as info:
+        Codebook.load(emb_file, hostile)
+    message = str(info.value)
+    assert info.value.code == "bad_weights" and str(hostile) in message and "system, which is no part of a NumPy array" in message
+    assert "\n" not in message and not marker.exists()
+    np.load(hostile, allow_pickle=True)  # the control: numpy's own unpickling runs it
+    assert marker.exists()
+
+
 def test_bad_codebook_files_are_refused_in_one_line(tmp_path):
     emb_file, voc_file, _ = codebook_files(tmp_path)
-    np.save(tmp_path / "pickled.npy", np.array(WORDS, dtype=object), allow_pickle=True)
+    np.save(tmp_path / "numbers.npy", np.arange(8))
+    np.save(tmp_path / "not-str.npy", np.array([*WORDS[:7], 3], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "matrix.npy", np.array([WORDS[:4], WORDS[4:]]))
+    (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
     np.save(tmp_path / "short.npy", WORDS[:5])
     torch.save({"a": torch.zeros(2, 2), "b": torch.zeros(2)}, tmp_path / "two.pth")
     cases = [
-        ((emb_file, tmp_path / "pickled.npy"), "pickled object array"),
+        ((emb_file, tmp_path / "numbers.npy"), "holds a int64 array; expected strings"),
+        ((emb_file, tmp_path / "not-str.npy"), "holds int 3 among the words; expected strings only"),
+        ((emb_file, tmp_path / "matrix.npy"), "holds no 1-D array of the header's shape [2, 4]"),
+        ((emb_file, tmp_path / "garbage.npy"), "refused: not a .npy array of strings"),
         ((emb_file, tmp_path / "short.npy"), "5 words for 8 codebook rows"),
         ((tmp_path / "two.pth", voc_file), "holds no [N, D] float tensor"),
     ]
     for files, message in cases:
         with pytest.raises(ComneckInputError) as info:
             Codebook.load(*files)
-        assert info.value.code == "bad_weights" and message in str(info.value) and "\n" not in str(info.value)
+        assert info.value.code == "bad_weights" and message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
-def test_the_prompt_is_the_official_episode(tokenizer):
+def official_episode(sp, classes, examples, query) -> list[int]:
+    """codec_V2L_fewshot.py (= eval_understanding.py) MiniImageNetDataset.__getitem__: BOS and the
+    instruction, then every image of the CSV line, the query last, as ``###\\nInput: < `` words
+    `` >\\nOutput: `` class, then the query's words once more, unlabelled; each piece its own encode."""
+    text = "For each of the following input output pairs, output is one of "
+    for c in classes:
+        text += "['%s' or " % c
+    ids = [sp.bos_id(), *sp.encode(text[:-4] + "]\n")]
+    for words, label in examples:
+        ids += sp.encode("###\nInput: < ") + sp.encode(words) + sp.encode(" >\nOutput: ") + sp.encode(label)
+    return ids + sp.encode("###\nInput: < ") + sp.encode(query) + sp.encode(" >\nOutput: ")
+
+
+def without_labelled_query(sp, episode: list[int], query: str, label: str) -> list[int]:
+    """``episode`` less the query's labelled example, which the official episode shows right
+    before the unlabelled query (checked to be there)."""
+    unlabelled = sp.encode("###\nInput: < ") + sp.encode(query) + sp.encode(" >\nOutput: ")
+    labelled = unlabelled + sp.encode(label)
+    start = len(episode) - len(unlabelled) - len(labelled)
+    assert episode[start : start + len(labelled)] == labelled
+    return episode[:start] + episode[start + len(labelled) :]
+
+
+def test_the_prompt_is_the_official_episode_without_its_labelled_query(tokenizer):
     sp = tokenizer.sp
     classes = classes_of(["dog", "cow", "dog"])
     assert classes == ["cow", "dog"]
     assert instruction(classes) == "For each of the following input output pairs, output is one of ['cow' or ['dog']\n"
-    ids = prompt_ids(tokenizer, classes, [("cowgrass", "cow"), ("dogsand", "dog")], "cowsky")
-    expected = [1, *sp.encode(instruction(classes))]
-    for words, label in [("cowgrass", "cow"), ("dogsand", "dog")]:
-        expected += sp.encode("###\nInput: < ") + sp.encode(words) + sp.encode(" >\nOutput: ") + sp.encode(label)
-    expected += sp.encode("###\nInput: < ") + sp.encode("cowsky") + sp.encode(" >\nOutput: ")
-    assert ids == expected
+    support = [("cowgrass", "cow"), ("dogsand", "dog")]
+    ids = prompt_ids(tokenizer, classes, support, "cowsky")
+    episode = official_episode(sp, classes, [*support, ("cowsky", "cow")], "cowsky")
+    assert ids != episode and ids == without_labelled_query(sp, episode, "cowsky", "cow")
 
 
 def test_the_mask_is_the_per_position_union_of_class_tokens(tokenizer):

@@ -29,7 +29,7 @@ from .base import BackendAnswer, BackendContext, BackendSpec, ClipRequirement, G
 from .c_abstractor import PREFIX as ABSTRACTOR, CAbstractor, load_abstractor_state
 from .engines import HFEngine, check_context
 from .hf_checkpoint import bad, iter_tensors, llama_config, llama_from_tensors, read_config
-from .sp_tokenizer import SentencePieceTokenizer
+from .sp_tokenizer import SentencePieceTokenizer, folder_clean_up
 
 #: ``pipeline/data_utils/special_tokens.py`` SYSTEM (the evaluation leaves out SYSTEM_DETAIL).
 SYSTEM = "The following is a conversation between a curious human and AI assistant."
@@ -71,7 +71,10 @@ def clip_requirement(folder: Path) -> ClipRequirement:
 
 
 def _tokenizer(folder: Path, option: str | None) -> SentencePieceTokenizer:
-    """The checkpoint's own tokenizer.model, else the ``tokenizer`` option (a folder or the file)."""
+    """The checkpoint's own tokenizer.model, else the ``tokenizer`` option (a folder or the file).
+    Answers decode as the official ``batch_decode`` did: spaces before punctuation kept or removed
+    as ``clean_up_tokenization_spaces`` in the ``tokenizer_config.json`` beside the tokenizer.model
+    says (Vicuna v1.5's: false, so "B ." stays "B ."), without the file LlamaTokenizer's default."""
     if option is None:
         if not (folder / "tokenizer.model").is_file():
             raise ComneckInputError(
@@ -79,7 +82,7 @@ def _tokenizer(folder: Path, option: str | None) -> SentencePieceTokenizer:
                 f"--backend honeybee={folder},tokenizer=PATH", ErrorCode.BAD_SETTINGS)
         return SentencePieceTokenizer.from_folder(folder)
     path = Path(option)
-    return SentencePieceTokenizer.from_folder(path) if path.is_dir() else SentencePieceTokenizer(path)
+    return SentencePieceTokenizer.from_folder(path) if path.is_dir() else SentencePieceTokenizer(path, clean_up=folder_clean_up(path.parent))
 
 
 class Honeybee:

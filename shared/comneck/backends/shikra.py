@@ -149,7 +149,7 @@ class Shikra:
         base = context.options.get("base")
         weights = ShikraWeights(context.weights, Path(base) if base else None)
         config = weights.config
-        tokenizer = SentencePieceTokenizer.from_folder(weights.folder)
+        tokenizer = SentencePieceTokenizer.from_folder(weights.folder, clean_up=True)  # the official decode asks for the clean-up
         if tokenizer.vocab_size != config["vocab_size"]:
             raise bad(weights.folder, f"the tokenizer has {tokenizer.vocab_size} tokens, config.json says vocab_size {config['vocab_size']}")
         width = context.clip_config.width

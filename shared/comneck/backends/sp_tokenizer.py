@@ -26,12 +26,31 @@ def _clean_up(text: str) -> str:
     return text
 
 
+def folder_clean_up(folder: Path) -> bool:
+    """Whether transformers' tokenizer loaded from ``folder`` removes the space before punctuation
+    when decoding: ``clean_up_tokenization_spaces`` of its ``tokenizer_config.json`` (Vicuna v1.5's
+    says false; ``batch_decode`` honours it). Without the file or the key, False: LlamaTokenizer's
+    own default, an ``__init__`` argument from the release-era slow tokenizer (4.28-4.31) to 5.x."""
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ComneckInputError(f"{config_file}: not JSON ({exc})", ErrorCode.BAD_WEIGHTS) from None
+    value = config.get("clean_up_tokenization_spaces", False) if isinstance(config, dict) else None
+    if not isinstance(value, bool):
+        raise ComneckInputError(f"{config_file}: clean_up_tokenization_spaces is {value!r}; expected true or false in a JSON object",
+                                ErrorCode.BAD_WEIGHTS)
+    return value
+
+
 class SentencePieceTokenizer:
     """``tokenizer.model`` plus the added tokens (``added_tokens.json``) of a LLaMA checkpoint folder.
 
     ``pad_token_id`` is the unknown token's id, as Shikra (v1) and Honeybee set it. ``clean_up``
     False decodes as sentencepiece does, with no space removed before punctuation (Meta's own
-    LLaMA tokenizer, which LLaMA-Adapter decodes with).
+    LLaMA tokenizer, which LLaMA-Adapter decodes with; transformers' LlamaTokenizer by default).
     """
 
     def __init__(self, model_file: str | Path, added_tokens: dict[str, int] | None = None, clean_up: bool = True) -> None:
@@ -59,15 +78,16 @@ class SentencePieceTokenizer:
         self._skipped = {self.bos_token_id, self.eos_token_id, self.unk_token_id, *self.added.values()}
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "SentencePieceTokenizer":
-        """Read ``tokenizer.model`` and, if present, ``added_tokens.json`` from a checkpoint folder."""
+    def from_folder(cls, folder: str | Path, clean_up: bool | None = None) -> "SentencePieceTokenizer":
+        """Read ``tokenizer.model`` and, if present, ``added_tokens.json`` from a checkpoint folder;
+        ``clean_up`` None decodes as the folder's ``tokenizer_config.json`` says (:func:`folder_clean_up`)."""
         folder = Path(folder)
         model = folder / "tokenizer.model"
         if not model.is_file():
             raise ComneckInputError(f"{folder}: no tokenizer.model", ErrorCode.BAD_WEIGHTS)
         added_file = folder / "added_tokens.json"
         added = json.loads(added_file.read_text()) if added_file.is_file() else {}
-        return cls(model, {str(k): int(v) for k, v in added.items()})
+        return cls(model, {str(k): int(v) for k, v in added.items()}, folder_clean_up(folder) if clean_up is None else clean_up)
 
     @property
     def vocab_size(self) -> int:

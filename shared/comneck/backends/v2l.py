@@ -3,14 +3,17 @@
 Each image (support and query) becomes words: its pooled CLIP embedding (``ln_post(CLS) @ proj``,
 the official global branch; the Bridging copy applies ``ln_post`` twice, which this does not) picks
 the 21 nearest entries of V2L's global codebook (:mod:`.v2l_fewshot`). The support's words and
-labels and the query's words make the official few-shot prompt for LLaMA-2-7B (Meta's format,
+labels and the query's words make the official few-shot prompt, less the labelled copy of the
+query the official episode shows (its label is what is asked), for LLaMA-2-7B (Meta's format,
 :mod:`.meta_checkpoint`), which decodes 16 greedy steps under the class-name mask; the answer is
 the class the decoded text starts with. Support images are described once per request, or once
 when a support set is registered.
 
 Weights: V2L's ``codebooks`` folder (``global_codebook_embedding.pth``, ``global_vocabulary.npy``)
 as ``--backend v2l=CODEBOOKS,llama=LLAMA2_7B`` (Meta's ``params.json``, ``consolidated.00.pth``,
-``tokenizer.model``). V2L's own ``v2l-decode.pth`` (its VQ image decoder) is not needed to classify.
+``tokenizer.model``). V2L's own ``v2l-decode.pth`` (its VQ model) is optional: given as
+``checkpoint=PATH``, the global codebook it holds replaces the codebook file's rows, as the
+official loader's ``load_state_dict(strict=False)`` lets it.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ class V2L:
 
     @classmethod
     def load(cls, context: BackendContext) -> "V2L":
-        """The codebook folder (``context.weights``) and the LLaMA-2 folder (option ``llama``)."""
+        """The codebook folder (``context.weights``), the LLaMA-2 folder (option ``llama``) and, if
+        given, ``v2l-decode.pth`` (option ``checkpoint``), whose codebook then takes precedence."""
         if context.weights is None or "llama" not in context.options:
             raise ComneckInputError("v2l needs V2L's codebooks folder and LLaMA-2-7B in Meta's format: "
                                     "--backend v2l=CODEBOOKS,llama=LLAMA2_FOLDER", ErrorCode.BAD_SETTINGS)
@@ -61,6 +65,8 @@ class V2L:
         if codebook.width != width:
             raise ComneckInputError(f"V2L codebook: {folder}: rows of width {codebook.width}; this gateway's CLIP embeds in "
                                     f"{width} ({context.clip_config.name})", ErrorCode.BAD_WEIGHTS)
+        if "checkpoint" in context.options:
+            codebook = codebook.with_checkpoint(context.options["checkpoint"])
         llama = MetaLlama.read(context.options["llama"], clean_up=False)  # decoded as Meta's Tokenizer.decode does
         model = llama_from_tensors(llama.config(), llama.tensors(), llama.folder, context.dtype, context.device)
         return cls(context.spec, model, llama.tokenizer, codebook, int(model.config.max_position_embeddings))

@@ -6,7 +6,10 @@ without a separator. A few-shot prompt interleaves such words for the support im
 their labels, then the query's (``eval_understanding.py`` ``MiniImageNetDataset``), and the
 LLM decodes 16 steps greedily under a per-position union mask of the class names' tokens
 (``llama_inference/llama/generation.py`` ``generate_fewshot``); the answer is the class whose
-name the decoded text starts with (the official scorer's prefix match).
+name the decoded text starts with (the official scorer's prefix match). The official episode
+also shows the query itself, labelled, as the last example before asking for it (the evaluation
+knows its label); a served query's label is unknown, so the prompt here is the official one
+without that labelled repeat of the query.
 
 Here: the codebook files, the words, the prompt's token ids, the mask and the masked greedy
 decoding, over any transformers causal LM; the backend around them loads LLaMA-2.
@@ -16,16 +19,19 @@ from __future__ import annotations
 
 import copy
 import inspect
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
-from ..importers.reading import read_weights
+from ..importers.reading import load_torch_file, read_weights
 from .sp_tokenizer import SentencePieceTokenizer
 
 #: The decoding length of ``generate_fewshot`` (``max_gen_len=16``) and so the mask's rows.
@@ -33,10 +39,83 @@ STEPS = 16
 #: Words per image: ``--token_num`` of the Bridging configuration (RunEval.sh also uses 5).
 DEFAULT_WORDS = 21
 UNK = 0  # what argmax over an all-zero masked row gives (LLaMA's <unk>)
+#: Where ``v2l-decode.pth`` keeps the global codebook (``VQModel_LLaMA.tok_embeddings_global``).
+CHECKPOINT_CODEBOOK = "tok_embeddings_global.weight"
+#: The globals an object array's pickle names (``ndarray.__reduce__``: NumPy 1's and 2's module
+#: names for ``_reconstruct``), each mapped to the object itself; nothing else may be unpickled.
+_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
+_ARRAY_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+_NPY_HEADERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
 
 def _bad(path: Path, why: str) -> ComneckInputError:
     return ComneckInputError(f"V2L codebook: {path}: {why}", ErrorCode.BAD_WEIGHTS)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds NumPy arrays of builtin objects and imports nothing else, so a
+    pickle naming any other callable (``os.system``, ...) is refused before anything runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ARRAY_GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is no part of a NumPy array") from None
+
+
+def read_vocabulary(path: Path) -> tuple[str, ...]:
+    """``global_vocabulary.npy``: N strings, stored as NumPy's unicode array (``np.save`` of a list
+    of str) or as an object array of str (the official reader passes ``allow_pickle=True``), whose
+    pickle after the .npy header is read by :class:`_ArrayUnpickler`. Anything else is refused."""
+    try:
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            if version not in _NPY_HEADERS:
+                raise ValueError(f".npy format version {version}, not 1.0 or 2.0")
+            shape, _, dtype = _NPY_HEADERS[version](f)
+            if dtype.kind == "U":
+                f.seek(0)
+                array = np.load(f, allow_pickle=False)
+            else:
+                array = _ArrayUnpickler(f).load() if dtype == np.dtype(object) else None
+    except OSError as exc:
+        raise _bad(path, f"not a readable .npy file ({exc})") from None
+    except Exception as exc:  # whatever a malformed header or pickle provokes is refused alike
+        reason = (str(exc).splitlines() or [""])[0]
+        raise _bad(path, f"refused: not a .npy array of strings ({type(exc).__name__}: {reason})") from None
+    if array is None:
+        raise _bad(path, f"holds a {dtype} array; expected strings (a unicode array, or an object array of str)")
+    if not isinstance(array, np.ndarray) or array.ndim != 1 or array.shape != shape:
+        raise _bad(path, f"holds no 1-D array of the header's shape {list(shape)}; expected a list of strings")
+    strange = [w for w in array.tolist() if not isinstance(w, str)]
+    if strange:
+        raise _bad(path, f"holds {type(strange[0]).__name__} {strange[0]!r} among the words; expected strings only")
+    return tuple(array.tolist())
+
+
+def checkpoint_codebook(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The global codebook ``v2l-decode.pth`` holds (``tok_embeddings_global.weight``), which the
+    official loader lets replace the codebook file's rows (``load_state_dict(strict=False)``), or
+    None when it holds none. The state dict is under ``model`` when the file's name holds "last",
+    else under ``state_dict``, as the official loader picks; ``shape`` is the one it must have."""
+    stored = load_torch_file(path, "V2L checkpoint", mmap=True)
+    section = "model" if "last" in path.name else "state_dict"
+    state = stored.get(section) if isinstance(stored, dict) else None
+    if not isinstance(state, dict):
+        raise _bad(path, f"holds no {section!r} dict (the official loader reads the state dict from there)")
+    rows = state.get(CHECKPOINT_CODEBOOK)
+    if rows is None:
+        return None
+    if not isinstance(rows, torch.Tensor) or not rows.is_floating_point() or tuple(rows.shape) != shape:
+        found = list(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise _bad(path, f"{CHECKPOINT_CODEBOOK} is {found}; expected a float tensor of shape {list(shape)} "
+                         "(one row per vocabulary word, CLIP's embedding width)")
+    return rows.float().clone()  # off the mapped file
 
 
 @dataclass(frozen=True)
@@ -49,24 +128,24 @@ class Codebook:
     @classmethod
     def load(cls, embedding_file: str | Path, vocabulary_file: str | Path) -> "Codebook":
         """``global_codebook_embedding.pth`` (a saved tensor [N, D], or a one-tensor state dict) and
-        ``global_vocabulary.npy`` (N strings; numpy's own string array, read without unpickling)."""
+        ``global_vocabulary.npy`` (N strings, :func:`read_vocabulary`)."""
         embedding_file, vocabulary_file = Path(embedding_file), Path(vocabulary_file)
         stored = read_weights(embedding_file, "V2L codebook")
         if isinstance(stored, dict) and len(stored) == 1:
             stored = next(iter(stored.values()))
         if not isinstance(stored, torch.Tensor) or stored.ndim != 2 or not stored.is_floating_point():
             raise _bad(embedding_file, "holds no [N, D] float tensor")
-        try:
-            vocabulary = np.load(vocabulary_file, allow_pickle=False)
-        except ValueError:
-            raise _bad(vocabulary_file, "a pickled object array; ComNeck reads only numpy string arrays (np.save of a list of str)") from None
-        except OSError as exc:
-            raise _bad(vocabulary_file, f"not a readable .npy file ({exc})") from None
-        if vocabulary.ndim != 1 or vocabulary.dtype.kind != "U":
-            raise _bad(vocabulary_file, f"holds a {vocabulary.dtype} array of shape {list(vocabulary.shape)}, not a list of strings")
+        vocabulary = read_vocabulary(vocabulary_file)
         if len(vocabulary) != stored.shape[0]:
             raise _bad(vocabulary_file, f"{len(vocabulary)} words for {stored.shape[0]} codebook rows")
-        return cls(stored.float(), tuple(str(w) for w in vocabulary))
+        return cls(stored.float(), vocabulary)
+
+    def with_checkpoint(self, checkpoint: str | Path) -> "Codebook":
+        """This codebook with its rows replaced by those ``v2l-decode.pth`` holds, as the official
+        load does (:func:`checkpoint_codebook`; they must have this codebook's shape); unchanged
+        when the checkpoint holds none."""
+        rows = checkpoint_codebook(Path(checkpoint), tuple(self.embeddings.shape))
+        return self if rows is None else Codebook(rows, self.words)
 
     @property
     def width(self) -> int:
@@ -100,7 +179,9 @@ def instruction(classes: Sequence[str]) -> str:
 def prompt_ids(tokenizer: SentencePieceTokenizer, classes: Sequence[str], support: Sequence[tuple[str, str]], query: str) -> list[int]:
     """The few-shot prompt's ids: BOS and the instruction, then per support ``(words, label)``
     ``###\\nInput: < `` words `` >\\nOutput: `` label, then the query's words; every piece its
-    own sentencepiece call, as the official dataset encodes them."""
+    own sentencepiece call, as the official dataset encodes them. The official episode differs in
+    one place: before the unlabelled query it shows the query once more with its label, which a
+    served request does not know; this is the official prompt without that one example."""
     ids = tokenizer.encode(instruction(classes), bos=True)
     opening, closing = tokenizer.encode("###\nInput: < ", bos=False), tokenizer.encode(" >\nOutput: ", bos=False)
     for words, label in support:
