@@ -3,6 +3,7 @@ cannot be put in on demand: loading, load failure, busy)."""
 
 import dataclasses
 import io
+import json
 import threading
 
 import httpx
@@ -350,3 +351,62 @@ def test_metrics_count_requests_stage_times_and_bitstream_bytes(gateway, encoded
     with TestClient(create_app(ServerSettings(api_keys=["k1"]), gateway)) as client:
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+def _chat(data: bytes, text: str, **fields) -> dict:
+    url = "data:application/x-comneck;base64," + __import__("base64").b64encode(data).decode()
+    return {"model": "clip-zero-shot", **fields,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def test_chat_logprobs_of_a_classifier_are_its_ranked_labels(gateway, encoded):
+    with TestClient(create_app(ServerSettings(), gateway)) as client:
+        answer = client.post("/v1/chat/completions", json=_chat(encoded.data, PROMPT, logprobs=True, top_logprobs=3))
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    (step,) = choice["logprobs"]["content"]  # one "token": the label answered, the ranked labels as its alternatives
+    ranked = answer.json()["comneck"]["details"]["logprobs"]
+    assert step["token"] == choice["message"]["content"] == ranked[0]["label"] and step["logprob"] == ranked[0]["logprob"]
+    assert [t["token"] for t in step["top_logprobs"]] == [r["label"] for r in ranked] and len(ranked) == 3
+    assert step["bytes"] == list(step["token"].encode())
+
+
+def test_a_seed_beyond_64_bits_is_refused_in_chat_as_in_infer(gateway, encoded):
+    with TestClient(create_app(ServerSettings(), gateway)) as client:
+        chat = client.post("/v1/chat/completions", json=_chat(encoded.data, PROMPT, seed=2**63))
+        infer = client.post("/infer", files={"bitstream": ("x.cnk", encoded.data)},
+                            data={"prompt": PROMPT, "options": '{"seed": 18446744073709551615}'})
+        assert client.post("/v1/chat/completions", json=_chat(encoded.data, PROMPT, seed=2**63 - 1)).status_code == 200
+    for answer in (chat, infer):
+        assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_request"), answer.text
+        assert "seed" in answer.json()["error"]["message"]
+
+
+LONE = "\ud800"
+
+
+@pytest.mark.parametrize("place", ["chat label", "json prompt label", "json choices", "multipart choices", "support-set label"])
+def test_a_lone_surrogate_anywhere_an_answer_repeats_text_is_a_4xx(gateway, encoded, place):
+    import base64
+
+    b64 = base64.b64encode(encoded.data).decode()
+
+    def post_json(path: str, body: dict) -> httpx.Response:  # json.dumps escapes the surrogate, as a client's JSON would
+        return client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+    with TestClient(create_app(ServerSettings(), gateway), raise_server_exceptions=False) as client:
+        if place == "chat label":
+            answer = post_json("/v1/chat/completions", _chat(encoded.data, f"Labels: cow, {LONE}"))
+        elif place == "json prompt label":
+            answer = post_json("/infer", {"bitstream": b64, "prompt": f"Labels: cow, {LONE}"})
+        elif place == "json choices":
+            answer = post_json("/infer", {"bitstream": b64, "prompt": "What is it?", "choices": ["cow", LONE]})
+        elif place == "multipart choices":
+            answer = client.post("/infer", files={"bitstream": ("x.cnk", encoded.data)},
+                                 data={"prompt": "What is it?", "choices": '["cow", "\\ud800"]'})
+        else:
+            answer = client.put("/v1/support-sets/pets", files=[("support_bitstreams", ("a.cnk", encoded.data)),
+                                                                 ("support_bitstreams", ("b.cnk", encoded.data))],
+                                data={"support_labels": '["cat", "\\udfff"]'})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_request"), answer.text
+    assert "lone surrogate" in answer.json()["error"]["message"]

@@ -325,6 +325,25 @@ def _unpack(body: bytes) -> Any:
         raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
 
+def _valid_unicode(value: Any, where: str) -> Any:
+    """``value`` (parsed JSON) unchanged, or a refusal if a string in it holds a lone surrogate
+    (``"\\ud800"``): JSON's escapes can spell one, UTF-8 cannot carry it, so an answer repeating the
+    text back could not be written. Bounded: a body holds at most ``MAX_JSON_CONTAINERS`` containers."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(ErrorCode.INVALID_REQUEST, f"{where} holds a lone surrogate (\\ud800-\\udfff): not Unicode text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(key, where)
+            _valid_unicode(item, f"{where}.{key}" if where != "the body" else f"field {key}")
+    elif isinstance(value, list):
+        for item in value:
+            _valid_unicode(item, where)
+    return value
+
+
 #: Multipart fields sent as JSON text, with an example for the refusal.
 _JSON_FIELDS = {"options": '{"top_k": 3}', "choices": '["a cow", "a horse"]', "support_labels": '["cat", "dog"]'}
 
@@ -336,9 +355,10 @@ def _parse_json_field(name: str, text: str) -> Any:
     if len(text) > MAX_JSON_FIELD_CHARS:
         raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} has {len(text)} characters; at most {MAX_JSON_FIELD_CHARS}")
     try:
-        return json.loads(text)
+        parsed = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
         raise ApiError(ErrorCode.INVALID_REQUEST, f"{name} must be JSON, e.g. {_JSON_FIELDS[name]}") from None
+    return _valid_unicode(parsed, name)
 
 
 async def _file_part(form: Any, name: str = "bitstream") -> bytes:
@@ -371,6 +391,7 @@ def _json_body(body: bytes, binary: tuple[str, ...]) -> Any:
         raise ApiError(ErrorCode.INVALID_REQUEST, "the JSON body is not UTF-8") from None
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ApiError(ErrorCode.BAD_REQUEST, f"body is not valid JSON ({exc})") from None
+    _valid_unicode(raw, "the body")
     if not isinstance(raw, dict):
         return raw
     for name in binary:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from comneck.backends import GenerationOptions
 from comneck.errors import ComneckInputError, ErrorCode
@@ -60,7 +60,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=1024)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool = False
@@ -89,7 +89,11 @@ class ChatRequest(BaseModel):
             "max_new_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
             "top_p": self.top_p, "seed": self.seed, "logprobs": (self.top_logprobs or 1) if self.logprobs else None,
         }
-        return GenerationOptions(**{k: v for k, v in fields.items() if v is not None})
+        try:
+            return GenerationOptions(**{k: v for k, v in fields.items() if v is not None})
+        except ValidationError as exc:  # a bound these fields do not share with GenerationOptions: the client's value
+            first = exc.errors()[0]
+            raise ComneckInputError(f"{first['loc'][0]}: {first['msg']}", ErrorCode.INVALID_REQUEST) from None
 
 
 def completion(request: ChatRequest, answer: Answer) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def completion(request: ChatRequest, answer: Answer) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": answer.text},
                               "finish_reason": details.get("finish_reason", "stop"), "logprobs": None}
     if "logprobs" in details and isinstance(details["logprobs"], list) and request.logprobs:
-        choice["logprobs"] = {"content": [_openai_logprob(step) for step in details["logprobs"]]}
+        choice["logprobs"] = {"content": _openai_logprobs(details["logprobs"])}
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": answer.backend,
         "choices": [choice],
@@ -109,12 +113,18 @@ def completion(request: ChatRequest, answer: Answer) -> dict[str, Any]:
     }
 
 
-def _openai_logprob(step: dict[str, Any]) -> dict[str, Any]:
-    """One generated token's entry as OpenAI writes it (token, logprob, bytes, top_logprobs)."""
-    def entry(item: dict[str, Any]) -> dict[str, Any]:
-        return {"token": item["token"], "logprob": item["logprob"], "bytes": list(item["token"].encode())}
+def _openai_logprobs(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A backend's log-probabilities as OpenAI writes them: one entry per generated token (token,
+    logprob, bytes, top_logprobs). A classifier (clip-zero-shot) ranks labels instead of generating
+    tokens; its answer is one "token", the best label, with the ranked labels as the alternatives."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-    return {**entry(step), "top_logprobs": [entry(t) for t in step.get("top_logprobs", [])]}
+    if steps and "label" in steps[0]:  # the label distribution, highest first
+        ranked = [entry(step["label"], step["logprob"]) for step in steps]
+        return [{**ranked[0], "top_logprobs": ranked}]
+    return [{**entry(step["token"], step["logprob"]), "top_logprobs": [entry(t["token"], t["logprob"]) for t in step.get("top_logprobs", [])]}
+            for step in steps]
 
 
 def chunks(done: dict[str, Any]) -> Iterator[str]:
