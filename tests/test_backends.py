@@ -75,7 +75,7 @@ def test_zero_shot_equals_clip_zero_shot_classification(tiny_models):
     backend = zero_shot(tiny_models)
     images = torch.randn(2, clip.visual.output_dim, generator=torch.Generator().manual_seed(3))
     prompts = ["Labels: cow, horse, beach", "dog; city street"]
-    answers = backend.generate(images, prompts, "classify", GenerationOptions(top_k=2))
+    answers = backend.generate(images, prompts, "classify", [GenerationOptions(top_k=2)] * 2)
     for image, labels, answer in zip(images, (["cow", "horse", "beach"], ["dog", "city street"]), answers):
         with torch.no_grad():
             text = clip.encode_text(backend.tokenizer([TEMPLATE.format(x) for x in labels]), normalize=True)
@@ -86,13 +86,17 @@ def test_zero_shot_equals_clip_zero_shot_classification(tiny_models):
         assert [d["probability"] for d in answer.details["labels"]] == pytest.approx(probs[order[:2]].tolist(), abs=1e-6)
         assert "logprobs" not in answer.details
     # the request's choices are the labels, the prompt then only a question
-    chosen = backend.generate(images, ["What is it?"] * 2, "classify", GenerationOptions(top_k=2),
+    chosen = backend.generate(images, ["What is it?"] * 2, "classify", [GenerationOptions(top_k=2)] * 2,
                               choices=[["cow", "horse", "beach"], ["dog", "city street"]])
     assert [a.details for a in chosen] == [a.details for a in answers]
-    (ranked,) = backend.generate(images[:1], prompts[:1], "classify", GenerationOptions(logprobs=3))
+    (ranked,) = backend.generate(images[:1], prompts[:1], "classify", [GenerationOptions(logprobs=3)])
     assert [d["label"] for d in ranked.details["logprobs"]] == [d["label"] for d in ranked.details["labels"]][:3]
     assert [d["logprob"] for d in ranked.details["logprobs"]] == pytest.approx(
         [math.log(d["probability"]) for d in ranked.details["labels"][:3]], abs=1e-4)
+    # each item ranks as many labels, and reports as many logprobs, as its own options ask
+    mixed = backend.generate(images, prompts, "classify", [GenerationOptions(logprobs=3), GenerationOptions(top_k=1)])
+    assert mixed[0].details == ranked.details and "logprobs" not in mixed[1].details
+    assert mixed[1].details["labels"] == answers[1].details["labels"][:1] and mixed[1].text == answers[1].text
 
 
 def test_backend_registry(tiny_models):

@@ -54,7 +54,7 @@ def test_infer_runs_the_latent_path_once_and_reports_it(gateway, encoded, tiny_m
     with torch.inference_mode():
         y_hat = tiny_models.codec.entropy_decode(encoded.bitstream.latents)
         embedding = tiny_models.clip.tail(tiny_models.neck(y_hat)).embedding
-    (expected,) = gateway.backends["clip-zero-shot"].generate(embedding, [PROMPT], "classify", GenerationOptions())
+    (expected,) = gateway.backends["clip-zero-shot"].generate(embedding, [PROMPT], "classify", [GenerationOptions()])
     assert (result.text, result.details) == (expected.text, expected.details)
 
 

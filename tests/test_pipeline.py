@@ -58,12 +58,32 @@ def test_a_batch_equals_its_items_one_at_a_time(tiny, tiny_pipeline):
     torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
 
 
+def test_per_item_options_answer_each_item_as_its_own_call_does(tiny, tiny_pipeline, encoded):
+    data = [encoded.data, EdgeEncoder(tiny).encode_file(sorted(sample_photo().parent.glob("*.png"))[0]).data]
+    prompts = [PROMPT, "Labels: dog, city street, cow, sky"]
+    options = [GenerationOptions(top_k=1), GenerationOptions(top_k=3, logprobs=2)]
+    batch = tiny_pipeline.answer(data, prompts, options=options)
+    single = [tiny_pipeline.answer([d], [p], options=o)[0] for d, p, o in zip(data, prompts, options)]
+    assert [len(a.details["labels"]) for a in batch] == [1, 3] and [len(a.details.get("logprobs", [])) for a in batch] == [0, 2]
+    for a, b in zip(batch, single):
+        assert a.text == b.text and [x["label"] for x in a.details["labels"]] == [x["label"] for x in b.details["labels"]]
+        assert [x["probability"] for x in a.details["labels"]] == pytest.approx([x["probability"] for x in b.details["labels"]], abs=1e-5)
+        assert [x["label"] for x in a.details.get("logprobs", [])] == [x["label"] for x in b.details.get("logprobs", [])]
+    # one GenerationOptions applies to every item, as before
+    assert [len(a.details["labels"]) for a in tiny_pipeline.answer(data, prompts, options=GenerationOptions(top_k=2))] == [2, 2]
+    assert tiny_pipeline.prepare(data, prompts, options=options[1]).options == [options[1]] * 2
+    with pytest.raises(ComneckInputError) as info:
+        tiny_pipeline.prepare(data, prompts, options=options[:1])
+    assert info.value.code == "invalid_request" and str(info.value) == \
+        "give one GenerationOptions per prompt, or one for all (got 1 for 2 prompts)"
+
+
 def test_answer_equals_the_backend_on_the_tail_of_the_neck(tiny_pipeline, tiny_models, encoded):
     (answer,) = tiny_pipeline.answer([encoded.data], [PROMPT])
     with torch.inference_mode():
         y_hat = tiny_models.codec.entropy_decode(encoded.bitstream.latents)
         embedding = tiny_models.clip.tail(tiny_models.neck(y_hat)).embedding
-    (expected,) = tiny_pipeline.backends["clip-zero-shot"].generate(embedding, [PROMPT], "classify", GenerationOptions())
+    (expected,) = tiny_pipeline.backends["clip-zero-shot"].generate(embedding, [PROMPT], "classify", [GenerationOptions()])
     assert (answer.text, answer.details) == (expected.text, expected.details)
     assert list(answer.timings_ms) == ["entropy_decode", "neck", "clip_tail", "backend"]
     assert answer.bpp == pytest.approx(encoded.bpp) and answer.rate == 1

@@ -80,17 +80,28 @@ def _few_shot(backend: Backend) -> FewShotBackend:
 PROMPTLESS_TASKS = ("caption", "fewshot")
 
 
+def per_item_options(options: GenerationOptions | Sequence[GenerationOptions] | None, items: int) -> list[GenerationOptions]:
+    """A batch's decoding options, one per item: one ``GenerationOptions`` (None: the defaults)
+    applies to every item; a sequence gives each item its own and must have one per item."""
+    if options is None or isinstance(options, GenerationOptions):
+        return [GenerationOptions() if options is None else options] * items
+    if len(options) != items:
+        raise ComneckInputError(f"give one GenerationOptions per prompt, or one for all (got {len(options)} for {items} prompts)",
+                                ErrorCode.INVALID_REQUEST)
+    return list(options)
+
+
 @dataclass
 class Request:
     """A batch that passed every cheap check: parsed containers, prompts (with their multiple-choice
-    options, an empty list for a free-form item), the backend, task and options."""
+    options, an empty list for a free-form item), the backend, task and each item's options."""
 
     streams: list[Bitstream]
     sizes: list[int]  # container bytes per item
     prompts: list[str]
     backend: Backend
     task: str
-    options: GenerationOptions = field(default_factory=GenerationOptions)
+    options: list[GenerationOptions] = field(default_factory=list)  # one per item
     choices: list[list[str]] = field(default_factory=list)
     support: Support | None = None
 
@@ -310,19 +321,20 @@ class Pipeline:
         return self.backends[name] if name in self.backends else self.load_pending(name), task
 
     def prepare(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], task: str | None = None,
-                backend: str | None = None, options: GenerationOptions | None = None,
+                backend: str | None = None, options: GenerationOptions | Sequence[GenerationOptions] | None = None,
                 choices: Sequence[Sequence[str] | None] | None = None, support: Support | None = None) -> Request:
         """Every check that needs no decoding, once per item: backend, task, prompts, choices and
-        support labels first (cheapest), then each container. ``choices``: per item, the options of
-        a multiple-choice question (None or empty: free-form), for backends whose spec takes them;
+        support labels first (cheapest), then each container. ``options``: one for every item, or
+        one per item (:func:`per_item_options`); ``choices``: per item, the options of a
+        multiple-choice question (None or empty: free-form), for backends whose spec takes them;
         ``support``: the labelled examples of task ``fewshot`` (:meth:`support`)."""
         if len(items) != len(prompts) or not items:
             raise ComneckInputError(f"give one prompt per bitstream (got {len(items)} bitstreams, {len(prompts)} prompts)")
         per_item = [list(c or ()) for c in choices] if choices is not None else [[] for _ in prompts]
         if len(per_item) != len(prompts):
             raise ComneckInputError(f"give one list of choices per prompt (got {len(per_item)} for {len(prompts)} prompts)")
+        item_options = per_item_options(options, len(prompts))
         chosen, task = self.backend_for(task, backend)
-        options = options or GenerationOptions()
         if task == "fewshot":
             if support is None:
                 raise ComneckInputError("the fewshot task needs labelled support: support_bitstreams with support_labels, "
@@ -330,16 +342,16 @@ class Pipeline:
             _few_shot(chosen).check_support(support.labels)
         elif support is not None:
             raise ComneckInputError(f"only the fewshot task takes support examples, not {task!r}", ErrorCode.BAD_SUPPORT)
-        for prompt, offered in zip(prompts, per_item):
+        for prompt, offered, item in zip(prompts, per_item, item_options):
             if not prompt.strip() and task not in PROMPTLESS_TASKS:
                 raise ComneckInputError("the prompt is empty", ErrorCode.EMPTY_PROMPT)
             if offered and not chosen.spec.choices:
                 raise ComneckInputError(f"backend {chosen.spec.name} answers no multiple-choice questions: send no choices",
                                         ErrorCode.BAD_CHOICES)
-            chosen.check_prompt(prompt, task, options, check_choices(offered) if offered else [])
+            chosen.check_prompt(prompt, task, item, check_choices(offered) if offered else [])
         streams = [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items]
         sizes = [len(item) if isinstance(item, bytes) else len(item.to_bytes()) for item in items]
-        return Request(streams, sizes, list(prompts), chosen, task, options, per_item, support)
+        return Request(streams, sizes, list(prompts), chosen, task, item_options, per_item, support)
 
     def support(self, items: Sequence[bytes | Bitstream], labels: Sequence[str]) -> Support:
         """Labelled support bitstreams, checked like queries (labels first: 2 classes at least, one per bitstream)."""
@@ -386,9 +398,10 @@ class Pipeline:
         return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **extra, **timings}) for i, answer in enumerate(answers)]
 
     def answer(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], backend: str | None = None,
-               task: str | None = None, options: GenerationOptions | None = None,
+               task: str | None = None, options: GenerationOptions | Sequence[GenerationOptions] | None = None,
                choices: Sequence[Sequence[str] | None] | None = None, support: Support | None = None) -> list[Answer]:
-        """The whole path for a batch: containers (bytes or parsed) + prompts (+ choices, or support) -> answers."""
+        """The whole path for a batch: containers (bytes or parsed) + prompts (+ choices, or support) -> answers;
+        ``options`` are one for every item or one per item, and each item is answered as it would be alone."""
         return self.run(self.prepare(items, prompts, task, backend, options, choices, support))
 
     def _answer(self, request: Request, i: int, answer: BackendAnswer, timings: dict[str, float]) -> Answer:

@@ -13,7 +13,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from comneck.backends import GenerationOptions
-from comneck.backends.engines import HFEngine
+from comneck.backends.engines import HFEngine, runs
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 VOCAB = SPECIALS + [f"w{i}" for i in range(len(SPECIALS), 96)]
@@ -89,7 +89,7 @@ def reference(model: transformers.LlamaForCausalLM, prompt: torch.Tensor, steps:
 
 
 def test_greedy_batch_equals_reference_loop(engine, prompts):
-    out = engine.generate(prompts, GenerationOptions(max_new_tokens=8), stop_ids=[95])
+    out = engine.generate(prompts, [GenerationOptions(max_new_tokens=8)] * 2, stop_ids=[95])
     for prompt, got in zip(prompts, out):
         ids, logits = reference(engine.model, prompt, 8)
         top2 = logits.topk(2, dim=-1).values
@@ -100,8 +100,8 @@ def test_greedy_batch_equals_reference_loop(engine, prompts):
 
 def test_batched_equals_one_at_a_time(engine, prompts):
     options = GenerationOptions(max_new_tokens=8)
-    batched = engine.generate(prompts, options)
-    singles = [engine.generate([p], options)[0] for p in prompts]
+    batched = engine.generate(prompts, [options] * 2)
+    singles = [engine.generate([p], [options])[0] for p in prompts]
     assert [g.token_ids for g in batched] == [g.token_ids for g in singles]
     assert [g.finish_reason for g in batched] == [g.finish_reason for g in singles]
 
@@ -112,12 +112,12 @@ def test_stop_id_ends_the_answer(engine, prompts):
     steps = []
     handle = engine.model.lm_head.register_forward_hook(lambda *_: steps.append(1))
     try:
-        stopped = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=6), stop_ids=[ids[2]])[0]
+        stopped = engine.generate(prompts[1:], [GenerationOptions(max_new_tokens=6)], stop_ids=[ids[2]])[0]
     finally:
         handle.remove()
     assert stopped.token_ids == ids[:2] and stopped.finish_reason == "stop"
     assert len(steps) == 3  # decoding ended at the stop, not merely cut there
-    unstopped = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=6))[0]
+    unstopped = engine.generate(prompts[1:], [GenerationOptions(max_new_tokens=6)])[0]
     assert unstopped.token_ids == ids and unstopped.finish_reason == "length"
 
 
@@ -134,14 +134,14 @@ def test_eos_is_the_default_stop(engine, prompts):
 
     handle = model.lm_head.register_forward_hook(third_step_eos)
     try:
-        out = engine.generate(prompts[1:], GenerationOptions(max_new_tokens=4))[0]
+        out = engine.generate(prompts[1:], [GenerationOptions(max_new_tokens=4)])[0]
     finally:
         handle.remove()
     assert out.token_ids == ids[:2] and out.finish_reason == "stop"
 
 
 def test_logprobs_are_raw_log_softmax(engine, prompts):
-    out = engine.generate(prompts, GenerationOptions(max_new_tokens=5, logprobs=3))
+    out = engine.generate(prompts, [GenerationOptions(max_new_tokens=5, logprobs=3)] * 2)
     for prompt, got in zip(prompts, out):
         ids, logits = reference(engine.model, prompt, 5)
         expected = torch.log_softmax(logits, dim=-1)
@@ -158,17 +158,64 @@ def test_logprobs_are_raw_log_softmax(engine, prompts):
 
 
 def test_sampling_is_seeded_and_leaves_global_rng_alone(engine, prompts):
-    greedy = engine.generate(prompts, GenerationOptions(max_new_tokens=8))
+    greedy = engine.generate(prompts, [GenerationOptions(max_new_tokens=8)] * 2)
     sampled = GenerationOptions(max_new_tokens=8, temperature=1.0, seed=7)
     state = torch.get_rng_state()
-    first = engine.generate(prompts, sampled)
+    first = engine.generate(prompts, [sampled] * 2)
     assert torch.equal(torch.get_rng_state(), state)
     torch.rand(5)  # a different global state: the seed alone must decide the samples
-    second = engine.generate(prompts, sampled)
+    second = engine.generate(prompts, [sampled] * 2)
     assert [g.token_ids for g in first] == [g.token_ids for g in second]
     assert [g.token_ids for g in first] != [g.token_ids for g in greedy]  # it did sample
-    nucleus = engine.generate(prompts, GenerationOptions(max_new_tokens=8, temperature=1.0, top_p=1e-6))
+    nucleus = engine.generate(prompts, [GenerationOptions(max_new_tokens=8, temperature=1.0, top_p=1e-6)] * 2)
     assert [g.token_ids for g in nucleus] == [g.token_ids for g in greedy]
+
+
+def test_runs_group_greedy_items_and_unseeded_samplers_alike_and_seeded_items_alone():
+    options = [GenerationOptions(max_new_tokens=3, logprobs=2), GenerationOptions(temperature=0.5, seed=1),
+               GenerationOptions(max_new_tokens=9, seed=4), GenerationOptions(temperature=0.5, top_p=0.9, max_new_tokens=2),
+               GenerationOptions(temperature=0.5, top_p=0.9, logprobs=1), GenerationOptions(temperature=0.7),
+               GenerationOptions(temperature=0.5, seed=1)]
+    grouped = runs(options)
+    assert [run.items for run in grouped] == [[0, 2], [1], [3, 4], [5], [6]]
+    assert [(run.options.max_new_tokens, run.options.logprobs) for run in grouped] == [(9, 2), (64, 0), (64, 1), (64, 0), (64, 0)]
+    assert [(run.options.temperature, run.options.top_p, run.options.seed) for run in grouped[1:3]] == [(0.5, 1.0, 1), (0.5, 0.9, None)]
+    assert runs([]) == []
+
+
+def test_mixed_options_give_each_item_what_it_gets_alone(engine, prompts, monkeypatch):
+    ids, logits = reference(engine.model, prompts[0], 8)
+    stop = ids[4]
+    assert stop not in ids[:4]  # the stop comes 5th: right after item 0's limit, within item 2's
+    options = [GenerationOptions(max_new_tokens=4, logprobs=2), GenerationOptions(max_new_tokens=8, logprobs=3),
+               GenerationOptions(max_new_tokens=6), GenerationOptions(max_new_tokens=5, temperature=1.0, seed=7)]
+    batch = [prompts[0], prompts[1], prompts[0], prompts[1]]
+    calls = []
+    generate = engine.model.generate
+    monkeypatch.setattr(engine.model, "generate", lambda **kw: calls.append(kw["max_new_tokens"]) or generate(**kw))
+    out = engine.generate(batch, options, stop_ids=[stop])
+    assert calls == [8, 5]  # the three greedy items in one run as long as the longest; the seeded one alone
+    singles = [engine.generate([p], [o], stop_ids=[stop])[0] for p, o in zip(batch, options)]
+    for got, alone in zip(out, singles):
+        assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
+        assert (got.logprobs is None) == (alone.logprobs is None)
+        for a, b in zip(got.logprobs or [], alone.logprobs or []):
+            assert (a["token_id"], [t["token_id"] for t in a["top_logprobs"]]) == (b["token_id"], [t["token_id"] for t in b["top_logprobs"]])
+            assert [a["logprob"]] + [t["logprob"] for t in a["top_logprobs"]] == pytest.approx(
+                [b["logprob"]] + [t["logprob"] for t in b["top_logprobs"]], abs=1e-4)
+    # against the reference loop: cut to each item's own length, ended by the stop only within it
+    assert (out[0].token_ids, out[0].finish_reason) == (ids[:4], "length")
+    assert (out[2].token_ids, out[2].finish_reason, out[2].logprobs) == (ids[:4], "stop", None)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert [[t["token_id"] for t in e["top_logprobs"]] for e in out[0].logprobs] == expected[:4].topk(2).indices.tolist()
+    torch.testing.assert_close(torch.tensor([[t["logprob"] for t in e["top_logprobs"]] for e in out[0].logprobs]),
+                               expected[:4].topk(2).values, atol=1e-4, rtol=0)
+    ids1, logits1 = reference(engine.model, prompts[1], 8)
+    n = ids1.index(stop) if stop in ids1 else 8
+    assert (out[1].token_ids, out[1].finish_reason) == (ids1[:n], "stop" if n < 8 else "length")
+    assert [[t["token_id"] for t in e["top_logprobs"]] for e in out[1].logprobs] == torch.log_softmax(logits1[:n], -1).topk(3).indices.tolist()
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate(batch, options[:2])
 
 
 def test_embed_reads_the_input_embedding_table(engine):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from checkpoints import HEADS, HIDDEN, HONEYBEE_PROJECTOR, INTERMEDIATE, LAYERS, VISION_WIDTH, load_tiny, write_honeybee
+from references import MIXED_OPTIONS, assert_batch_equals_singles
 from test_c_abstractor import reference as abstractor_reference
 
 from comneck.backends import GenerationOptions, check_backend
@@ -96,7 +97,7 @@ def test_connector_first_step_logits_and_greedy_ids_equal_the_references(honeybe
     visual = reference_connector(folders.checkpoint, features)
     torch.testing.assert_close(honeybee.abstractor(features).double(), visual, atol=1e-5, rtol=0)
     options = GenerationOptions(max_new_tokens=6, logprobs=5)
-    answers = honeybee.generate(features, prompts, "vqa", options, choices=choices)
+    answers = honeybee.generate(features, prompts, "vqa", [options] * len(features), choices=choices)
     for i, (prompt, offered, answer) in enumerate(zip(prompts, choices, answers)):
         ids = reference_ids(folders.tokenizer, render(prompt, offered))
         assert answer.details["prompt_token_ids"] == ids
@@ -118,8 +119,17 @@ def test_connector_first_step_logits_and_greedy_ids_equal_the_references(honeybe
         assert answer.details["token_ids"] == out
         assert ("choice" in answer.details) is bool(offered)
     for i in range(3):  # a batch of three equals three single calls
-        (single,) = honeybee.generate(features[i : i + 1], prompts[i : i + 1], "vqa", options, choices=choices[i : i + 1])
+        (single,) = honeybee.generate(features[i : i + 1], prompts[i : i + 1], "vqa", [options], choices=choices[i : i + 1])
         assert single.details["token_ids"] == answers[i].details["token_ids"]
+
+
+def test_a_batch_of_mixed_options_equals_its_items_alone(honeybee):
+    features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(8))
+    prompts, choices = ["Which animal is it?", "What is in the photo?", "Where is it?"], [CHOICES, [], CHOICES[:2]]
+    answers = assert_batch_equals_singles(
+        lambda s: honeybee.generate(features[s], prompts[s], "vqa", MIXED_OPTIONS[s], choices=choices[s]), 3)
+    for item, answer in zip(MIXED_OPTIONS, answers):
+        assert len(answer.details["token_ids"]) <= item.max_new_tokens and ("logprobs" in answer.details) is bool(item.logprobs)
 
 
 @pytest.mark.parametrize("text, n, letter", [
@@ -134,7 +144,7 @@ def test_details_carry_the_letter_and_the_choices_text(honeybee, monkeypatch):
     features = torch.randn(2, PATCHES, VISION_WIDTH)
     replies = [Generation([5], " B", "stop"), Generation([6, 7], "a cow", "stop")]
     monkeypatch.setattr(honeybee.engine, "generate", lambda embeds, options: replies[: len(embeds)])
-    picked, missed = honeybee.generate(features, ["Which?", "Which?"], "vqa", GenerationOptions(), choices=[CHOICES, CHOICES])
+    picked, missed = honeybee.generate(features, ["Which?"] * 2, "vqa", [GenerationOptions()] * 2, choices=[CHOICES, CHOICES])
     assert (picked.details["choice"], picked.details["choice_text"]) == ("B", "a horse") and "choice_note" not in picked.details
     assert missed.details["choice"] is None and missed.details["choice_note"] == "the answer is not one of the letters A-D"
 
@@ -335,13 +345,13 @@ def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folders, ti
     features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
     prompts, choices = ["Which animal is it?", "What is in the photo?", "Where?"], [CHOICES, [], CHOICES[:2]]
     options = GenerationOptions(max_new_tokens=6, logprobs=3)
-    on_cpu = honeybee.generate(features, prompts, "vqa", options, choices=choices)
-    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "vqa", options, choices=choices)
+    on_cpu = honeybee.generate(features, prompts, "vqa", [options] * len(features), choices=choices)
+    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "vqa", [options] * len(features), choices=choices)
     for cpu, gpu in zip(on_cpu, on_gpu):
         assert cpu.details["logprobs"][0]["token_id"] in [t["token_id"] for t in gpu.details["logprobs"][0]["top_logprobs"]]
         assert all(math.isfinite(t["logprob"]) for step in gpu.details["logprobs"] for t in step["top_logprobs"])
     if dtype == torch.float32:
         assert [a.details["token_ids"] for a in on_gpu] == [a.details["token_ids"] for a in on_cpu]
-        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "vqa", options, choices=choices[i : i + 1])[0]
+        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "vqa", [options], choices=choices[i : i + 1])[0]
                    for i in range(3)]
         assert [a.details["token_ids"] for a in singles] == [a.details["token_ids"] for a in on_gpu]

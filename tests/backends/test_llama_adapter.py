@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 import torch
 from checkpoints import ADAPTER_CORPUS, ADAPTER_LAYERS, ADAPTER_LEN, HEADS, HIDDEN, META_PARAMS, load_tiny, train_tokenizer, write_llama_adapter
+from references import MIXED_OPTIONS, assert_batch_equals_singles
 
 from comneck.backends import GenerationOptions, check_backend
 from comneck.backends.llama_adapter import PROMPT, write_converted
@@ -159,7 +160,7 @@ def test_connector_first_step_logits_and_greedy_ids_equal_the_reference(adapter,
     visual = torch.stack([reference_connector(f, caption) for f in features])
     torch.testing.assert_close(adapter.connector(features).double(), visual, atol=1e-5, rtol=0)
     options = GenerationOptions(max_new_tokens=STEPS, logprobs=5)
-    answers = adapter.generate(features, PROMPTS, "caption", options)
+    answers = adapter.generate(features, PROMPTS, "caption", [options] * len(features))
     eos = adapter.tokenizer.eos_token_id
     for i, (prompt, answer) in enumerate(zip(PROMPTS, answers)):
         ids = reference_ids(files, prompt or PROMPT)
@@ -178,8 +179,17 @@ def test_connector_first_step_logits_and_greedy_ids_equal_the_reference(adapter,
         assert answer.details["token_ids"] == out
         assert answer.text == adapter.tokenizer.sp.decode(out)  # Meta's decode, no clean-up of spaces
     for i in range(3):  # a batch of three (left-padded: the prompts differ in length) equals three single calls
-        (single,) = adapter.generate(features[i : i + 1], PROMPTS[i : i + 1], "caption", options)
+        (single,) = adapter.generate(features[i : i + 1], PROMPTS[i : i + 1], "caption", [options])
         assert single.details["token_ids"] == answers[i].details["token_ids"]
+
+
+def test_a_batch_of_mixed_options_equals_its_items_alone(adapter):
+    """Items that decode in separate runs (greedy ones together, the seeded one alone) each get
+    their own rows of the adapter's visual tokens."""
+    features = torch.randn(3, TOKENS, adapter.connector.clip_dim, generator=torch.Generator().manual_seed(8))
+    answers = assert_batch_equals_singles(lambda s: adapter.generate(features[s], PROMPTS[s], "caption", MIXED_OPTIONS[s]), 3)
+    for item, answer in zip(MIXED_OPTIONS, answers):
+        assert len(answer.details["token_ids"]) <= item.max_new_tokens and ("logprobs" in answer.details) is bool(item.logprobs)
 
 
 def test_the_gates_matter(adapter, files):
@@ -198,8 +208,8 @@ def test_the_gates_matter(adapter, files):
 def test_sampling_is_seeded(adapter):
     features = torch.randn(2, TOKENS, adapter.connector.clip_dim)
     official = GenerationOptions(max_new_tokens=STEPS, temperature=0.1, top_p=0.75, seed=1)
-    first = adapter.generate(features, ["", ""], "caption", official)
-    again = adapter.generate(features, ["", ""], "caption", official)
+    first = adapter.generate(features, ["", ""], "caption", [official] * len(features))
+    again = adapter.generate(features, ["", ""], "caption", [official] * len(features))
     assert [a.details["token_ids"] for a in first] == [a.details["token_ids"] for a in again]
 
 
@@ -215,8 +225,8 @@ def test_comneck_convert_writes_a_folder_that_loads_the_same_model(adapter, file
         assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
     features = torch.randn(2, TOKENS, adapter.connector.clip_dim)
     options = GenerationOptions(max_new_tokens=STEPS)
-    assert [a.details for a in again.generate(features, PROMPTS[:2], "caption", options)] == \
-        [a.details for a in adapter.generate(features, PROMPTS[:2], "caption", options)]
+    assert [a.details for a in again.generate(features, PROMPTS[:2], "caption", [options] * len(features))] == \
+        [a.details for a in adapter.generate(features, PROMPTS[:2], "caption", [options] * len(features))]
     assert main(["convert", str(files.adapter), "--llama", str(files.llama), "-o", str(out)]) == 2  # not over a full folder
     sharded = tmp_path / "sharded"
     assert len(write_converted(files.adapter, files.llama, sharded, shard_bytes=20_000)) > 1
@@ -358,12 +368,12 @@ def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(files, tiny
     backend = load(tiny_models, files.adapter, llama=str(files.llama), device="cuda", dtype=dtype)
     features = torch.randn(3, TOKENS, adapter.connector.clip_dim, generator=torch.Generator().manual_seed(5))
     options = GenerationOptions(max_new_tokens=STEPS, logprobs=3)
-    on_cpu = adapter.generate(features, PROMPTS, "caption", options)
-    on_gpu = backend.generate(features.cuda().to(dtype), PROMPTS, "caption", options)
+    on_cpu = adapter.generate(features, PROMPTS, "caption", [options] * len(features))
+    on_gpu = backend.generate(features.cuda().to(dtype), PROMPTS, "caption", [options] * len(features))
     for cpu, gpu in zip(on_cpu, on_gpu):
         assert cpu.details["logprobs"][0]["token_id"] in [t["token_id"] for t in gpu.details["logprobs"][0]["top_logprobs"]]
         assert all(math.isfinite(t["logprob"]) for step in gpu.details["logprobs"] for t in step["top_logprobs"])
     if dtype == torch.float32:
         assert [a.details["token_ids"] for a in on_gpu] == [a.details["token_ids"] for a in on_cpu]
-        singles = [backend.generate(features[i : i + 1].cuda(), PROMPTS[i : i + 1], "caption", options)[0] for i in range(3)]
+        singles = [backend.generate(features[i : i + 1].cuda(), PROMPTS[i : i + 1], "caption", [options])[0] for i in range(3)]
         assert [a.details["token_ids"] for a in singles] == [a.details["token_ids"] for a in on_gpu]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from checkpoints import LLAVA_CONTEXT, VISION_WIDTH, load_tiny, write_llava
-from references import greedy
+from references import MIXED_OPTIONS, assert_batch_equals_singles, greedy
 
 from comneck.backends import GenerationOptions, check_backend
 from comneck.backends.hf_checkpoint import llama_config
@@ -82,7 +82,7 @@ def test_projector_first_step_logits_and_greedy_ids_equal_transformers_llava(lla
     with torch.no_grad():
         torch.testing.assert_close(llava.projector(features), model.model.multi_modal_projector(features), atol=1e-5, rtol=0)
     options = GenerationOptions(max_new_tokens=6, logprobs=5)
-    answers = llava.generate(features, PROMPTS, "vqa", options)
+    answers = llava.generate(features, PROMPTS, "vqa", [options] * len(features))
     for feature, prompt, answer in zip(features, PROMPTS, answers):
         assert answer.details["prompt_token_ids"] == llava.prompt_ids(prompt)
         with torch.no_grad():
@@ -95,15 +95,26 @@ def test_projector_first_step_logits_and_greedy_ids_equal_transformers_llava(lla
         assert answer.details["finish_reason"] in ("stop", "length")
     # a batch of three equals three single calls
     for i in range(3):
-        (single,) = llava.generate(features[i : i + 1], PROMPTS[i : i + 1], "caption", options)
+        (single,) = llava.generate(features[i : i + 1], PROMPTS[i : i + 1], "caption", [options])
         assert single.details["token_ids"] == answers[i].details["token_ids"] and single.text == answers[i].text
+
+
+def test_a_batch_of_mixed_options_equals_its_items_alone(llava, folder):
+    features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(8))
+    answers = assert_batch_equals_singles(lambda s: llava.generate(features[s], PROMPTS[s], "vqa", MIXED_OPTIONS[s]), 3)
+    model = reference_model(folder)
+    for feature, item, answer in zip(features, MIXED_OPTIONS, answers):
+        assert all(len(step["top_logprobs"]) == item.logprobs for step in answer.details.get("logprobs", []))
+        if item.temperature == 0:
+            embeds = reference_embeds(model, answer.details["prompt_token_ids"], feature)
+            assert answer.details["token_ids"] == greedy(model, embeds, item.max_new_tokens, llava.tokenizer.eos_token_id)
 
 
 def test_both_key_layouts_in_both_formats_sharded_load_the_same_model(llava, tiny_models, tmp_path):
     reference = llava.engine.model.state_dict()
     features = torch.randn(2, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(4))
     options = GenerationOptions(max_new_tokens=5)
-    expected = [a.details["token_ids"] for a in llava.generate(features, PROMPTS[:2], "vqa", options)]
+    expected = [a.details["token_ids"] for a in llava.generate(features, PROMPTS[:2], "vqa", [options] * len(features))]
     top_level_vocab = write_llava(tmp_path / "top-level", "legacy", "safetensors")
     config = json.loads((top_level_vocab / "config.json").read_text())
     del config["text_config"]["vocab_size"]  # only the top level says it, as some 4.36-era saves do
@@ -113,7 +124,7 @@ def test_both_key_layouts_in_both_formats_sharded_load_the_same_model(llava, tin
         state = backend.engine.model.state_dict()
         assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
         assert all(torch.equal(a, b) for a, b in zip(backend.projector.state_dict().values(), llava.projector.state_dict().values()))
-        assert [a.details["token_ids"] for a in backend.generate(features, PROMPTS[:2], "vqa", options)] == expected
+        assert [a.details["token_ids"] for a in backend.generate(features, PROMPTS[:2], "vqa", [options] * len(features))] == expected
 
 
 def test_published_text_and_vision_configs_read_as_transformers_reads_them(tmp_path):
@@ -172,7 +183,7 @@ def test_a_336_px_checkpoint_serves_the_tiny_336_preset_with_576_image_tokens(ti
     assert check_backend("llava", folder, PRESETS["tiny-336"].clip, 2).clip.describe() == "ViT-L-14-336 at 336 px, width 64"
     backend = load(tiny_models, folder, clip_config=PRESETS["tiny-336"].clip)
     features = torch.randn(1, 576, VISION_WIDTH, generator=torch.Generator().manual_seed(6))
-    (answer,) = backend.generate(features, PROMPTS[:1], "vqa", GenerationOptions(max_new_tokens=6, logprobs=1))
+    (answer,) = backend.generate(features, PROMPTS[:1], "vqa", [GenerationOptions(max_new_tokens=6, logprobs=1)])
     assert answer.details["prompt_token_ids"].count(backend.image_token) == 576
     model = reference_model(folder)
     with torch.no_grad():
@@ -276,12 +287,12 @@ def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folder, tin
     backend = load(tiny_models, folder, device="cuda", dtype=dtype)
     features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
     prompts, options = ["What is in the photo?", "Where is the cow?", "Describe it."], GenerationOptions(max_new_tokens=6, logprobs=3)
-    on_cpu = llava.generate(features, prompts, "vqa", options)
-    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "vqa", options)
+    on_cpu = llava.generate(features, prompts, "vqa", [options] * len(features))
+    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "vqa", [options] * len(features))
     for cpu, gpu in zip(on_cpu, on_gpu):
         assert cpu.details["logprobs"][0]["token_id"] in [t["token_id"] for t in gpu.details["logprobs"][0]["top_logprobs"]]
         assert all(math.isfinite(t["logprob"]) for step in gpu.details["logprobs"] for t in step["top_logprobs"])
     if dtype == torch.float32:
         assert [a.details["token_ids"] for a in on_gpu] == [a.details["token_ids"] for a in on_cpu]
-        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "vqa", options)[0] for i in range(3)]
+        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "vqa", [options])[0] for i in range(3)]
         assert [a.details["token_ids"] for a in singles] == [a.details["token_ids"] for a in on_gpu]

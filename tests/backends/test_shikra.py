@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from checkpoints import HIDDEN, HEADS, INTERMEDIATE, LAYERS, VISION_WIDTH, load_tiny, write_shikra
-from references import greedy
+from references import MIXED_OPTIONS, assert_batch_equals_singles, greedy
 
 from comneck.backends import GenerationOptions
 from comneck.backends.shikra import SYSTEM, TEMPLATES, parse_boxes, render, write_merged
@@ -53,9 +53,9 @@ def reference_model(folder) -> transformers.LlamaForCausalLM:
     return model
 
 
-def reference_embeds(model, tokenizer: SentencePieceTokenizer, prompt: str, features: torch.Tensor) -> torch.Tensor:
+def reference_embeds(model, tokenizer: SentencePieceTokenizer, prompt: str, features: torch.Tensor, template: int = 0) -> torch.Tensor:
     """The official merge: the embeddings after <im_start> replaced by the projected patches."""
-    text = render("rec", prompt, 0).replace("<image>", "<im_start>" + "<im_patch>" * PATCHES + "<im_end>")
+    text = render("rec", prompt, template).replace("<image>", "<im_start>" + "<im_patch>" * PATCHES + "<im_end>")
     ids = tokenizer.encode(text)
     embeds = model.get_input_embeddings()(torch.tensor(ids)).clone()
     start = ids.index(tokenizer.token_id("<im_start>"))
@@ -83,7 +83,7 @@ def test_first_step_logits_and_greedy_ids_equal_transformers_llama(shikra, folde
     features = torch.randn(3, PATCHES, VISION_WIDTH, generator=g)
     prompts = ["the cow", "a dog on the left", "the beach"]
     options = GenerationOptions(max_new_tokens=6, logprobs=5)
-    answers = shikra.generate(features, prompts, "rec", options)
+    answers = shikra.generate(features, prompts, "rec", [options] * len(features))
     for feature, prompt, answer in zip(features, prompts, answers):
         embeds = reference_embeds(model, shikra.tokenizer, prompt, feature)
         with torch.no_grad():
@@ -95,8 +95,26 @@ def test_first_step_logits_and_greedy_ids_equal_transformers_llama(shikra, folde
         assert answer.details["prompt_token_ids"] == shikra.prompt_ids(prompt, "rec", 0)
     # a batch of three equals three single calls
     for i in range(3):
-        (single,) = shikra.generate(features[i : i + 1], prompts[i : i + 1], "rec", options)
+        (single,) = shikra.generate(features[i : i + 1], prompts[i : i + 1], "rec", [options])
         assert single.details["token_ids"] == answers[i].details["token_ids"]
+
+
+def test_a_batch_of_mixed_options_and_templates_equals_its_items_alone(shikra, folders):
+    """The official REC evaluation draws a template per sample: one batch mixes templates, lengths,
+    logprobs counts and a seeded sampled item, and each item is answered as it is alone."""
+    features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(8))
+    prompts = ["the cow", "a dog on the left", "the beach"]
+    options = [o.model_copy(update={"template": t}) for o, t in zip(MIXED_OPTIONS, (5, 0, 17))]
+    answers = assert_batch_equals_singles(lambda s: shikra.generate(features[s], prompts[s], "rec", options[s]), 3)
+    model = reference_model(folders.merged)
+    for feature, prompt, item, answer in zip(features, prompts, options, answers):
+        assert answer.details["template"] == item.template
+        assert answer.details["prompt_token_ids"] == shikra.prompt_ids(prompt, "rec", item.template)
+        assert len(answer.details.get("logprobs", [])) == len(answer.details["token_ids"]) * bool(item.logprobs)
+        assert all(len(step["top_logprobs"]) == item.logprobs for step in answer.details.get("logprobs", []))
+        if item.temperature == 0:
+            embeds = reference_embeds(model, shikra.tokenizer, prompt, feature, item.template)
+            assert answer.details["token_ids"] == greedy(model, embeds, item.max_new_tokens, shikra.tokenizer.eos_token_id)
 
 
 def test_delta_with_base_merged_and_converted_folders_give_the_same_model(shikra, folders, tiny_models, tmp_path):
@@ -111,8 +129,8 @@ def test_delta_with_base_merged_and_converted_folders_give_the_same_model(shikra
         assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
         assert torch.equal(other.projector.weight, shikra.projector.weight)
     features = torch.randn(1, PATCHES, VISION_WIDTH)
-    assert [a.text for a in delta.generate(features, ["the cow"], "rec", GenerationOptions(max_new_tokens=5))] == \
-        [a.text for a in shikra.generate(features, ["the cow"], "rec", GenerationOptions(max_new_tokens=5))]
+    assert [a.text for a in delta.generate(features, ["the cow"], "rec", [GenerationOptions(max_new_tokens=5)])] == \
+        [a.text for a in shikra.generate(features, ["the cow"], "rec", [GenerationOptions(max_new_tokens=5)])]
 
 
 def delta_weights(folders):
@@ -181,6 +199,12 @@ def test_a_box_comes_back_in_the_photos_pixels_and_a_mis_framed_photo_is_noted(s
     with pytest.raises(ComneckInputError) as info:
         pipeline.prepare([data], ["the chicken"], backend="shikra", choices=[["left", "right"]])
     assert info.value.code == "bad_choices" and "backend shikra answers no multiple-choice questions" in str(info.value)
+    # each item's prompt is checked with its own options (here its template) before any decoding
+    request = pipeline.prepare([data] * 2, ["the chicken"] * 2, backend="shikra", options=[GenerationOptions(template=53), GenerationOptions()])
+    assert [o.template for o in request.options] == [53, None]
+    with pytest.raises(ComneckInputError) as info:
+        pipeline.prepare([data] * 2, ["the chicken"] * 2, backend="shikra", options=[GenerationOptions(), GenerationOptions(template=54)])
+    assert info.value.code == "unknown_template"
 
 
 def test_bad_requests_get_their_own_codes(shikra):
@@ -273,13 +297,13 @@ def test_cuda_in_each_dtype_matches_the_cpu_and_batches_like_singles(folders, ti
     backend = load(tiny_models, folders.merged, device="cuda", dtype=dtype)
     features = torch.randn(3, PATCHES, VISION_WIDTH, generator=torch.Generator().manual_seed(5))
     prompts, options = ["the cow", "a dog on the left", "the beach"], GenerationOptions(max_new_tokens=6, logprobs=3)
-    on_cpu = shikra.generate(features, prompts, "rec", options)
-    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "rec", options)
+    on_cpu = shikra.generate(features, prompts, "rec", [options] * len(features))
+    on_gpu = backend.generate(features.cuda().to(dtype), prompts, "rec", [options] * len(features))
     for cpu, gpu in zip(on_cpu, on_gpu):
         first_cpu, first_gpu = cpu.details["logprobs"][0], gpu.details["logprobs"][0]
         assert first_cpu["token_id"] in [t["token_id"] for t in first_gpu["top_logprobs"]]
         assert all(math.isfinite(t["logprob"]) for step in gpu.details["logprobs"] for t in step["top_logprobs"])
     if dtype == torch.float32:
         assert [a.details["token_ids"] for a in on_gpu] == [a.details["token_ids"] for a in on_cpu]
-        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "rec", options)[0] for i in range(3)]
+        singles = [backend.generate(features[i : i + 1].cuda(), prompts[i : i + 1], "rec", [options])[0] for i in range(3)]
         assert [a.details["token_ids"] for a in singles] == [a.details["token_ids"] for a in on_gpu]

@@ -15,6 +15,7 @@ from functools import partial
 import pytest
 import torch
 from checkpoints import V2L_WORDS, load_tiny, random_nonzero, write_v2l, write_v2l_checkpoint
+from references import MIXED_OPTIONS, assert_batch_equals_singles
 from test_llama_adapter import reference_logits
 from test_v2l_fewshot import official_episode, without_labelled_query
 
@@ -64,7 +65,7 @@ def test_words_served_prompt_masked_decoding_and_class_scores_equal_the_referenc
     words = v2l.describe(support_features)
     assert words == official_words(file_rows(files), support_features)
     support = [SupportExample(w, label) for w, label in zip(words, LABELS)]
-    answers = v2l.fewshot(queries, support, GenerationOptions())
+    answers = v2l.fewshot(queries, support, [GenerationOptions()] * len(queries))
     classes = ["cow", "dog"]
     mask = torch.zeros(16, v2l.tokenizer.vocab_size)
     for c in classes:
@@ -89,9 +90,9 @@ def test_words_served_prompt_masked_decoding_and_class_scores_equal_the_referenc
             logp = torch.log_softmax(reference_logits(llama, None, ids + target[:-1], None), -1)
             assert entry["logprob"] == pytest.approx(sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(target)), abs=1e-4)
         assert [e["logprob"] for e in answer.details["labels"]] == sorted((e["logprob"] for e in answer.details["labels"]), reverse=True)
-    for i in range(3):  # a batch of three equals three single calls
-        (single,) = v2l.fewshot(queries[i : i + 1], support, GenerationOptions())
-        assert single.details["token_ids"] == answers[i].details["token_ids"]
+    # a batch of three with mixed options equals three single calls (V2L decodes the official way whatever they ask)
+    mixed = assert_batch_equals_singles(lambda s: v2l.fewshot(queries[s], support, MIXED_OPTIONS[s]), 3)
+    assert [a.details for a in mixed] == [a.details for a in answers]
 
 
 def test_the_codebook_inside_v2l_decode_pth_takes_precedence(tiny_models, files, v2l, tmp_path):
@@ -255,8 +256,8 @@ def test_cuda_in_each_dtype_matches_the_cpu(files, tiny_models, v2l, dtype):
     g = torch.Generator().manual_seed(4)
     support_features, queries = torch.randn(4, v2l.codebook.width, generator=g), torch.randn(3, v2l.codebook.width, generator=g)
     support = [SupportExample(w, label) for w, label in zip(v2l.describe(support_features), LABELS)]
-    on_cpu = v2l.fewshot(queries, support, GenerationOptions())
-    on_gpu = backend.fewshot(queries.cuda().to(dtype), support, GenerationOptions())
+    on_cpu = v2l.fewshot(queries, support, [GenerationOptions()] * len(queries))
+    on_gpu = backend.fewshot(queries.cuda().to(dtype), support, [GenerationOptions()] * len(queries))
     for cpu, gpu in zip(on_cpu, on_gpu):
         assert gpu.details["words"] == cpu.details["words"]
         assert {e["label"] for e in gpu.details["labels"]} == {"cow", "dog"}

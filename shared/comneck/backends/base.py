@@ -138,7 +138,8 @@ class BackendContext:
 
 
 class GenerationOptions(BaseModel):
-    """Decoding options a request may set; each backend uses those that apply to it."""
+    """Decoding options of one item (a request's, or one item's of a batch); each backend uses
+    those that apply to it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -169,7 +170,7 @@ class BackendAnswer:
     """A backend's reply: the text, and structured details (scores, boxes, ...).
 
     LLM backends put ``prompt_token_ids``, ``token_ids`` (what was generated),
-    ``finish_reason`` and, with ``options.logprobs = k > 0``, ``logprobs`` (one entry per
+    ``finish_reason`` and, with the item's ``options.logprobs = k > 0``, ``logprobs`` (one entry per
     generated token, as :class:`~comneck.backends.engines.Generation` has them) in ``details``.
     """
 
@@ -193,16 +194,18 @@ class Backend(Protocol):
     random_weights: bool
 
     def check_prompt(self, prompt: str, task: str, options: GenerationOptions, choices: Sequence[str] = ()) -> None:
-        """Refuse a prompt this backend cannot use (``bad_prompt``, ``unknown_template``,
-        ``prompt_too_long``), cheaply: it runs before decoding. ``choices`` (checked by
-        :func:`check_choices`) come only to a backend whose spec takes them."""
+        """Refuse one item's prompt this backend cannot use with that item's ``options``
+        (``bad_prompt``, ``unknown_template``, ``prompt_too_long``), cheaply: it runs before
+        decoding. ``choices`` (checked by :func:`check_choices`) come only to a backend whose spec takes them."""
         ...
 
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: Sequence[GenerationOptions],
                  images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
         """Features selected by ``spec.tap`` for a batch ([B, ...]) -> one answer per prompt;
-        ``images`` (one per item, or empty) lets a backend map boxes back to each photo;
-        ``choices`` (one list per item, empty for a free-form item; or empty) are multiple-choice options."""
+        ``options`` (one per item) decode each item as it would be decoded alone (its template,
+        length, sampling, seed, logprobs, top-k); ``images`` (one per item, or empty) lets a
+        backend map boxes back to each photo; ``choices`` (one list per item, empty for a
+        free-form item; or empty) are multiple-choice options."""
         ...
 
 
@@ -219,6 +222,8 @@ class FewShotBackend(Backend, Protocol):
         """Features selected by ``spec.tap`` for support images [N, ...] -> one description each."""
         ...
 
-    def fewshot(self, features: torch.Tensor, support: Sequence[SupportExample], options: GenerationOptions) -> list[BackendAnswer]:
-        """Query features [B, ...] -> one answer per query, each in the episode ``support`` makes."""
+    def fewshot(self, features: torch.Tensor, support: Sequence[SupportExample],
+                options: Sequence[GenerationOptions]) -> list[BackendAnswer]:
+        """Query features [B, ...] -> one answer per query, each in the episode ``support`` makes
+        and with its own ``options`` (one per query)."""
         ...

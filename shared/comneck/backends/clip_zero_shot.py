@@ -68,18 +68,18 @@ class ClipZeroShot:
             parse_labels(prompt)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: Sequence[GenerationOptions],
                  images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
         """``features``: pooled image embeddings [B, D]; each item has its own labels: its choices,
-        else those its prompt lists (``images`` unused)."""
+        else those its prompt lists, and its own ``top_k`` and ``logprobs`` (``images`` unused)."""
         answers = []
-        for embedding, prompt, offered in zip(features, prompts, list(choices) or [()] * len(prompts)):
+        for embedding, prompt, item, offered in zip(features, prompts, options, list(choices) or [()] * len(prompts)):
             labels = list(offered) or parse_labels(prompt)
             probs = zero_shot_logits(embedding[None], self._label_embeddings(labels), self.clip.logit_scale).softmax(dim=-1)[0]
-            ranked = probs.argsort(descending=True)[: options.top_k].tolist()
+            ranked = probs.argsort(descending=True)[: item.top_k].tolist()
             details: dict = {"labels": [{"label": labels[i], "probability": round(float(probs[i]), 6)} for i in ranked]}
-            if options.logprobs:  # what applies of an LLM's logprobs: the label distribution, highest first
+            if item.logprobs:  # what applies of an LLM's logprobs: the label distribution, highest first
                 logprobs = probs.log()
-                details["logprobs"] = [{"label": labels[i], "logprob": float(logprobs[i])} for i in probs.argsort(descending=True)[: options.logprobs]]
+                details["logprobs"] = [{"label": labels[i], "logprob": float(logprobs[i])} for i in probs.argsort(descending=True)[: item.logprobs]]
             answers.append(BackendAnswer(text=labels[ranked[0]], details=details))
         return answers

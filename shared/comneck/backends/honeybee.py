@@ -159,7 +159,7 @@ class Honeybee:
         check_context("honeybee", len(self.prompt_ids(prompt, choices)), options, self.context_length)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: Sequence[GenerationOptions],
                  images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
         """``features``: block-24 patch tokens [B, 256, 1024]; one answer per prompt, with the letter
         picked (``details.choice``) when the item has choices."""

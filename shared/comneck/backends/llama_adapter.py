@@ -27,7 +27,7 @@ from them (:func:`write_converted`). The official loader also reads the instruct
 captioning never runs: it is not needed here.
 
 Prompt: ``"Generate caption of this image :"`` with BOS (the official caption path); a request's
-own prompt, if not empty, takes its place. Decoding follows the request's options (greedy at
+own prompt, if not empty, takes its place. Decoding follows each item's options (greedy at
 temperature 0); the official evaluation sampled at temperature 0.1, top-p 0.75.
 
 Precision: the official code builds the connector and LLaMA in float16 (the default tensor type
@@ -55,7 +55,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ..errors import ComneckInputError, ErrorCode
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
-from .engines import HFEngine
+from .engines import Generation, HFEngine, runs
 from .hf_checkpoint import LazyTensors, bad, llama_config, llama_from_tensors, load_streamed, read_config, read_shard, write_safetensors
 from .meta_checkpoint import MetaLlama
 from .sp_tokenizer import SentencePieceTokenizer
@@ -325,20 +325,20 @@ class LlamaAdapterV1:
                     attention.set_visual(None)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: Sequence[GenerationOptions],
                  images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
-        """``features``: projected CLIP tokens [B, 257, clip_dim]; one caption per item."""
-        visual = self.connector(features.to(self.connector.clip_proj.weight.dtype))
+        """``features``: projected CLIP tokens [B, 257, clip_dim]; one caption per item, with its own
+        ``options``. The adapted layers hold one batch's visual tokens, so each decoding run
+        (:func:`~.engines.runs`: items that decode together) is handed to the engine on its own,
+        with its rows of them (the engine finds the same single run in it)."""
+        visual = self.connector(features.to(self.connector.clip_proj.weight.dtype)).to(self.engine.dtype)
         prompt_ids = [self.prompt_ids(prompt) for prompt in prompts]
-        with self._visual(visual.to(self.engine.dtype)):
-            outs = self.engine.generate([self.engine.embed(ids) for ids in prompt_ids], options)
-        answers = []
-        for ids, out in zip(prompt_ids, outs):
-            details: dict[str, Any] = {"prompt_token_ids": ids, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
-            if out.logprobs is not None:
-                details["logprobs"] = out.logprobs
-            answers.append(BackendAnswer(out.text, details))
-        return answers
+        outs: dict[int, Generation] = {}
+        for run in runs(options):
+            with self._visual(visual[run.items]):
+                embeds = [self.engine.embed(prompt_ids[i]) for i in run.items]
+                outs.update(zip(run.items, self.engine.generate(embeds, [options[i] for i in run.items])))
+        return [BackendAnswer(outs[i].text, outs[i].details(ids)) for i, ids in enumerate(prompt_ids)]
 
 
 def write_converted(adapter_file: Path, llama_folder: Path, out: Path, shard_bytes: int = 5 * 2**30) -> list[Path]:

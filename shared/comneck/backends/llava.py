@@ -185,7 +185,7 @@ class Llava:
         check_context("llava", len(self.prompt_ids(prompt)), options, self.context_length)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: Sequence[GenerationOptions],
                  images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
         """``features``: block-23 patch tokens [B, grid², width]; one answer per prompt."""
         visual = self.projector(features.to(self.projector.linear_1.weight.dtype))

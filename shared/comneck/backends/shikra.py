@@ -187,15 +187,16 @@ class Shikra:
         check_context("shikra", len(self.prompt_ids(prompt, task, options.template)), options, self.context_length)
 
     @torch.inference_mode()
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: Sequence[GenerationOptions],
                  images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
-        """``features``: block-23 patch tokens [B, 256, 1024]; one answer (and box) per prompt. A
-        box is also given in the photo's pixels when ``images`` say how the photo was framed.
-        Shikra takes no ``choices`` (its spec says so; the pipeline refuses them)."""
+        """``features``: block-23 patch tokens [B, 256, 1024]; one answer (and box) per prompt,
+        each in the template its ``options`` name. A box is also given in the photo's pixels when
+        ``images`` say how the photo was framed. Shikra takes no ``choices`` (its spec says so;
+        the pipeline refuses them)."""
         visual = self.projector(features.to(self.projector.weight.dtype))
         embeds, prompt_ids = [], []
-        for tokens, prompt in zip(visual, prompts):
-            ids = self.prompt_ids(prompt, task, options.template)
+        for tokens, prompt, item in zip(visual, prompts, options):
+            ids = self.prompt_ids(prompt, task, item.template)
             start = ids.index(self.start_id)
             if ids[start + 1 + self.num_patches] != self.end_id:
                 raise RuntimeError("the image tokens are not <im_start> + patches + <im_end>")
@@ -203,8 +204,8 @@ class Shikra:
             prompt_ids.append(ids)
         answers = []
         frames = list(images) or [None] * len(prompts)
-        for ids, out, image in zip(prompt_ids, self.engine.generate(embeds, options), frames):
-            details = {**out.details(ids), "template": options.template or 0}
+        for ids, out, image, item in zip(prompt_ids, self.engine.generate(embeds, options), frames, options):
+            details = {**out.details(ids), "template": item.template or 0}
             if task == "rec":
                 groups = parse_boxes(out.text)
                 one = len(groups) == 1 and len(groups[0]) == 1

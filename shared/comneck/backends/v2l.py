@@ -85,22 +85,24 @@ class V2L:
         """Pooled CLIP embeddings [N, D] -> each image's codebook words."""
         return self.codebook.describe(features, self.words)
 
-    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: GenerationOptions,
+    def generate(self, features: torch.Tensor, prompts: list[str], task: str, options: Sequence[GenerationOptions],
                  images: Sequence[ImageInfo] = (), choices: Sequence[Sequence[str]] = ()) -> list[BackendAnswer]:
         """V2L answers only with support (task ``fewshot``, :meth:`fewshot`); the pipeline routes there."""
         raise ComneckInputError("v2l classifies among labelled support examples only: task fewshot", ErrorCode.UNSUPPORTED_TASK)
 
     @torch.inference_mode()
-    def fewshot(self, features: torch.Tensor, support: Sequence[SupportExample], options: GenerationOptions) -> list[BackendAnswer]:
+    def fewshot(self, features: torch.Tensor, support: Sequence[SupportExample],
+                options: Sequence[GenerationOptions]) -> list[BackendAnswer]:
         """Query embeddings [B, D] -> the class of each, in the episode the support makes (batch 1
-        per query, as the official loop decodes)."""
+        per query, as the official loop decodes). Every query decodes the official way (16
+        masked greedy steps), whatever its ``options`` (one per query) ask of the sampler."""
         classes = classes_of([e.label for e in support])
         mask = class_mask(self.tokenizer, classes, self.tokenizer.vocab_size)
         table = self.model.get_input_embeddings()
         answers = []
-        for words in self.describe(features):
+        for words, item in zip(self.describe(features), options):
             ids = prompt_ids(self.tokenizer, classes, [(e.description, e.label) for e in support], words)
-            check_context("v2l", len(ids), options.model_copy(update={"max_new_tokens": STEPS}), self.context_length)
+            check_context("v2l", len(ids), item.model_copy(update={"max_new_tokens": STEPS}), self.context_length)
             embeds = table(torch.tensor(ids, device=table.weight.device))
             state = PromptState(self.model, embeds)  # the prompt read once, for the decoding and the scores
             tokens = masked_greedy(state, mask)

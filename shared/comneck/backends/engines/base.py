@@ -47,6 +47,32 @@ class Generation:
         return details
 
 
+@dataclass(frozen=True)
+class Run:
+    """Items of a batch that may decode in one ``model.generate`` call, and the options of that
+    call: the largest ``max_new_tokens`` and ``logprobs`` of its items (each item's answer is
+    then cut to its own)."""
+
+    items: list[int]
+    options: GenerationOptions
+
+
+def runs(options: Sequence[GenerationOptions]) -> list[Run]:
+    """Group a batch's per-item options into decoding runs that give each item what it would get
+    alone: greedy items (temperature 0) share one run; a seeded sampled item runs alone (its seed
+    then draws exactly what a single call draws); unseeded sampled items share a run when their
+    temperature and top-p are equal. Runs come in the order of their first items."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, item in enumerate(options):
+        key = ("greedy",) if item.temperature == 0 else ("seeded", i) if item.seed is not None else ("sampled", item.temperature, item.top_p)
+        groups.setdefault(key, []).append(i)
+    return [
+        Run(items, options[items[0]].model_copy(update={
+            "max_new_tokens": max(options[i].max_new_tokens for i in items), "logprobs": max(options[i].logprobs for i in items)}))
+        for items in groups.values()
+    ]
+
+
 def check_context(backend: str, prompt_tokens: int, options: GenerationOptions, context_length: int) -> None:
     """Refuse (``prompt_too_long``) a prompt whose tokens and longest answer overrun the LLM's context."""
     if prompt_tokens + options.max_new_tokens > context_length:
@@ -59,9 +85,11 @@ class LLMEngine(Protocol):
     """Decodes a batch of prompts given as embeddings."""
 
     def generate(
-        self, embeds: list[torch.Tensor], options: GenerationOptions, stop_ids: Sequence[int] = ()
+        self, embeds: list[torch.Tensor], options: Sequence[GenerationOptions], stop_ids: Sequence[int] = ()
     ) -> list[Generation]:
-        """``embeds[i]`` is item i's whole prompt, [T_i, hidden] (lengths differ) -> one Generation per item.
+        """``embeds[i]`` is item i's whole prompt, [T_i, hidden] (lengths differ), decoded with
+        ``options[i]`` -> one Generation per item, in order. Each item gets what it would get
+        decoded alone (:func:`runs` says which items may share a decoding run).
 
         ``stop_ids`` end an answer (none given: the tokenizer's end-of-sequence token).
         """

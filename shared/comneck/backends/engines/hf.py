@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..base import GenerationOptions
-from .base import Generation
+from .base import Generation, runs
 
 if TYPE_CHECKING:  # transformers is needed only by whoever builds the model and tokenizer
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,10 +37,11 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 class HFEngine:
     """Decodes prompt embeddings with a transformers ``PreTrainedModel`` (a causal LM).
 
-    Prompts are left-padded with zero vectors (attention mask 0 there) into one batch and
-    decoded by ``model.generate``. ``GenerationOptions`` fully decide the sampling: the
-    temperature and top-p it gives, no top-k (the model's own ``generation_config`` may
-    set one; ``options.top_k`` is a classifier's ranked-answers count, not a sampler).
+    Prompts are left-padded with zero vectors (attention mask 0 there) into batches (one per
+    :func:`~.base.runs` group) and decoded by ``model.generate``. Each item's
+    ``GenerationOptions`` fully decide its sampling: the temperature and top-p it gives, no
+    top-k (the model's own ``generation_config`` may set one; ``options.top_k`` is a
+    classifier's ranked-answers count, not a sampler).
     The model is put in eval mode.
     """
 
@@ -77,43 +78,57 @@ class HFEngine:
         return embed
 
     def generate(
-        self, embeds: list[torch.Tensor], options: GenerationOptions, stop_ids: Sequence[int] = ()
+        self, embeds: list[torch.Tensor], options: Sequence[GenerationOptions], stop_ids: Sequence[int] = ()
     ) -> list[Generation]:
-        """Decode each ``embeds[i]`` ([T_i, hidden]) in one left-padded batch.
+        """Decode each ``embeds[i]`` ([T_i, hidden]) with ``options[i]``, in left-padded batches
+        of the items :func:`~.base.runs` lets decode together.
 
         ``stop_ids`` end an answer (none given: the tokenizer's end-of-sequence token, else
-        the model's). With ``options.logprobs = k``, each generated token's log-probability
+        the model's). With ``options[i].logprobs = k``, each generated token's log-probability
         and the k most likely alternatives come from log-softmax of the model's raw logits
         at that step, before temperature or top-p reshape them.
         """
-        if not embeds:
-            return []
+        if len(options) != len(embeds):
+            raise ValueError(f"{len(embeds)} prompts but {len(options)} options: give one per prompt")
         stops = list(stop_ids) or self._default_stops()
+        answers: dict[int, Generation] = {}
+        for run in runs(options):
+            items = [options[i] for i in run.items]
+            answers.update(zip(run.items, self._run([embeds[i] for i in run.items], run.options, items, stops)))
+        return [answers[i] for i in range(len(embeds))]
+
+    def _run(self, embeds: list[torch.Tensor], run: GenerationOptions, items: list[GenerationOptions],
+             stops: list[int]) -> list[Generation]:
+        """One ``model.generate`` call over ``embeds`` with the ``run`` options (the largest length
+        and logprobs count of ``items``), each answer then cut to its item's own limits: ended
+        by the first stop id within its ``max_new_tokens`` (``stop``), else by that length
+        (``length``), with its ``logprobs`` best alternatives (none for 0)."""
         inputs, mask = self._left_pad(embeds)
         kwargs: dict[str, Any] = {
-            "max_new_tokens": options.max_new_tokens,
-            "do_sample": options.temperature > 0,
+            "max_new_tokens": run.max_new_tokens,
+            "do_sample": run.temperature > 0,
             "eos_token_id": stops or None,
             "pad_token_id": self._pad_id(stops),
             "return_dict_in_generate": True,
-            "output_logits": options.logprobs > 0,
+            "output_logits": run.logprobs > 0,
         }
-        if options.temperature > 0:  # set only when sampling: greedy decoding warns about them
-            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=0)
-        with _seeded(options.seed, self.device), torch.inference_mode():
+        if run.temperature > 0:  # set only when sampling: greedy decoding warns about them
+            kwargs.update(temperature=run.temperature, top_p=run.top_p, top_k=0)
+        with _seeded(run.seed, self.device), torch.inference_mode():
             out = self.model.generate(inputs_embeds=inputs, attention_mask=mask, **kwargs)
         # Given embeddings and no ids, decoder-only generate returns only the new tokens.
-        sequences: list[list[int]] = out.sequences.tolist()
+        sequences = [seq[: item.max_new_tokens] for seq, item in zip(out.sequences.tolist(), items)]
         lengths = [_answer_length(seq, set(stops)) for seq in sequences]
-        logprobs = self._logprobs(out.logits, out.sequences, lengths, options.logprobs) if options.logprobs else None
+        logprobs = self._logprobs(out.logits, out.sequences, lengths, run.logprobs) if run.logprobs else None
         return [
             Generation(
                 token_ids=seq[:n],
                 text=self.tokenizer.decode(seq[:n], skip_special_tokens=True),
                 finish_reason="stop" if n < len(seq) else "length",
-                logprobs=logprobs[i] if logprobs is not None else None,
+                logprobs=[{**entry, "top_logprobs": entry["top_logprobs"][: item.logprobs]} for entry in logprobs[b]]
+                if logprobs is not None and item.logprobs else None,
             )
-            for i, (seq, n) in enumerate(zip(sequences, lengths))
+            for b, (seq, n, item) in enumerate(zip(sequences, lengths, items))
         ]
 
     def _default_stops(self) -> list[int]:
