@@ -410,3 +410,39 @@ def test_a_lone_surrogate_anywhere_an_answer_repeats_text_is_a_4xx(gateway, enco
                                 data={"support_labels": '["cat", "\\udfff"]'})
     assert (answer.status_code, answer.json()["error"]["code"]) == (422, "invalid_request"), answer.text
     assert "lone surrogate" in answer.json()["error"]["message"]
+
+
+def _every_route(app) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves, path parameters filled in, the docs' script files left out."""
+    from starlette.routing import Mount
+
+    pairs = []
+    for route in app.routes:
+        if isinstance(route, Mount):
+            continue
+        path = route.path.replace("{name}", "pets")
+        pairs += [(method, path) for method in sorted(route.methods or ()) if method != "HEAD"]
+    return pairs
+
+
+OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/readyz")}
+DOCS_ROUTES = {("GET", "/"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/redoc")}
+
+
+@pytest.mark.parametrize("public_docs", [False, True])
+def test_with_keys_every_route_but_the_probes_needs_one_and_public_docs_opens_the_docs(gateway, public_docs):
+    app = create_app(ServerSettings(api_keys=["k1"], public_docs=public_docs), gateway)
+    routes = _every_route(app)
+    assert OPEN_ROUTES | DOCS_ROUTES <= set(routes) and ("POST", "/infer") in routes and len(routes) >= 14
+    with TestClient(app) as client:
+        for method, path in routes:
+            anonymous = client.request(method, path)
+            keyed = client.request(method, path, headers={"X-API-Key": "k1"})
+            if (method, path) in OPEN_ROUTES or (public_docs and (method, path) in DOCS_ROUTES):
+                assert anonymous.status_code == 200, (method, path, anonymous.text)
+            else:
+                assert anonymous.status_code == 401, (method, path, anonymous.text)
+                assert anonymous.json()["error"]["code"] == "unauthorized" and anonymous.headers["www-authenticate"] == "Bearer"
+                assert keyed.status_code != 401, (method, path, keyed.text)
+        assert client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()["info"]["title"] == "ComNeck gateway"
+        assert client.get("/docs", headers={"X-API-Key": "k1"}).text.count("swagger-ui") >= 1

@@ -105,3 +105,16 @@ def test_the_checks_stay_on_in_copies_and_do_not_leak_into_encoding(encoder, str
     # encoding after a refused decode writes the same bytes as before
     again = encoder.encode_file(sample_photo())
     assert again.bitstream.latents.strings == stream.latents.strings
+
+
+def test_a_flipped_fixed_point_flag_decodes_to_other_latents_as_the_docs_say(encoder, stream):
+    """docs/bitstream.md: the CRC catches accidental corruption; a deliberately flipped flag (CRC
+    recomputed) is not detected, and decodes with the other entropy-parameter arithmetic to other latents."""
+    flipped = Bitstream.from_bytes(dataclasses.replace(stream, latents=dataclasses.replace(stream.latents, fixed_point=False)).to_bytes())
+    assert stream.latents.fixed_point and not flipped.latents.fixed_point
+    original, altered_y = encoder.codec.entropy_decode(stream.latents), encoder.codec.entropy_decode(flipped.latents)
+    assert altered_y.shape == original.shape and not torch.equal(altered_y, original)
+    assert (altered_y - original).abs().max() < 1.0  # the same symbols, other means: no error, other latents
+    with pytest.raises(ComneckInputError) as info:  # the same flip without the CRC recomputed: refused
+        Bitstream.from_bytes(flipped.to_bytes()[:-4] + stream.to_bytes()[-4:])
+    assert info.value.code == "crc_mismatch"

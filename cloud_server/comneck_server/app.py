@@ -46,6 +46,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger("comneck.server")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+DOCS_URL, REDOC_URL = "/docs", "/redoc"
 MAX_JSON_FIELD_CHARS = 4096  # a multipart JSON field: every option together takes about 120, 26 choices of 150
 ModelT = TypeVar("ModelT", bound=BaseModel)
 ResultT = TypeVar("ResultT")
@@ -235,6 +236,25 @@ class Admission:
                 self.count -= 1
 
 
+class GuardPaths:
+    """Runs ``check`` on every request to one of ``paths`` before the app sees it, answering its
+    refusal: the routes FastAPI builds itself (the OpenAPI schema, the docs pages) take no
+    dependencies, so the API-key check reaches them here."""
+
+    def __init__(self, app: ASGIApp, paths: set[str], check: Callable[[Request], None]) -> None:
+        self.app, self.paths, self.check = app, paths, check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            request = Request(scope)
+            try:
+                self.check(request)
+            except ComneckInputError as exc:
+                await error_response(request, exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _bearer_token(authorization: str) -> str | None:
     """KEY of ``Bearer KEY`` (the scheme in any case), or None for any other form."""
     scheme, _, token = authorization.strip().partition(" ")
@@ -257,6 +277,17 @@ def respond(request: Request, payload: dict[str, Any], status: int = 200, header
     if wants_msgpack(request):
         return Response(msgpack.packb(payload), status, headers, media_type="application/msgpack")
     return JSONResponse(payload, status, headers)
+
+
+def error_response(request: Request, exc: ComneckInputError) -> Response:
+    """A refusal as its coded body and status, with ``Retry-After`` where it has one and
+    ``WWW-Authenticate`` for a missing or wrong key."""
+    headers = {}
+    if isinstance(exc, ApiError) and exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.code == ErrorCode.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = "Bearer"
+    return respond(request, error_body(exc.code, str(exc)), status_of(exc.code), headers)
 
 
 def _one_line(exc: ValidationError | RequestValidationError) -> str:
@@ -472,6 +503,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
             state["gateway"].close()
 
     app = FastAPIOffline(  # /docs and /redoc load Swagger UI and ReDoc from the installed package: they work offline
+        docs_url=DOCS_URL,
+        redoc_url=REDOC_URL,
         title="ComNeck gateway",
         summary="Compressed image latents in, MLLM answers out: entropy decode -> transform-neck -> CLIP tail -> backend.",
         version=__version__,
@@ -483,21 +516,28 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     )
     admission = Admission(settings.max_queue)
     metrics = Metrics(in_flight=lambda: admission.count)
-    app.add_middleware(CountRequests, metrics=metrics)  # outermost: it counts BodyLimit's refusals too
 
     def known(key: str | None) -> bool:
         return key is not None and any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)
 
-    # Declared so OpenAPI lists both schemes (the Authorize button of /docs); the check reads the headers itself.
-    bearer, api_key_header = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
-
-    def authorized(request: Request, _bearer: Any = Depends(bearer), _key: Any = Depends(api_key_header)) -> None:
+    def check_key(request: Request) -> None:
         """Every key the request presents must be a configured one, and it must present one."""
         if not settings.api_keys:
             return
         presented = _presented_keys(request)
         if not presented or not all(known(key) for key in presented):
             raise ApiError(ErrorCode.UNAUTHORIZED, "missing or wrong API key: send Authorization: Bearer KEY or X-API-Key: KEY")
+
+    # Declared so OpenAPI lists both schemes (the Authorize button of /docs); the check reads the headers itself.
+    bearer, api_key_header = HTTPBearer(auto_error=False), APIKeyHeader(name="X-API-Key", auto_error=False)
+
+    def authorized(request: Request, _bearer: Any = Depends(bearer), _key: Any = Depends(api_key_header)) -> None:
+        check_key(request)
+
+    if not settings.public_docs:  # the index, the schema and the docs pages need a key too (their script files do not)
+        docs = {"/", str(app.openapi_url), DOCS_URL, str(app.swagger_ui_oauth2_redirect_url), REDOC_URL}
+        app.add_middleware(GuardPaths, paths=docs, check=check_key)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: it counts BodyLimit's and the guard's refusals too
 
     def ready_gateway() -> Gateway:
         if state["gateway"] is None:
@@ -508,12 +548,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
 
     @app.exception_handler(ComneckInputError)
     async def input_error(request: Request, exc: ComneckInputError) -> Response:
-        headers = {}
-        if isinstance(exc, ApiError) and exc.retry_after is not None:
-            headers["Retry-After"] = str(exc.retry_after)
-        if exc.code == ErrorCode.UNAUTHORIZED:
-            headers["WWW-Authenticate"] = "Bearer"
-        return respond(request, error_body(exc.code, str(exc)), status_of(exc.code), headers)
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -61,6 +61,10 @@ class ServerSettings(BaseSettings):
         False, description="load each backend on its first request instead of at start-up (its files, packages and CLIP "
         "are still checked at start-up); GET /v1/models and /readyz show each one's state",
     )
+    public_docs: bool = Field(
+        False, description="with API keys set, serve /, /docs, /redoc and /openapi.json without a key (they describe the "
+        "API, no data); without it they need a key like every endpoint but /healthz and /readyz",
+    )
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     api_keys: Annotated[list[str], NoDecode] = Field(
