@@ -68,7 +68,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _inline_schema(model: type[InferRequest]) -> dict[str, Any]:
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The model's JSON schema with its $defs substituted, to embed in a hand-written requestBody."""
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
@@ -130,6 +130,7 @@ SUPPORT_SET_BODY = {
         },
     }
 }
+CHAT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline_schema(ChatRequest)}}}}
 RECONSTRUCT_BODY = {
     "requestBody": {
         "required": True,
@@ -633,6 +634,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         "/v1/chat/completions",
         summary="OpenAI's chat API: one user message with the bitstream as a data:application/x-comneck;base64 image URL",
         responses=ERROR_RESPONSES,
+        openapi_extra=CHAT_BODY,
         dependencies=[Depends(authorized)],
     )
     async def chat_completions(request: Request, loaded: Gateway = Depends(ready_gateway)) -> Response:

@@ -59,7 +59,7 @@ class InferResponse(BaseModel):
     task: str
     bytes: int = Field(description="size of the bitstream received")
     bpp: float = Field(description="bits per pixel of the image the codec saw (real container bytes)")
-    image_size: tuple[int, int] = Field(description="(height, width) the codec saw")
+    image_size: list[int] = Field(min_length=2, max_length=2, description="[height, width] the codec saw")
     rate: int
     timings_ms: dict[str, float] = Field(
         description="parse, queue, entropy_decode, neck, clip_tail, backend, server_total"
