@@ -63,7 +63,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "body over the configured limit, or (/reconstruct) an image over the pixel limit"),
         (415, "unsupported content type"),
         (422, "bad prompt, options or size"),
-        (503, "not ready yet, or busy: retry after the Retry-After seconds"),
+        (503, "not ready yet, busy, or no decode worker (decode_unavailable): retry after the Retry-After seconds"),
     ]
 }
 
@@ -586,6 +586,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     @app.get("/readyz", summary="readiness: models loaded and warmed up", responses={503: {"model": ErrorResponse}})
     def readyz(request: Request) -> Response:
         loaded = ready_gateway()
+        if loaded.workers is not None:
+            loaded.workers.check()  # 503 decode_unavailable while no decode worker can start
         return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.models.random_weights,
                                  "backends": {name: loaded.pipeline.state(name) for name in loaded.pipeline.specs}})
 

@@ -66,7 +66,7 @@ class Gateway:
         workers = None
         if settings.decode_workers:
             workers = DecodeWorkers(pipeline.preset, files.codec, pipeline.models.codec_fingerprint, settings.decode_workers,
-                                    settings.decode_timeout_s)
+                                    settings.decode_timeout_s, settings.decode_worker_max_failures)
             pipeline.entropy_decode = workers.decode
         gateway = cls(pipeline, settings, workers)
         gateway.warm_up()

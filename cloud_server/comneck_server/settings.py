@@ -84,6 +84,10 @@ class ServerSettings(BaseSettings):
         1, ge=0, le=64, description="processes that entropy-decode (a crash in native decoding costs one request); 0: in the gateway process"
     )
     decode_timeout_s: float = Field(30.0, gt=0, description="longest entropy decoding of one bitstream (422 decode_timeout beyond)")
+    decode_worker_max_failures: int = Field(
+        5, gt=0, description="failed decode-worker starts in a row after which /readyz and requests answer 503 "
+        "decode_unavailable (starts go on, 0.1 s doubling to 5 s apart; the first success ends it)"
+    )
     max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
