@@ -446,3 +446,50 @@ def test_with_keys_every_route_but_the_probes_needs_one_and_public_docs_opens_th
                 assert keyed.status_code != 401, (method, path, keyed.text)
         assert client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()["info"]["title"] == "ComNeck gateway"
         assert client.get("/docs", headers={"X-API-Key": "k1"}).text.count("swagger-ui") >= 1
+
+
+def test_a_long_registration_runs_in_pieces_that_inference_interleaves_with(tiny_pipeline, encoded, monkeypatch):
+    """A 20-example registration is described 8 + 8 + 4 at a time; an inference asked while the first
+    piece runs is answered after that piece, long before the registration ends."""
+    import time
+
+    from comneck.backends import BackendSpec
+    from comneck.clip_split import ClipTap
+
+    class Described:  # a few-shot backend whose descriptions take 0.4 s a piece
+        spec = BackendSpec("stub-fewshot", "x:Y", "test stub", ("fewshot",), ClipTap("embedding", tokens="cls"))
+        random_weights = True
+
+        def check_support(self, labels):
+            pass
+
+    pieces, started = [], threading.Event()
+
+    def describe_images(streams, backend):
+        pieces.append(len(streams))
+        started.set()
+        time.sleep(0.4)
+        return [f"words {len(pieces)}"] * len(streams)
+
+    monkeypatch.setitem(tiny_pipeline.backends, "stub-fewshot", Described())
+    monkeypatch.setattr(tiny_pipeline, "describe_images", describe_images)
+    gateway = Gateway(tiny_pipeline, ServerSettings())
+    labels = [("cat", "dog")[i % 2] for i in range(20)]
+    done: dict[str, float] = {}
+
+    def register():
+        entry = gateway.register_support("pets", [encoded.data] * 20, labels, "stub-fewshot")
+        done["registration"] = time.perf_counter()
+        done["examples"] = [e.description for e in entry.examples]
+
+    thread = threading.Thread(target=register)
+    thread.start()
+    assert started.wait(10)
+    asked = time.perf_counter()
+    answer = gateway.infer(encoded.data, PROMPT, backend="clip-zero-shot")
+    answered = time.perf_counter()
+    thread.join(30)
+    assert pieces == [8, 8, 4] and answer.text in ("cow", "horse", "beach")
+    assert answered - asked < 0.8 < done["registration"] - asked  # one piece at most, not the three
+    assert done["examples"] == ["words 1"] * 8 + ["words 2"] * 8 + ["words 3"] * 4
+    gateway.support_sets.delete("pets")

@@ -5,7 +5,9 @@ Models load once (:meth:`Gateway.load`); requests run one at a time, since each 
 every core (CPU) or the whole stream (GPU), and always on the same thread: model work from many
 request threads would give each its own glibc malloc arena, each keeping freed memory, so the
 resident size would creep up with the number of threads that ever ran a model
-(docs/benchmarks.md, "Memory").
+(docs/benchmarks.md, "Memory"). Long jobs do not hold that thread for their whole length: a
+support-set registration is described in pieces of ``SUPPORT_PIECE`` examples, each queued behind
+the requests that came before it, and /reconstruct's g_s runs in a lane of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TypeVar
 
 import torch
 
-from comneck.backends import GenerationOptions
+from comneck.backends import GenerationOptions, SupportExample
 from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError, ErrorCode
 from comneck.image import to_image
@@ -30,6 +32,7 @@ from .settings import ServerSettings
 from .support_sets import SupportSet, SupportSets, check_name
 
 T = TypeVar("T")
+SUPPORT_PIECE = 8
 
 
 class Gateway:
@@ -43,6 +46,12 @@ class Gateway:
         self.support_sets = SupportSets()
         self.started = int(time.time())  # "created" of the OpenAI-style model list
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-model")
+        #: /reconstruct's g_s (seconds on a large image) runs in a lane of its own, one at a time, so
+        #: it never holds the model thread; the admission limit bounds what waits for it
+        self._long_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-long")
+        #: support examples described per model-thread job: a registration of 64 holds inference up
+        #: for one piece at a time, not for all of it
+        self.support_piece = SUPPORT_PIECE
 
     def _on_model_thread(self, work: Callable[[], T]) -> tuple[T, float]:
         """Run ``work`` on the one model thread after the requests before it; (its result, the
@@ -76,6 +85,7 @@ class Gateway:
         """Stop the model thread (after the work it holds) and the decode workers (the process's
         exit stops them too)."""
         self._model_thread.shutdown()
+        self._long_lane.shutdown()
         if self.workers is not None:
             self.workers.close()
 
@@ -153,10 +163,15 @@ class Gateway:
         ``fewshot``), and keep them under ``name`` for later requests."""
         check_name(name)
         self._load_lazy("fewshot", backend)
-        chosen, _ = self.pipeline.backend_for("fewshot", backend)
         support = self.pipeline.support(bitstreams, labels)
-        examples, _ = self._on_model_thread(lambda: self.pipeline.describe_support(support, chosen.spec.name))
-        entry = SupportSet(name, chosen.spec.name, tuple(examples))
+        chosen = self.pipeline.check_support(support, backend)
+        descriptions: list[str] = []
+        for start in range(0, len(support.streams), self.support_piece):  # each piece queues behind what came before it
+            piece = support.streams[start : start + self.support_piece]
+            described, _ = self._on_model_thread(lambda: self.pipeline.describe_images(piece, chosen))
+            descriptions += described
+        examples = tuple(SupportExample(d, label) for d, label in zip(descriptions, support.labels))
+        entry = SupportSet(name, chosen, examples)
         self.support_sets.put(entry)
         return entry
 
@@ -176,7 +191,7 @@ class Gateway:
     def reconstruct(self, data: bytes) -> bytes:
         """g_s on the decoded latents, cropped to the original size, as PNG bytes (for people, not the MLLM)."""
         stream = self._check_pixels(data)
-        x_hat, _ = self._on_model_thread(lambda: self.pipeline.reconstruct(stream))
+        x_hat = self._long_lane.submit(self.pipeline.reconstruct, stream).result()
         image = to_image(x_hat)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

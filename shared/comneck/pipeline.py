@@ -360,12 +360,21 @@ class Pipeline:
 
     def describe_support(self, support: Support, backend: str | None = None) -> list[SupportExample]:
         """What a few-shot backend shows of each support image, computed once (for a support set to keep)."""
+        name = self.check_support(support, backend)
+        return [SupportExample(d, label) for d, label in zip(self.describe_images(support.streams, name), support.labels)]
+
+    def check_support(self, support: Support, backend: str | None = None) -> str:
+        """The few-shot backend (by name) that would describe ``support``, its labels checked by it."""
         chosen, _ = self.backend_for("fewshot", backend)
-        few_shot = _few_shot(chosen)
-        few_shot.check_support(support.labels)
-        features = self.features(self.decode(support.streams), [chosen.spec.tap])
-        descriptions = few_shot.describe(self.select(features, chosen.spec.tap))
-        return [SupportExample(d, label) for d, label in zip(descriptions, support.labels)]
+        _few_shot(chosen).check_support(support.labels)
+        return chosen.spec.name
+
+    def describe_images(self, streams: Sequence[Bitstream], backend: str) -> list[str]:
+        """Decode, one neck + tail pass and the few-shot backend's description of each image: the work
+        of :meth:`describe_support`, for any slice of the support (the gateway runs long ones in pieces)."""
+        chosen = self.backends[backend]
+        features = self.features(self.decode(streams), [chosen.spec.tap])
+        return _few_shot(chosen).describe(self.select(features, chosen.spec.tap))
 
     def run(self, request: Request) -> list[Answer]:
         """Decode, one batched neck + tail pass (the support images' included), the backend: a
