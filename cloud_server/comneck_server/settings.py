@@ -81,6 +81,14 @@ class ServerSettings(BaseSettings):
     )
     decode_timeout_s: float = Field(30.0, gt=0, description="longest entropy decoding of one bitstream (422 decode_timeout beyond)")
     max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
+    keep_alive_timeout_s: int = Field(5, gt=0, description="seconds an idle keep-alive connection stays open after its last answer")
+    max_connections: int | None = Field(
+        None, gt=0, description="open connections (or running requests) at which uvicorn answers further requests 503 at once; "
+        "header-stalling connections count too; unset: no limit",
+    )
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="longest request line and headers in bytes, together (400 beyond; h11's incomplete-event limit)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
     @field_validator("backend", "backends", "api_keys", mode="before")
