@@ -12,17 +12,40 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compose_runs_a_checked_gateway_and_an_edge_client_against_it():
+def test_compose_runs_a_checked_gateway_behind_the_proxy_and_an_edge_client_through_it():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    server, edge = compose["services"]["server"], compose["services"]["edge"]
-    for service in (server, edge):
+    server, proxy, edge = (compose["services"][name] for name in ("server", "proxy", "edge"))
+    for service in (server, proxy, edge):
         assert (ROOT / service["build"]["dockerfile"]).is_file()
     assert "/readyz" in " ".join(server["healthcheck"]["test"])
-    assert edge["depends_on"]["server"]["condition"] == "service_healthy"
+    assert "ports" not in server and server["expose"] == ["8000"]  # on the compose network only
+    assert proxy["environment"]["PROXY_UPSTREAM"] == "server:8000" and proxy["depends_on"] == ["server"]
+    assert "http://127.0.0.1:8080/healthz" in proxy["healthcheck"]["test"]  # the proxy's plain port, through to the gateway
+    assert edge["depends_on"]["server"]["condition"] == edge["depends_on"]["proxy"]["condition"] == "service_healthy"
     command = edge["command"]
-    assert command[0] == "encode" and command[command.index("--server") + 1] == "http://server:8000"
+    assert command[0] == "encode" and command[command.index("--server") + 1] == "http://proxy:8080"
     assert Path(command[1]).name in {p.name for p in (ROOT / "shared/comneck/assets").glob("*.png")}
     assert list(edge["environment"]) == ["COMNECK_API_KEY"]  # passed through for a server with keys
+
+
+def test_the_proxy_image_is_the_pinned_official_nginx_with_the_template_and_the_certificate_script():
+    dockerfile = (ROOT / "docker/Dockerfile.proxy").read_text()
+    assert re.search(r"^FROM nginx:\d+\.\d+\.\d+-alpine$", dockerfile, re.M)  # a pinned release, not a moving tag
+    assert "COPY docker/nginx/comneck.conf.template /etc/nginx/templates/comneck.conf.template" in dockerfile
+    assert re.search(r"^COPY docker/nginx/comneck-tls\.sh /docker-entrypoint\.d/\d+-comneck-tls\.sh$", dockerfile, re.M)
+    assert (ROOT / "docker/nginx/comneck-tls.sh").stat().st_mode & 0o111  # the image's entrypoint runs only executable scripts
+    assert "ENV NGINX_ENVSUBST_FILTER=^PROXY_" in dockerfile and "apk add --no-cache openssl" in dockerfile
+    # every name the template reads is one compose gives the image (nginx's own $variables are left alone)
+    template = (ROOT / "docker/nginx/comneck.conf.template").read_text()
+    environment = _compose()["services"]["proxy"]["environment"]
+    assert set(re.findall(r"\$\{(PROXY_\w+)\}", template)) == set(environment) - {"PROXY_TLS_NAMES"}  # that one: the script's
+    assert not re.findall(r"\$\{(?!PROXY_)", template)
+
+
+def test_the_proxy_takes_bodies_as_large_as_the_gateway_does():
+    environment = _compose()["services"]["proxy"]["environment"]
+    match = re.fullmatch(r"\$\{COMNECK_MAX_BODY_BYTES:-(\d+)\}", environment["PROXY_MAX_BODY_BYTES"])
+    assert match and _settings_defaults()["COMNECK_MAX_BODY_BYTES"] == "8 << 20" and int(match[1]) == 8 << 20
 
 
 def test_dockerfiles_start_installed_commands():
@@ -80,8 +103,9 @@ def _compose(name: str = "docker-compose.yml") -> dict:
     return yaml.safe_load((ROOT / name).read_text())
 
 
-# Compose-only names: where the host publishes the gateway (not settings of the gateway).
-PUBLISH = {"COMNECK_PUBLISH_HOST", "COMNECK_PUBLISH_PORT"}
+# Compose-only names: where the host publishes the proxy, the names its certificate is made for
+# (not settings of the gateway).
+PUBLISH = {"COMNECK_PUBLISH_HOST", "COMNECK_PUBLISH_PORT", "COMNECK_TLS_NAMES"}
 
 
 def test_compose_forwards_every_gateway_setting_with_the_gateways_defaults():
@@ -108,9 +132,10 @@ def test_docs_name_only_forwarded_settings():
     assert PUBLISH <= named
 
 
-def test_published_port_is_on_localhost_unless_told_otherwise():
-    (port,) = _compose()["services"]["server"]["ports"]
-    assert port == "${COMNECK_PUBLISH_HOST:-127.0.0.1}:${COMNECK_PUBLISH_PORT:-8000}:8000"
+def test_published_port_is_the_proxys_tls_port_on_localhost_unless_told_otherwise():
+    (port,) = _compose()["services"]["proxy"]["ports"]
+    assert port == "${COMNECK_PUBLISH_HOST:-127.0.0.1}:${COMNECK_PUBLISH_PORT:-8443}:8443"
+    assert _compose()["services"]["proxy"]["environment"]["PROXY_HTTPS_LISTEN"] == "8443"
     docs = (ROOT / "docs/deploy.md").read_text()
     assert "COMNECK_PUBLISH_HOST=0.0.0.0" in docs and "COMNECK_API_KEYS=" in docs
 
@@ -168,11 +193,11 @@ def _rendered(cli: list[str], env: dict[str, str], *files: str) -> dict:
     args = [part for name in files for part in ("-f", str(ROOT / name))]
     run = subprocess.run([*cli, *args, "config"], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    return yaml.safe_load(run.stdout)["services"]["server"]
+    return yaml.safe_load(run.stdout)["services"]
 
 
-def _published(server: dict) -> tuple[str, int]:
-    (port,) = server["ports"]
+def _published(service: dict) -> tuple[str, int]:
+    (port,) = service["ports"]
     if isinstance(port, str):  # v1: "HOST:PUBLISHED:TARGET/tcp"
         host, published, _ = port.split(":")
         return host, int(published)
@@ -180,17 +205,22 @@ def _published(server: dict) -> tuple[str, int]:
 
 
 def test_compose_itself_renders_what_the_docs_say():
-    """The operator's commands, rendered by Docker Compose (no engine needed): CPU on localhost by
-    default, COMNECK_* forwarded from the shell, the GPU override reserving a GPU."""
+    """The operator's commands, rendered by Docker Compose (no engine needed): CPU behind the proxy
+    on localhost by default, COMNECK_* forwarded from the shell (the body limit to both), the GPU
+    override reserving a GPU."""
     cli = _compose_cli()
     if cli is None:
         pytest.skip("no Docker Compose on this machine (apt-get install docker-compose)")
     plain = _rendered(cli, {}, "docker-compose.yml")
-    assert plain["environment"]["COMNECK_DEVICE"] == "cpu" and "deploy" not in plain
-    assert _published(plain) == ("127.0.0.1", 8000)
-    asked = _rendered(cli, {"COMNECK_DEVICE": "cuda", "COMNECK_MAX_QUEUE": "4", "COMNECK_PUBLISH_HOST": "0.0.0.0"}, "docker-compose.yml")
-    assert (asked["environment"]["COMNECK_DEVICE"], str(asked["environment"]["COMNECK_MAX_QUEUE"])) == ("cuda", "4")
-    assert _published(asked) == ("0.0.0.0", 8000)
-    gpu = _rendered(cli, {}, "docker-compose.yml", "docker-compose.gpu.yml")
+    assert plain["server"]["environment"]["COMNECK_DEVICE"] == "cpu" and "deploy" not in plain["server"]
+    assert _published(plain["proxy"]) == ("127.0.0.1", 8443) and "ports" not in plain["server"]
+    assert str(plain["proxy"]["environment"]["PROXY_MAX_BODY_BYTES"]) == str(8 << 20)
+    asked = _rendered(cli, {"COMNECK_DEVICE": "cuda", "COMNECK_MAX_QUEUE": "4", "COMNECK_PUBLISH_HOST": "0.0.0.0",
+                            "COMNECK_MAX_BODY_BYTES": "1000"}, "docker-compose.yml")
+    server, proxy = asked["server"]["environment"], asked["proxy"]["environment"]
+    assert (server["COMNECK_DEVICE"], str(server["COMNECK_MAX_QUEUE"])) == ("cuda", "4")
+    assert str(server["COMNECK_MAX_BODY_BYTES"]) == str(proxy["PROXY_MAX_BODY_BYTES"]) == "1000"
+    assert _published(asked["proxy"]) == ("0.0.0.0", 8443)
+    gpu = _rendered(cli, {}, "docker-compose.yml", "docker-compose.gpu.yml")["server"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["environment"]["COMNECK_DEVICE"] == "cuda" and device["driver"] == "nvidia" and "gpu" in device["capabilities"]

@@ -11,16 +11,13 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import msgpack
 import pytest
-import uvicorn
 
 from comneck.bitstream import Bitstream
 from comneck.image import sample_photo
@@ -29,6 +26,7 @@ from comneck_server.app import create_app
 from comneck_server.demo import free_port, local_gateway
 from comneck_server.gateway import Gateway
 from comneck_server.settings import ServerSettings
+from in_thread import serving
 
 API_KEY = "test-key"
 LIMIT = 64 * 1024
@@ -265,28 +263,10 @@ def test_server_keeps_serving_after_bad_input(http, good, tiny):
 GRACE_S, TIMEOUT_S, MIN_RATE = 1.5, 3.0, 1024
 
 
-@contextmanager
-def serving(app) -> Iterator[int]:
-    """``app`` under uvicorn in a thread on a free loopback port, its logs reaching caplog; yields the port."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, log_level="info"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def strict(tiny_pipeline) -> Iterator[int]:
-    settings = ServerSettings(body_timeout_s=TIMEOUT_S, upload_grace_s=GRACE_S, min_upload_bytes_per_s=MIN_RATE, max_queue=2)
-    with serving(create_app(settings, Gateway(tiny_pipeline, settings))) as port:
+    settings = ServerSettings(port=free_port(), body_timeout_s=TIMEOUT_S, upload_grace_s=GRACE_S, min_upload_bytes_per_s=MIN_RATE, max_queue=2)
+    with serving(create_app(settings, Gateway(tiny_pipeline, settings)), settings) as port:
         yield port
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -62,6 +63,20 @@ def parse_settings(argv: list[str]) -> ServerSettings:
     return settings
 
 
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """uvicorn's arguments from the settings: the address, the log level and the connection limits
+    uvicorn itself enforces (keep-alive, open connections, header size); docs/deploy.md says which
+    limits only a reverse proxy adds."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+        "limit_concurrency": settings.max_connections,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "--version" in args:
@@ -78,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(create_app(settings), **uvicorn_options(settings))
     return 0
 
 

@@ -89,6 +89,14 @@ class ServerSettings(BaseSettings):
         "decode_unavailable (starts go on, 0.1 s doubling to 5 s apart; the first success ends it)"
     )
     max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
+    keep_alive_timeout_s: int = Field(5, gt=0, description="seconds an idle keep-alive connection stays open after its last answer")
+    max_connections: int | None = Field(
+        None, gt=0, description="open connections (or running requests) at which uvicorn answers further requests 503 at once; "
+        "header-stalling connections count too; unset: no limit",
+    )
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="longest request line and headers in bytes, together (400 beyond; h11's incomplete-event limit)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
     @field_validator("backend", "backends", "api_keys", mode="before")
