@@ -13,7 +13,7 @@ STAMP := $(VENV)/.comneck-installed
 DEMO_STAMP := $(VENV)/.comneck-demo-installed
 LOCK_TOOL := .venv-lock
 UV_VERSION := 0.13.9
-LOCK_SETS := edge server train llm dev
+LOCK_SETS := edge server train llm eval dev
 UV_COMPILE = $(LOCK_TOOL)/bin/uv pip compile pyproject.toml --universal --python-version 3.10 \
 	--no-emit-package comneck --custom-compile-command "make lock" --quiet
 

@@ -11,7 +11,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-SETS = ["edge", "server", "train", "llm", "dev"]
+SETS = ["edge", "server", "train", "llm", "eval", "dev"]
 
 
 def pins(name: str) -> dict[str, list[str]]:

@@ -29,7 +29,7 @@ from comneck.image import sample_photo
 from comneck_edge import EdgeEncoder
 from comneck_edge.client import GatewayClient
 from comneck_server.app import create_app
-from comneck_server.demo import free_port
+from comneck_server.demo import free_port, stop_process
 from comneck_server.gateway import Gateway
 from comneck_server.settings import ServerSettings
 from in_thread import serving
@@ -136,11 +136,7 @@ def proxy(nginx, tiny_pipeline, tmp_path_factory) -> Iterator[Proxy]:
                     time.sleep(0.05)
             yield Proxy(f"https://127.0.0.1:{https_port}", f"http://127.0.0.1:{http_port}", https_port, folder / "tls/cert.pem", gateway)
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_process(process)
             output.close()
 
 

@@ -44,11 +44,16 @@ def local_gateway(
             client.wait_ready(timeout, is_alive=lambda: server.poll() is None)
             yield client
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM ``process``, and SIGKILL it if it has not exited ``grace_s`` later."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def run_demo(image: str | None, preset: str, rate: int, resize: str, prompt: str) -> str:
