@@ -21,7 +21,8 @@ LAYERS = [
     "backends.v2l_fewshot", "backends.shikra", "backends.honeybee", "backends.llava", "backends.llama_adapter", "backends.v2l", "backends",
     "pipeline", "complexity", "convert",
     "train.config", "train.checkpointing", "train.interrupt", "train.data", "train.objectives", "train.student", "train.trainer",
-    "train.cli", "cli", "__main__", "launch", "",
+    "train.cli", "eval.items", "eval.datasets", "eval.metrics", "eval.report", "eval.pipelines", "eval.config", "eval.harness",
+    "eval.cli", "eval", "cli", "__main__", "launch", "",
 ]
 
 
