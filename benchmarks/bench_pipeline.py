@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from comneck.image import sample_photo
 from comneck.models import RANDOM_WEIGHTS_NOTE
@@ -24,8 +23,6 @@ from comneck.pipeline import Pipeline
 from comneck.presets import PRESETS
 from comneck_edge import EdgeEncoder
 
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 def median_ms(fn: Callable[[], object], runs: int) -> float:
@@ -60,16 +57,11 @@ def main() -> None:
     preset = PRESETS[args.preset]
     encoder = EdgeEncoder(preset)
     pipeline = Pipeline.from_pretrained(preset=preset, backends=())
-    codec, clip = pipeline.models.codec, pipeline.models.clip
+    codec = pipeline.models.codec
     photo = sample_photo()
     encoded = encoder.encode_file(photo)
     stream = pipeline.parse(encoded.data)
     (y_hat,) = pipeline.decode([stream])
-    clip_px = preset.clip.image_size
-
-    def to_clip_input(x_hat: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x_hat, size=(clip_px, clip_px), mode="bicubic", align_corners=False, antialias=True)
-        return (x - CLIP_MEAN) / CLIP_STD
 
     with torch.inference_mode():
         x_hat = codec.synthesize(y_hat)
@@ -81,7 +73,7 @@ def main() -> None:
             "neck": ours_split["neck"],
             "CLIP tail": ours_split["clip_tail"],
             "g_s (baseline)": median_ms(lambda: codec.synthesize(y_hat), args.runs),
-            "full CLIP on x_hat (baseline)": median_ms(lambda: clip(to_clip_input(x_hat)), args.runs),
+            "full CLIP on x_hat (baseline)": median_ms(lambda: pipeline.pixel_features([x_hat]), args.runs),
         }
     ours = steps["entropy decode"] + steps["neck"] + steps["CLIP tail"]
     base = steps["entropy decode"] + steps["g_s (baseline)"] + steps["full CLIP on x_hat (baseline)"]

@@ -174,3 +174,35 @@ def test_a_pipeline_refuses_the_other_geometrys_bitstream(tiny_pipeline, pipelin
             pipeline.prepare([data], [PROMPT])
         assert info.value.code == "unsupported_size"
         assert f"takes a {side}x{side} codec input" in str(info.value) and f"--preset {pipeline.preset.name}" in str(info.value)
+
+
+def test_the_full_clip_path_equals_open_clips_encode_image_on_clips_own_input(tiny_pipeline, tiny_models):
+    """Pixels -> the full CLIP: CLIP's input is the codec-view image resized (bicubic, antialiased)
+    to 224 and normalised with CLIP's statistics; then open_clip's own encode_image."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    image = to_tensor(resize_for_codec(load_image(sample_photo()), "paper"))
+    x = torch.nn.functional.interpolate(image, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
+    x = (x - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        reference = tiny_models.clip_model.encode_image(x)
+    assert torch.equal(tiny_pipeline.pixel_features([image]).embedding, reference)
+    features = tiny_pipeline.pixel_features([image, image.flip(-1)], [ClipTap("hidden", block=4)])  # a batch: float rounding
+    torch.testing.assert_close(features.embedding[:1], reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(features.embedding[1:], reference, atol=1e-3)
+    assert set(features.hidden) == {4} and features.projected.shape[:2] == (2, 257)
+
+
+def test_answer_pixels_answers_as_the_backend_does_on_the_full_clips_features(tiny_pipeline, tiny_models):
+    images = [to_tensor(resize_for_codec(load_image(photo), "paper")) for photo in (sample_photo(), sample_photo("chicken_on_money.png"))]
+    prompts = ["Labels: cow, beach, money", "Labels: chicken, money, cow, dog"]
+    answers = tiny_pipeline.answer_pixels(images, prompts, options=[GenerationOptions(top_k=2), GenerationOptions(top_k=3)])
+    features = tiny_pipeline.pixel_features(images)
+    backend = tiny_pipeline.backends["clip-zero-shot"]
+    expected = backend.generate(features.embedding, prompts, "classify", [GenerationOptions(top_k=2), GenerationOptions(top_k=3)])
+    assert [a.text for a in answers] == [e.text for e in expected] and [a.details for a in answers] == [e.details for e in expected]
+    assert [(a.num_bytes, a.bpp, a.image_size, a.task) for a in answers] == [(0, 0.0, (256, 256), "classify")] * 2
+    with pytest.raises(ComneckInputError, match="one prompt per image"):
+        tiny_pipeline.answer_pixels(images, prompts[:1])
+    with pytest.raises(ComneckInputError, match="3 colour channels"):
+        tiny_pipeline.answer_pixels([images[0][:, :1]], prompts[:1])

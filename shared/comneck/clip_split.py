@@ -19,11 +19,22 @@ from typing import Literal
 
 import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from .errors import ComneckInputError, ErrorCode
 from .presets import ClipConfig, check_final_norm
+
+
+def clip_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A codec-view image in [0, 1] (the photo framed for the codec) -> CLIP's input: the same field
+    of view, resized to ``size`` (bicubic, antialiased) and normalised with CLIP's statistics. The
+    full-CLIP paths (the uncompressed image, reconstructions, the U-Net's output) all enter so."""
+    x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def build_clip(config: ClipConfig) -> open_clip.CLIP:

@@ -28,11 +28,11 @@ from torch import nn
 from .backends import (TASKS, Backend, BackendAnswer, BackendSpec, FewShotBackend, GenerationOptions, ImageInfo, SupportExample, check_choices, check_support_labels,
                        check_backend, load_backend, parse_backend_arg)
 from .backends.registry import BackendArg
-from .bitstream import DEFAULT_MAX_SIDE, Bitstream
-from .clip_split import ClipFeatures, ClipSplit, ClipTap
+from .bitstream import DEFAULT_MAX_SIDE, Bitstream, Source
+from .clip_split import ClipFeatures, ClipSplit, ClipTap, clip_input
 from .codec import LATENT_STRIDE, EncodedLatents
 from .errors import ComneckInputError, ErrorCode
-from .image import padding_of, unpad
+from .image import check_image_tensor, padding_of, unpad
 from .models import ComneckModels, WeightFiles, build_cloud_models
 from .presets import Preset, get_preset
 
@@ -69,6 +69,7 @@ class Support:
     labels: list[str]
     streams: list[Bitstream] = field(default_factory=list)
     examples: list[SupportExample] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)  # codec-view images of a pixel request's support
 
 
 def _few_shot(backend: Backend) -> FewShotBackend:
@@ -96,14 +97,23 @@ class Request:
     """A batch that passed every cheap check: parsed containers, prompts (with their multiple-choice
     options, an empty list for a free-form item), the backend, task and each item's options."""
 
-    streams: list[Bitstream]
-    sizes: list[int]  # container bytes per item
+    streams: list[Bitstream]  # empty for a pixel request
+    sizes: list[int]  # container bytes per item (0: a pixel request coded nothing)
     prompts: list[str]
     backend: Backend
     task: str
     options: list[GenerationOptions] = field(default_factory=list)  # one per item
     choices: list[list[str]] = field(default_factory=list)
     support: Support | None = None
+    #: a pixel request's codec-view images [1, 3, H, W] in [0, 1], for the full CLIP (no container)
+    pixels: list[torch.Tensor] = field(default_factory=list)
+    sources: list[Source | None] = field(default_factory=list)  # the photos they were framed from
+
+    def images(self) -> list[ImageInfo]:
+        """What each item's image is: the container's record, or a pixel request's own size and source."""
+        if self.pixels:
+            return [ImageInfo((int(x.shape[-2]), int(x.shape[-1])), source) for x, source in zip(self.pixels, self.sources)]
+        return [ImageInfo(stream.image_size, stream.source) for stream in self.streams]
 
 
 @dataclass
@@ -330,6 +340,33 @@ class Pipeline:
         ``support``: the labelled examples of task ``fewshot`` (:meth:`support`)."""
         if len(items) != len(prompts) or not items:
             raise ComneckInputError(f"give one prompt per bitstream (got {len(items)} bitstreams, {len(prompts)} prompts)")
+        chosen, task, item_options, per_item = self._checked(prompts, task, backend, options, choices, support)
+        streams = [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items]
+        sizes = [len(item) if isinstance(item, bytes) else len(item.to_bytes()) for item in items]
+        return Request(streams, sizes, list(prompts), chosen, task, item_options, per_item, support)
+
+    def prepare_pixels(self, images: Sequence[torch.Tensor], prompts: Sequence[str], task: str | None = None,
+                       backend: str | None = None, options: GenerationOptions | Sequence[GenerationOptions] | None = None,
+                       choices: Sequence[Sequence[str] | None] | None = None, support: Support | None = None,
+                       sources: Sequence[Source | None] | None = None) -> Request:
+        """:meth:`prepare` for the full-CLIP path: codec-view images ([1, 3, H, W] in [0, 1]: the
+        uncompressed photo as framed for the codec, a reconstruction, ...) instead of containers, with
+        the photo each was framed from (``sources``: for boxes in the photo's pixels), same checks."""
+        if len(images) != len(prompts) or not images:
+            raise ComneckInputError(f"give one prompt per image (got {len(images)} images, {len(prompts)} prompts)")
+        for image in [*images, *(support.images if support else [])]:
+            check_image_tensor(image)
+        chosen, task, item_options, per_item = self._checked(prompts, task, backend, options, choices, support)
+        found = list(sources) if sources is not None else [None] * len(images)
+        if len(found) != len(images):
+            raise ComneckInputError(f"give one source per image (got {len(found)} for {len(images)} images)")
+        return Request([], [0] * len(images), list(prompts), chosen, task, item_options, per_item, support, list(images), found)
+
+    def _checked(self, prompts: Sequence[str], task: str | None, backend: str | None,
+                 options: GenerationOptions | Sequence[GenerationOptions] | None, choices: Sequence[Sequence[str] | None] | None,
+                 support: Support | None) -> tuple[Backend, str, list[GenerationOptions], list[list[str]]]:
+        """The checks :meth:`prepare` runs before any container: (the backend, the task, each item's
+        options, each item's choices)."""
         per_item = [list(c or ()) for c in choices] if choices is not None else [[] for _ in prompts]
         if len(per_item) != len(prompts):
             raise ComneckInputError(f"give one list of choices per prompt (got {len(per_item)} for {len(prompts)} prompts)")
@@ -349,9 +386,7 @@ class Pipeline:
                 raise ComneckInputError(f"backend {chosen.spec.name} answers no multiple-choice questions: send no choices",
                                         ErrorCode.BAD_CHOICES)
             chosen.check_prompt(prompt, task, item, check_choices(offered) if offered else [])
-        streams = [self.parse(item) if isinstance(item, bytes) else self.check(item) for item in items]
-        sizes = [len(item) if isinstance(item, bytes) else len(item.to_bytes()) for item in items]
-        return Request(streams, sizes, list(prompts), chosen, task, item_options, per_item, support)
+        return chosen, task, item_options, per_item
 
     def support(self, items: Sequence[bytes | Bitstream], labels: Sequence[str]) -> Support:
         """Labelled support bitstreams, checked like queries (labels first: 2 classes at least, one per bitstream)."""
@@ -378,33 +413,51 @@ class Pipeline:
 
     def run(self, request: Request) -> list[Answer]:
         """Decode, one batched neck + tail pass (the support images' included), the backend: a
-        :class:`Request` -> one answer per item."""
+        :class:`Request` -> one answer per item. A pixel request runs the full CLIP instead."""
         clock = _Clock(self.device)
-        y_hats, decode_ms = [], []
-        for stream in request.streams:
-            y_hats.extend(self.decode([stream]))
-            decode_ms.append(clock.lap())
         support = request.support
-        extra: dict[str, float] = {}
-        if support is not None and support.streams:
-            y_hats.extend(self.decode(support.streams))
-            extra["support_decode"] = clock.lap()
         tap, timings = request.backend.spec.tap, {}
-        features = self.features(y_hats, [tap], timings)
+        per_item: list[dict[str, float]] = [{} for _ in request.prompts]
+        if request.pixels:
+            features = self.pixel_features([*request.pixels, *(support.images if support else [])], [tap], timings)
+        else:
+            y_hats: list[torch.Tensor] = []
+            for stream, own in zip(request.streams, per_item):
+                y_hats.extend(self.decode([stream]))
+                own["entropy_decode"] = clock.lap()
+            if support is not None and support.streams:
+                y_hats.extend(self.decode(support.streams))
+                timings["support_decode"] = clock.lap()
+            features = self.features(y_hats, [tap], timings)
         clock.lap()
         selected = self.select(features, tap)
-        queries = selected[: len(request.streams)]
+        queries = selected[: len(request.prompts)]
         if support is not None:
             few_shot = _few_shot(request.backend)
             described = support.examples or [
-                SupportExample(d, label) for d, label in zip(few_shot.describe(selected[len(request.streams):]), support.labels)
+                SupportExample(d, label) for d, label in zip(few_shot.describe(selected[len(request.prompts):]), support.labels)
             ]
             answers = few_shot.fewshot(queries, described, request.options)
         else:
-            images = [ImageInfo(stream.image_size, stream.source) for stream in request.streams]
-            answers = request.backend.generate(queries, request.prompts, request.task, request.options, images, request.choices)
+            answers = request.backend.generate(queries, request.prompts, request.task, request.options, request.images(), request.choices)
         timings["backend"] = clock.lap()
-        return [self._answer(request, i, answer, {"entropy_decode": decode_ms[i], **extra, **timings}) for i, answer in enumerate(answers)]
+        return [self._answer(request, i, answer, {**per_item[i], **timings}) for i, answer in enumerate(answers)]
+
+    @torch.inference_mode()
+    def pixel_features(self, images: Sequence[torch.Tensor], taps: Iterable[ClipTap] = (),
+                       timings: dict[str, float] | None = None) -> ClipFeatures:
+        """The full CLIP (blocks 1..L) over codec-view images [1, 3, H, W] in [0, 1], resized to
+        CLIP's input and normalised (:func:`~comneck.clip_split.clip_input`), in one batch on the
+        pipeline's device: the reference path of the uncompressed image and of every baseline
+        that reconstructs pixels. ``timings`` (if given) gets ``clip`` in ms."""
+        clip = self.models.clip
+        blocks = {b for tap in taps if (b := tap.block_index(clip.num_blocks)) is not None}
+        clock = _Clock(self.device)
+        x = torch.cat([clip_input(image.to(self.device, self.dtype), self.preset.clip.image_size) for image in images])
+        features = clip.tail(clip.head(x), blocks)
+        if timings is not None:
+            timings["clip"] = clock.lap()
+        return features
 
     def answer(self, items: Sequence[bytes | Bitstream], prompts: Sequence[str], backend: str | None = None,
                task: str | None = None, options: GenerationOptions | Sequence[GenerationOptions] | None = None,
@@ -413,15 +466,24 @@ class Pipeline:
         ``options`` are one for every item or one per item, and each item is answered as it would be alone."""
         return self.run(self.prepare(items, prompts, task, backend, options, choices, support))
 
+    def answer_pixels(self, images: Sequence[torch.Tensor], prompts: Sequence[str], backend: str | None = None,
+                      task: str | None = None, options: GenerationOptions | Sequence[GenerationOptions] | None = None,
+                      choices: Sequence[Sequence[str] | None] | None = None, support: Support | None = None,
+                      sources: Sequence[Source | None] | None = None) -> list[Answer]:
+        """:meth:`answer` on the full-CLIP path: codec-view images instead of containers (their
+        answers report 0 bytes: this path coded nothing, its caller knows what the image cost)."""
+        return self.run(self.prepare_pixels(images, prompts, task, backend, options, choices, support, sources))
+
     def _answer(self, request: Request, i: int, answer: BackendAnswer, timings: dict[str, float]) -> Answer:
-        stream, expected = request.streams[i], request.backend.spec.resize
-        if expected and stream.source is not None and stream.source.resize != expected:
+        image, expected = request.images()[i], request.backend.spec.resize
+        if expected and image.source is not None and image.source.resize != expected:
             answer.details["resize_note"] = (f"{request.backend.spec.name} expects photos framed with --resize {expected}; "
-                                             f"this one was framed with --resize {stream.source.resize}")
-        h, w = stream.image_size
+                                             f"this one was framed with --resize {image.source.resize}")
+        h, w = image.size
+        rate = request.streams[i].rate if request.streams else 0
         return Answer(
             answer.text, answer.details, request.backend.spec.name, request.task, request.sizes[i], 8.0 * request.sizes[i] / (h * w),
-            (h, w), stream.rate, self.models.random_weights or request.backend.random_weights, self.models.note, timings,
+            (h, w), rate, self.models.random_weights or request.backend.random_weights, self.models.note, timings,
         )
 
     @torch.inference_mode()

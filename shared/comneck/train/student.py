@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from ..clip_split import ClipFeatures, ClipSplit, ClipTap
+from ..clip_split import ClipFeatures, ClipSplit, ClipTap, clip_input
 from ..codec import ElicCodec
 from ..pipeline import latent_features
 
@@ -36,16 +35,6 @@ class Target:
 
     def select(self, features: ClipFeatures) -> torch.Tensor:
         return features.embedding if self.kind == "cls" else features.hidden[self.block]  # type: ignore[index]
-
-
-def clip_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A codec-view image in [0, 1] (resize + centre crop to the codec input) -> CLIP's input: the
-    same field of view as CLIP's own resize + centre crop, resized to ``size`` and normalised with
-    CLIP's statistics."""
-    x = nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    mean = torch.tensor(OPENAI_DATASET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 class Student(nn.Module):
