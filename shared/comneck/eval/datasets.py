@@ -276,10 +276,11 @@ def fewshot_episodes(root: Path, episodes: Path | None = None, ways: int = 5, sh
     ``MiniImageNetDataset`` reads them. Item ``i`` is line ``i``: support in the line's
     order, the query as the image, its class's label as the reference.
 
-    Labels: the official code maps each class folder (an ImageNet wnid) to a name through a copy of
-    Keras's ``imagenet_class_index.json`` built into it (class 27, n01631663, blanked there); give
-    that file as ``classes`` for the same names (or a .txt / {folder: name} .json); without one,
-    the folder names, underscores as spaces."""
+    Labels: the official code maps each class folder (an ImageNet wnid) to a name through a dict
+    built into it in the form of Keras's ``imagenet_class_index.json`` ({index: [wnid, name]},
+    names such as ``great_white_shark``; its class 27, n01631663, is blanked there); give such a
+    file as ``classes`` for those names (or a .txt / {folder: name} .json); without one, the
+    folder names, underscores as spaces."""
     root = Path(root)
     path = Path(episodes) if episodes is not None else root / EPISODES_FOLDER / f"{ways}_way_{shots}_shot.csv"
     if not path.is_file():
