@@ -76,6 +76,7 @@ class ErrorCode(str, Enum):
     BAD_SETTINGS = "bad_settings", 400, "a gateway setting is wrong (unknown preset, device, weight file)"
     BAD_WEIGHTS = "bad_weights", 422, "a weight file is unreadable, unsafe or does not fit the preset (every bad key listed)"
     BAD_CONFIG = "bad_config", 400, "a training configuration is wrong"
+    BAD_DATASET = "bad_dataset", 400, "an evaluation dataset not in its published layout or format (a missing file or image, an annotation file of the wrong structure)"
     BAD_CHECKPOINT = "bad_checkpoint", 422, "a training checkpoint is unreadable, or --resume finds none"
     BAD_OUTPUT = "bad_output", 400, "an output folder that must not be overwritten"
     # the edge client's own (no answer came from a gateway)

@@ -27,7 +27,8 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     root: Literal["sample"] | Path = Field(description="ImageFolder root: one sub-folder of images per class (ImageNet train layout); "
                                            "sample: the two photos bundled with the package (a smoke run)")
-    classes: Path | None = Field(None, description="class names: a .txt (one per line, folder order) or .json {folder: name}")
+    classes: Path | None = Field(None, description="class names: a .txt (one per line, folder order), a .json {folder: name} "
+                                      "or Keras's imagenet_class_index.json {index: [folder, name]}")
     limit: int | None = Field(None, gt=0, description="use only the first N images (smoke tests)")
 
 

@@ -32,24 +32,32 @@ class TwoViews:
         return to_tensor(resize_for_codec(img, "paper", self.codec_size))[0], self.clip_view(img)
 
 
-def read_class_names(path: Path | None, folders: list[str]) -> list[str]:
-    """Readable class names in folder order: from a .txt (one per line) or .json ({folder: name}),
-    else the folder names with underscores as spaces."""
+def read_class_names(path: Path | None, folders: list[str], code: ErrorCode = ErrorCode.BAD_CONFIG) -> list[str]:
+    """Readable class names in folder order: from a .txt (one per line), a .json ({folder: name},
+    or Keras's ``imagenet_class_index.json``, {index: [folder, name]}), else the folder names with
+    underscores as spaces. A bad file is refused with ``code`` (the caller's kind of input)."""
     if path is None:
         return [folder.replace("_", " ") for folder in folders]
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ComneckInputError(f"cannot read class names {path}: {exc.strerror}", ErrorCode.BAD_CONFIG) from None
+        raise ComneckInputError(f"cannot read class names {path}: {exc.strerror}", code) from None
     if Path(path).suffix == ".json":
-        mapping = json.loads(text)
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ComneckInputError(f"{path} is not JSON ({exc})", code) from None
+        if not isinstance(mapping, dict):
+            raise ComneckInputError(f"{path} is no JSON object of class names", code)
+        if mapping and all(isinstance(v, list) and len(v) == 2 for v in mapping.values()):
+            mapping = {str(folder): name for folder, name in mapping.values()}
         missing = [f for f in folders if f not in mapping]
         if missing:
-            raise ComneckInputError(f"{path} names no class for folder {missing[0]!r}", ErrorCode.BAD_CONFIG)
+            raise ComneckInputError(f"{path} names no class for folder {missing[0]!r}", code)
         return [str(mapping[f]) for f in folders]
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if len(names) != len(folders):
-        raise ComneckInputError(f"{path} lists {len(names)} class names for {len(folders)} class folders", ErrorCode.BAD_CONFIG)
+        raise ComneckInputError(f"{path} lists {len(names)} class names for {len(folders)} class folders", code)
     return names
 
 
