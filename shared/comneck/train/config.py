@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ..errors import ComneckInputError, ErrorCode
 from ..presets import PRESETS, RATE_LAMBDAS, get_preset
+from ..yaml_config import load_yaml_config
 
 Scenario = Literal["d1", "d2", "d3", "postproc"]
 #: the words ``amp`` accepts and the mode each means (YAML reads a bare off/on as a boolean)
@@ -121,50 +120,7 @@ class TrainConfig(_Strict):
         return RATE_LAMBDAS[self.rate]
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.0.c`` in nested mappings and lists (a number indexes a list, e.g. ``stages.0.epochs``)."""
-    if dotted.startswith("stages.") and "stages" not in tree:
-        tree["stages"] = [stage.model_dump() for stage in TrainConfig.model_fields["stages"].default_factory()]  # type: ignore[misc]
-    keys = dotted.split(".")
-    node: Any = tree
-    for depth, key in enumerate(keys):
-        last = depth == len(keys) - 1
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise ComneckInputError(f"--set {dotted}: {key} is not an index of a {len(node)}-item list", ErrorCode.BAD_CONFIG)
-            slot: Any = int(key)
-        elif isinstance(node, dict):
-            slot = key
-            if not last:
-                node.setdefault(key, {})
-        else:
-            raise ComneckInputError(f"--set {dotted}: {keys[depth - 1]} is a value, not a section", ErrorCode.BAD_CONFIG)
-        if last:
-            node[slot] = value
-        else:
-            node = node[slot]
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
     """Read ``path`` (YAML), apply ``key.path=value`` overrides (values parsed as YAML), validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ComneckInputError(f"cannot read config {path}: {exc.strerror}", ErrorCode.BAD_CONFIG) from None
-        except yaml.YAMLError as exc:
-            raise ComneckInputError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}", ErrorCode.BAD_CONFIG) from None
-        if not isinstance(tree, dict):
-            raise ComneckInputError(f"config {path} must be a mapping of settings", ErrorCode.BAD_CONFIG)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ComneckInputError(f"--set wants KEY=VALUE, got {item!r}", ErrorCode.BAD_CONFIG)
-        _set_path(tree, key.strip(), yaml.safe_load(value) if value else value)
-    try:
-        return TrainConfig.model_validate(tree)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ComneckInputError(f"config {where}: {first['msg']}", ErrorCode.BAD_CONFIG) from None
+    stages = TrainConfig.model_fields["stages"].default_factory
+    return load_yaml_config(TrainConfig, path, overrides, {"stages": lambda: [stage.model_dump() for stage in stages()]})  # type: ignore[misc]
