@@ -87,7 +87,8 @@ def test_every_cli_has_version_and_python_m(tmp_path):
     from comneck import __version__
 
     for module, prog in (("comneck", "comneck"), ("comneck_edge", "comneck-edge"), ("comneck_server", "comneck-server"),
-                         ("comneck_server.demo", "comneck-demo"), ("comneck.train.cli", "comneck-train")):
+                         ("comneck_server.demo", "comneck-demo"), ("comneck.train.cli", "comneck-train"),
+                         ("comneck.eval.cli", "comneck-eval")):
         run = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True)
         assert run.returncode == 0 and run.stdout.strip() == f"{prog} {__version__}", (module, run.stderr)
     run = subprocess.run([sys.executable, "-m", "comneck_edge", "encode", str(tmp_path / "none.jpg")], capture_output=True, text=True)

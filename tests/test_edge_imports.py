@@ -27,6 +27,7 @@ def test_edge_client_works_without_server_dependencies():
     ("comneck_edge.cli", ["encode", "x.jpg", "--rate", "two"], "--rate: invalid int value: 'two'"),
     ("comneck_server.demo", ["--rate", "two"], "--rate: invalid int value: 'two'"),
     ("comneck.train.cli", ["c.yaml", "--rate", "two"], "--rate: invalid int value: 'two'"),
+    ("comneck.eval.cli", ["run", "c.yaml", "--limit", "two"], "--limit: invalid int value: 'two'"),
     ("comneck_server.cli", ["--port", "two"], "comneck-server: error: --port: Input should be a valid integer"),
 ])
 def test_help_and_argument_mistakes_answer_without_importing_torch(module, mistake, said):

@@ -13,6 +13,7 @@ CASES = [  # entry point, its arguments, a package its extra brings, the extra n
     ("comneck_train", ["--help"], "yaml", "train"),
     ("comneck", ["complexity"], "open_clip", "server"),
     ("comneck_demo", ["--help"], "httpx", "edge,server"),
+    ("comneck_eval", ["report", "/nonexistent"], "bjontegaard", "eval"),
 ]
 
 

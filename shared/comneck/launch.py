@@ -1,7 +1,7 @@
 """The console scripts' entry points: each imports its command only when run, so a command whose
 pip extra is not installed says which one to install, in one line, instead of a traceback.
 
-Every extra installs the five scripts (pip has no per-extra scripts); this is what a user of
+Every extra installs the six scripts (pip has no per-extra scripts); this is what a user of
 ``pip install 'comneck[edge]'`` meets when typing ``comneck-server``.
 """
 
@@ -33,3 +33,4 @@ comneck_demo = _run("comneck-demo", "comneck_server.demo", "edge,server")
 comneck_edge = _run("comneck-edge", "comneck_edge.cli", "edge")
 comneck_server = _run("comneck-server", "comneck_server.cli", "server")
 comneck_train = _run("comneck-train", "comneck.train.cli", "train")
+comneck_eval = _run("comneck-eval", "comneck.eval.cli", "eval")
