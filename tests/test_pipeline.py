@@ -12,8 +12,10 @@ from comneck.bitstream import BitstreamError
 from comneck.clip_split import ClipTap
 from comneck.errors import ComneckInputError
 from comneck.image import load_image, resize_for_codec, sample_photo, to_tensor
-from comneck.models import build_cloud_models
+from comneck.models import WeightFiles, build_cloud_models
 from comneck.pipeline import Pipeline
+from comneck.presets import PRESETS
+from comneck.weights_folder import write_folder
 import comneck_edge
 from comneck_edge import EdgeEncoder
 
@@ -206,3 +208,36 @@ def test_answer_pixels_answers_as_the_backend_does_on_the_full_clips_features(ti
         tiny_pipeline.answer_pixels(images, prompts[:1])
     with pytest.raises(ComneckInputError, match="3 colour channels"):
         tiny_pipeline.answer_pixels([images[0][:, :1]], prompts[:1])
+
+
+
+def test_with_models_serves_other_codec_and_neck_weights_beside_the_same_clip_and_backends(tiny, tiny_pipeline, tmp_path):
+    """A rate point's codec and neck (a weights folder, every weight perturbed) join the pipeline's
+    CLIP and backends (the same objects: loaded, lazy and failed alike) and answer as a pipeline
+    built on that folder alone; a CLIP of other weights, or another preset, is refused."""
+    models = build_cloud_models(tiny)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in [*models.codec.model.parameters(), *models.neck.parameters()]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    folder = tmp_path / "d1_2"
+    write_folder(folder, "tiny", {"codec": models.codec.model, "neck": models.neck}, {"scenario": "d1", "rate": 2})
+    point = build_cloud_models(tiny, WeightFiles.bundle(folder))
+    alone = Pipeline(point)
+    alone.add_backend("clip-zero-shot")
+    shared = tiny_pipeline.with_models(point)
+    assert shared.models.clip_model is tiny_pipeline.models.clip_model and shared.models.codec is point.codec
+    assert all(getattr(shared, name) is getattr(tiny_pipeline, name) for name in ("backends", "pending", "failed", "_order"))
+    data = EdgeEncoder(tiny, codec_weights=folder).encode_file(sample_photo()).data
+    with pytest.raises(ComneckInputError, match="differ from this decoder"):
+        tiny_pipeline.answer([data], [PROMPT])
+    (ours,), (theirs,) = shared.answer([data], [PROMPT]), alone.answer([data], [PROMPT])
+    assert (ours.text, ours.details, ours.random_weights) == (theirs.text, theirs.details, True)
+    with torch.no_grad():
+        next(point.clip_model.parameters()).add_(0.01)
+    with pytest.raises(ComneckInputError, match="other weights than this pipeline's CLIP") as refused:
+        tiny_pipeline.with_models(point)
+    assert refused.value.code == "bad_weights"
+    with pytest.raises(ComneckInputError, match="preset tiny-336") as refused:
+        tiny_pipeline.with_models(build_cloud_models(PRESETS["tiny-336"]))
+    assert refused.value.code == "bad_weights"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 from pathlib import Path
 
@@ -167,6 +167,16 @@ def latent_features(neck: nn.Module, clip: ClipSplit, y_hat: torch.Tensor, hidde
     return features
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two networks are one, or hold the same tensors under the same names (compared on
+    ``a``'s device in ``a``'s dtype, as a network moved and cast there would hold them)."""
+    if a is b:
+        return True
+    mine, theirs = a.state_dict(), b.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        v.shape == theirs[k].shape and torch.equal(v, theirs[k].to(v.device, v.dtype)) for k, v in mine.items())
+
+
 class Pipeline:
     """Loaded codec, neck, CLIP split and backends of one preset, on one device and dtype."""
 
@@ -216,6 +226,25 @@ class Pipeline:
         for name, backend_weights, options in specs:
             pipeline.add_backend(name, backend_weights, options, lazy=lazy_backends)
         return pipeline
+
+    def with_models(self, models: ComneckModels) -> "Pipeline":
+        """Another pipeline over ``models``' codec and neck (another rate point's weights) that shares
+        this one's CLIP and backends (loaded, lazy and failed alike), so a run over many rate points
+        loads its LLM once and keeps one CLIP on the device. ``models`` must be of this preset and hold
+        a CLIP of equal weights (refused in one line, ``bad_weights``); its own CLIP copy is dropped."""
+        name = self.preset.name
+        if models.preset != self.preset:
+            raise ComneckInputError(f"rate point weights are for preset {models.preset.name}, this pipeline is {name}", ErrorCode.BAD_WEIGHTS)
+        if not same_weights(self.models.clip_model, models.clip_model):
+            raise ComneckInputError("the rate point's CLIP holds other weights than this pipeline's CLIP: build both from the same "
+                                    "CLIP weights", ErrorCode.BAD_WEIGHTS)
+        clip = self.models.clip_model
+        split = ClipSplit(clip.visual, self.preset.split_block, models.clip_final_norm).eval()
+        shared = replace(models, clip_model=clip, clip=split).to(self.device, self.dtype)
+        other = Pipeline(shared, self.max_side)
+        other.backends, other.pending, other._lazy_specs = self.backends, self.pending, self._lazy_specs
+        other._order, other.failed = self._order, self.failed
+        return other
 
     @property
     def preset(self) -> Preset:

@@ -62,8 +62,8 @@ class Item:
 class Outcome:
     """One item's answer through one pipeline at one rate point, and what it cost.
 
-    ``bytes`` are the real bytes the pipeline sent (a ComNeck container, a JPEG file, 0 for the
-    uncompressed image); ``bpp`` is 8 x bytes / the pixels of the image that was coded; ``edge_ms``
+    ``bytes`` are the real bytes the pipeline sent (a ComNeck container, a JPEG file, H x W x 3 for
+    the uncompressed image as raw 8-bit RGB); ``bpp`` is 8 x bytes / the pixels of the image that was coded; ``edge_ms``
     the time the device spent coding it; ``details`` the backend's structured answer (box, letter,
     class, ...); ``reconstruction`` (optional) the decoded image, for the report's gallery.
     """
