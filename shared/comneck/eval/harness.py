@@ -74,13 +74,14 @@ class Question:
     support: list[Support] = field(default_factory=list)
 
 
-def questions(config: EvalConfig, items: Sequence[Item]) -> list[Question]:
+def questions(config: EvalConfig, items: Sequence[Item], classes: Sequence[str] = ()) -> list[Question]:
     """Each item's question under the run's protocol (``paper``: the official evaluation's choices,
-    read from its code; ``clean``: what a served request sees)."""
+    read from its code; ``clean``: what a served request sees); ``classes``: the labels a zero-shot
+    classifier chooses from (every class of the dataset, not only those of the items asked)."""
     backend = config.backend.name if config.backend else ""
     paper = config.protocol == "paper"
     options = GenerationOptions(**({"max_new_tokens": PAPER_MAX_NEW_TOKENS[backend]} if paper and backend in PAPER_MAX_NEW_TOKENS else {}))
-    labels = sorted({str(item.reference) for item in items}) if config.task == "classify" else []
+    labels = list(classes) or sorted({str(item.reference) for item in items})
     asked = []
     for item in items:
         own = options
@@ -171,13 +172,15 @@ def as_dict(item: Item) -> dict[str, Any]:
 def summarize(config: EvalConfig, items: Sequence[Item], lines: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """Per (pipeline, rate point), in the order the lines came: mean bpp, bytes and edge time, the
     metric's summary and the count; and the metric's notes. Per-item scores come from the lines; a
-    corpus-level metric (CIDEr) is computed over each point's lines."""
+    corpus-level metric (CIDEr) is computed over each point's lines. The uncompressed image's bpp
+    (24, raw RGB) is kept as ``raw_bpp``: its ``bpp`` is None, so plots draw it as the upper bound."""
     from .metrics import metric_for, pair_up, summarize_means
 
     metric = metric_for(config.task)
     curves: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for line in lines:
         curves.setdefault((line["pipeline"], line["point"]), []).append(line)
+    uncompressed = {p.curve for p in config.pipelines if p.name == "uncompressed"}
     rows = []
     for (pipeline, point), own in curves.items():
         outcomes = [outcome_of(line) for line in own]
@@ -186,7 +189,8 @@ def summarize(config: EvalConfig, items: Sequence[Item], lines: Sequence[dict[st
         else:
             summary = metric.evaluate(items, outcomes).summary
         n = len(own)
-        rows.append({"pipeline": pipeline, "point": point, "bpp": sum(line["bpp"] for line in own) / n,
+        bpp = sum(line["bpp"] for line in own) / n
+        rows.append({"pipeline": pipeline, "point": point, "bpp": None if pipeline in uncompressed else bpp, "raw_bpp": bpp,
                      "bytes": sum(line["bytes"] for line in own) / n, "edge_ms": sum(line["edge_ms"] for line in own) / n,
                      "random_weights": any(line["random_weights"] for line in own), **summary})
     return rows, metric.notes
@@ -227,6 +231,13 @@ def read_items(config: EvalConfig, shard: Shard = Shard()) -> list[Item]:
         raise ComneckInputError(f"{config.dataset.root}: no items to evaluate (shard {shard.index}/{shard.count} of {len(items)})",
                                 ErrorCode.BAD_DATASET)
     return taken
+
+
+def dataset_classes(config: EvalConfig) -> list[str]:
+    """Every class label of the dataset (all its items, whatever the limit or shard)."""
+    from .datasets import read_dataset
+
+    return sorted({str(item.reference) for item in read_dataset(config.task, config.dataset.root, **config.dataset.options)})
 
 
 def _base_pipeline(config: EvalConfig) -> Any:
@@ -288,7 +299,7 @@ def evaluate(config: EvalConfig, resume: bool = False, force: bool = False, shar
     folder = config.output
     _prepare_output(folder, config, resume, force)
     items = read_items(config, shard)
-    asked = questions(config, items)
+    asked = questions(config, items, dataset_classes(config) if config.task == "classify" else ())
     by_id = {item.id: (dataclasses.replace(item, support=tuple(q.support)), q) for item, q in zip(items, asked)}
     base = _base_pipeline(config)
     metric = (HumanViewing(codec_frame(config.resize or "paper", base.preset.image_size)) if config.task == "human"
