@@ -21,6 +21,8 @@ from ..backends import BACKENDS, GenerationOptions
 from ..errors import ComneckInputError, ErrorCode
 from .config import BACKEND_TASKS, EvalConfig
 from .items import Item, Outcome, Support
+from .metrics import HumanViewing, codec_frame, metric_for, pair_up, summarize_means
+from .report import BD_METHOD, bd_rates, summary_table_markdown, write_report
 
 RESULTS, SUMMARY, TABLE, CONFIG = "results.jsonl", "summary.json", "summary.md", "config.json"
 #: LLaVA-1.5's own COCO caption instruction (its evaluation's prompt), for a backend that needs one.
@@ -174,8 +176,6 @@ def summarize(config: EvalConfig, items: Sequence[Item], lines: Sequence[dict[st
     metric's summary and the count; and the metric's notes. Per-item scores come from the lines; a
     corpus-level metric (CIDEr) is computed over each point's lines. The uncompressed image's bpp
     (24, raw RGB) is kept as ``raw_bpp``: its ``bpp`` is None, so plots draw it as the upper bound."""
-    from .metrics import metric_for, pair_up, summarize_means
-
     metric = metric_for(config.task)
     curves: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for line in lines:
@@ -279,7 +279,7 @@ def _curve(config: EvalConfig, index: int, base: Any, items: Sequence[Item], lin
         targets = _learned_bpps(lines, learned)
         policy = config.resize or (base.specs[next(iter(base.specs))].resize if base.specs else None) or "paper"
         photos = [frame(item.image, policy, base.preset.image_size).image for item in items[:4]]
-        qualities = calibrate(spec.name, photos, targets) if targets else None
+        qualities = sorted(set(calibrate(spec.name, photos, targets))) if targets else None  # near targets may share one
     return build_pipeline(spec.name, base, [p.weights for p in spec.points] or [None], qualities=qualities, resize=config.resize,
                           server=config.server if spec.name == "comneck" else None, clip_weights=config.clip_weights,
                           clip_final_norm=final_norm(config))
@@ -293,12 +293,16 @@ def evaluate(config: EvalConfig, resume: bool = False, force: bool = False, shar
 
     from tqdm import tqdm
 
-    from .metrics import HumanViewing, codec_frame, metric_for
 
-    check_backend_task(config)
+    from .pipelines import weight_points
+
+    check_backend_task(config)  # the cheap checks first, before the output folder is touched
+    for spec in config.pipelines:
+        if spec.points:
+            weight_points([p.weights for p in spec.points], config.preset)
+    items = read_items(config, shard)
     folder = config.output
     _prepare_output(folder, config, resume, force)
-    items = read_items(config, shard)
     asked = questions(config, items, dataset_classes(config) if config.task == "classify" else ())
     by_id = {item.id: (dataclasses.replace(item, support=tuple(q.support)), q) for item, q in zip(items, asked)}
     base = _base_pipeline(config)
@@ -342,8 +346,6 @@ def write_outputs(folder: Path, config: EvalConfig, items: Sequence[Item], lines
                   gallery: Sequence[dict[str, Any]] = ()) -> str:
     """``summary.json``, ``summary.md``, the plots and ``report.html`` from the run's lines; returns the table."""
     from ..models import RANDOM_WEIGHTS_NOTE
-    from .metrics import metric_for
-    from .report import BD_METHOD, bd_rates, summary_table_markdown, write_report
 
     rows, notes = summarize(config, items, lines)
     metric = metric_for(config.task).name
