@@ -450,13 +450,13 @@ def test_with_keys_every_route_but_the_probes_needs_one_and_public_docs_opens_th
 
 def test_a_long_registration_runs_in_pieces_that_inference_interleaves_with(tiny_pipeline, encoded, monkeypatch):
     """A 20-example registration is described 8 + 8 + 4 at a time; an inference asked while the first
-    piece runs is answered after that piece, long before the registration ends."""
+    piece runs is answered after that piece, long before the registration ends (3 s)."""
     import time
 
     from comneck.backends import BackendSpec
     from comneck.clip_split import ClipTap
 
-    class Described:  # a few-shot backend whose descriptions take 0.4 s a piece
+    class Described:  # a few-shot backend whose descriptions take 1 s a piece
         spec = BackendSpec("stub-fewshot", "x:Y", "test stub", ("fewshot",), ClipTap("embedding", tokens="cls"))
         random_weights = True
 
@@ -468,7 +468,7 @@ def test_a_long_registration_runs_in_pieces_that_inference_interleaves_with(tiny
     def describe_images(streams, backend):
         pieces.append(len(streams))
         started.set()
-        time.sleep(0.4)
+        time.sleep(1.0)
         return [f"words {len(pieces)}"] * len(streams)
 
     monkeypatch.setitem(tiny_pipeline.backends, "stub-fewshot", Described())
@@ -490,6 +490,6 @@ def test_a_long_registration_runs_in_pieces_that_inference_interleaves_with(tiny
     answered = time.perf_counter()
     thread.join(30)
     assert pieces == [8, 8, 4] and answer.text in ("cow", "horse", "beach")
-    assert answered - asked < 0.8 < done["registration"] - asked  # one piece at most, not the three
+    assert answered - asked < 1.9 < done["registration"] - asked  # one piece at most (and the answer), not the three
     assert done["examples"] == ["words 1"] * 8 + ["words 2"] * 8 + ["words 3"] * 4
     gateway.support_sets.delete("pets")
