@@ -5,14 +5,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from .errors import ComneckInputError, ErrorCode
+from .presets import PRESETS, RATE_LAMBDAS
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _rate(rate: int) -> int:
+    if rate not in RATE_LAMBDAS:
+        raise ValueError("rate index must be 1..4")
+    return rate
+
+
+def _preset(name: str) -> str:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
+    return name
+
+
+#: A config's rate index (1..4, lambda 0.004..0.032) and preset name, checked as they are read.
+RateIndex = Annotated[int, AfterValidator(_rate)]
+PresetName = Annotated[str, AfterValidator(_preset)]
 
 
 def set_path(tree: dict[str, Any], dotted: str, value: Any, list_defaults: Mapping[str, Callable[[], list[Any]]] = {}) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..presets import PRESETS, RATE_LAMBDAS
-from ..yaml_config import load_yaml_config
+from ..yaml_config import PresetName, RateIndex, load_yaml_config
 
 #: What each eval task asks of the backend: its task name in the registry (``choices``: it must take them).
 BACKEND_TASKS: dict[str, str] = {"caption": "caption", "mcq": "vqa", "rec": "rec", "fewshot": "fewshot", "classify": "classify"}
@@ -32,15 +31,8 @@ class DatasetConfig(_Strict):
 
 
 class RatePointConfig(_Strict):
-    rate: int = Field(description="rate index 1..4 (lambda 0.004..0.032)")
-    weights: Path | None = Field(None, description="the weights folder (or release checkpoint) of this rate point; none: seeded random")
-
-    @field_validator("rate")
-    @classmethod
-    def _rate(cls, rate: int) -> int:
-        if rate not in RATE_LAMBDAS:
-            raise ValueError("rate index must be 1..4")
-        return rate
+    rate: RateIndex = Field(description="rate index 1..4 (lambda 0.004..0.032)")
+    weights: Path | None = Field(None, description="the weights folder of this rate point (comneck convert, a training export); none: seeded random")
 
 
 class PipelineConfig(_Strict):
@@ -76,7 +68,7 @@ class BackendConfig(_Strict):
 
 class EvalConfig(_Strict):
     task: Literal["caption", "mcq", "rec", "fewshot", "classify", "human"]
-    preset: str = "tiny"
+    preset: PresetName = "tiny"
     dataset: DatasetConfig
     pipelines: list[PipelineConfig] = Field(min_length=1)
     backend: BackendConfig | None = Field(None, description="the MLLM that answers (every task but human)")
@@ -92,13 +84,6 @@ class EvalConfig(_Strict):
     server: str | None = Field(None, description="a running gateway's URL: the comneck pipeline goes through it over HTTP")
     anchor: str | None = Field(None, description="the curve BD-rates are measured against (default: the first JPEG / WebP / AVIF)")
     gallery: int = Field(6, ge=0, description="items the report shows with every pipeline's answer")
-
-    @field_validator("preset")
-    @classmethod
-    def _preset(cls, name: str) -> str:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
-        return name
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvalConfig":

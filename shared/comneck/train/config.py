@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from ..presets import PRESETS, RATE_LAMBDAS, get_preset
-from ..yaml_config import load_yaml_config
+from ..presets import RATE_LAMBDAS, get_preset
+from ..yaml_config import PresetName, RateIndex, load_yaml_config
 
 Scenario = Literal["d1", "d2", "d3", "postproc"]
 #: the words ``amp`` accepts and the mode each means (YAML reads a bare off/on as a boolean)
@@ -46,8 +46,8 @@ class LossConfig(_Strict):
 
 class TrainConfig(_Strict):
     scenario: Scenario = "d1"
-    rate: int = Field(1, description="rate index 1..4 (lambda 0.004..0.032)")
-    preset: str = "tiny"
+    rate: RateIndex = Field(1, description="rate index 1..4 (lambda 0.004..0.032)")
+    preset: PresetName = "tiny"
     data: DataConfig
     stages: list[StageConfig] = Field(
         default_factory=lambda: [StageConfig(lr=1e-4), StageConfig(lr=1e-5), StageConfig(lr=1e-5)],
@@ -75,20 +75,6 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (and one at every epoch end)")
     keep_checkpoints: int = Field(2, gt=0)
     tensorboard: bool = False
-
-    @field_validator("rate")
-    @classmethod
-    def _rate(cls, rate: int) -> int:
-        if rate not in RATE_LAMBDAS:
-            raise ValueError("rate index must be 1..4")
-        return rate
-
-    @field_validator("preset")
-    @classmethod
-    def _preset(cls, name: str) -> str:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset; choose one of {', '.join(PRESETS)}")
-        return name
 
     @field_validator("amp", mode="before")
     @classmethod
