@@ -214,3 +214,28 @@ def test_fp16_loss_scaling_skips_overflows_then_trains_and_tensorboard_has_the_l
     board = EventAccumulator(str(tmp_path / "tensorboard"))
     board.Reload()
     assert [(e.step, e.value) for e in board.Scalars("dist/loss")] == [(line["global_step"], pytest.approx(line["loss"])) for line in log]
+
+
+def test_a_neck_trained_to_skip_another_number_of_blocks_records_it_and_serves_so(dataset, tmp_path, tiny):
+    """Section 4.5's ablation: split_block 1 (the neck's tokens enter block 2) trains, exports, records
+    and serves with that split; an eval run's rate points of another split share the run's CLIP."""
+    from comneck.pipeline import Pipeline
+
+    trainer = Trainer(config(dataset, tmp_path, "data.limit=2", "stages.1.epochs=0", "stages.2.epochs=0", "split_block=1"))
+    assert trainer.student.clip.split_block == 1 and trainer.student.clip.num_blocks == 4
+    trainer.run()
+    export = tmp_path / "export"
+    assert json.loads((export / "comneck.json").read_text())["split_block"] == 1
+    served = Pipeline.from_pretrained(export, preset="tiny")
+    assert served.models.clip.split_block == served.preset.split_block == 1
+    y_hat = torch.randn(1, tiny.codec.M, 16, 16)
+    student = trainer.student.cpu().eval()
+    with torch.no_grad():
+        trained = student.clip.tail(student.neck(y_hat)).embedding
+    torch.testing.assert_close(served.features([y_hat]).embedding, trained, rtol=1e-5, atol=1e-6)
+    base = Pipeline.from_pretrained(preset="tiny")  # split 2, as the preset says
+    other = base.with_models(served.models)
+    assert other.models.clip.split_block == 1 and other.models.clip_model is base.models.clip_model
+    torch.testing.assert_close(other.features([y_hat]).embedding, trained, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ComneckInputError, match="split block must be in 0..3"):
+        Trainer(config(dataset, tmp_path / "bad", "split_block=4"))

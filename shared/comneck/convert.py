@@ -74,6 +74,7 @@ def convert(source: str | Path, output: str | Path, preset: Preset, scenario: st
         # A neck in the official layout was trained through the official code's CLIP, which applies
         # ln_post twice; a gateway serving the folder does the same unless its operator overrides it.
         details["clip_final_norm"] = "twice"
+        details["split_block"] = 2  # the official code's start_layer: the neck's tokens enter block 3
     if "clip" in found:
         imported = clip_from_object(obj, source)
         clip = seeded(preset.seed + 2, build_clip, preset.clip)

@@ -106,6 +106,19 @@ def recorded_final_norm(neck: Path | None) -> str | None:
     return "twice"
 
 
+def recorded_split_block(neck: Path | None) -> int | None:
+    """How many CLIP blocks the neck's tokens skip, as its weights folder records it (``split_block``;
+    the paper's neck and the official layout: 2), None when nothing says."""
+    if neck is None:
+        return None
+    if not Path(neck).is_dir():
+        return 2  # the official code's start_layer
+    recorded = read_manifest(Path(neck)).get("split_block")
+    if recorded is not None and (not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0):
+        raise ComneckInputError(f"{Path(neck) / MANIFEST} split_block: {recorded!r} is no number of CLIP blocks", ErrorCode.BAD_WEIGHTS)
+    return recorded
+
+
 @dataclass
 class ComneckModels:
     """The cloud side's networks for one preset."""
@@ -148,10 +161,15 @@ class ComneckModels:
         return self
 
 
-def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles(), clip_final_norm: str | None = None) -> ComneckModels:
+def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles(), clip_final_norm: str | None = None,
+                       split_block: int | None = None) -> ComneckModels:
     """Codec, neck and CLIP split of a preset, from weight files where given. The CLIP split's final
     norm is ``clip_final_norm`` when given (the operator's word), else what the neck's weights record
-    (:func:`recorded_final_norm`), else the preset's."""
+    (:func:`recorded_final_norm`), else the preset's; the blocks the neck skips likewise
+    (``split_block``, :func:`recorded_split_block`, the preset's 2): the models' preset says which."""
+    skipped = split_block if split_block is not None else recorded_split_block(weights.neck)
+    if skipped is not None and skipped != preset.split_block:
+        preset = replace(preset, split_block=skipped)
     from .clip_split import ClipSplit, build_clip
     from .neck import TransformNeck
 

@@ -233,13 +233,18 @@ class Pipeline:
         loads its LLM once and keeps one CLIP on the device. ``models`` must be of this preset and hold
         a CLIP of equal weights (refused in one line, ``bad_weights``); its own CLIP copy is dropped."""
         name = self.preset.name
-        if models.preset != self.preset:
+        if replace(models.preset, split_block=self.preset.split_block) != self.preset:  # the skipped blocks may differ (ablations)
             raise ComneckInputError(f"rate point weights are for preset {models.preset.name}, this pipeline is {name}", ErrorCode.BAD_WEIGHTS)
+        for backend, spec in self.specs.items():
+            block = spec.tap.block_index(models.clip.num_blocks)
+            if block is not None and block <= models.preset.split_block:
+                raise ComneckInputError(f"backend {backend} reads CLIP block {block}, which a neck skipping {models.preset.split_block} "
+                                        "blocks replaces", ErrorCode.BAD_WEIGHTS)
         if not same_weights(self.models.clip_model, models.clip_model):
             raise ComneckInputError("the rate point's CLIP holds other weights than this pipeline's CLIP: build both from the same "
                                     "CLIP weights", ErrorCode.BAD_WEIGHTS)
         clip = self.models.clip_model
-        split = ClipSplit(clip.visual, self.preset.split_block, models.clip_final_norm).eval()
+        split = ClipSplit(clip.visual, models.preset.split_block, models.clip_final_norm).eval()
         shared = replace(models, clip_model=clip, clip=split).to(self.device, self.dtype)
         other = Pipeline(shared, self.max_side)
         other.backends, other.pending, other._lazy_specs = self.backends, self.pending, self._lazy_specs

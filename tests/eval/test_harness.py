@@ -137,14 +137,15 @@ def test_bad_input_is_one_line_and_exit_2_and_keeps_what_was_written(data, tmp_p
 
 
 def test_the_ready_configs_validate():
-    """configs/eval/*.yaml (the paper's figures, the loss ablation) and the ablation's training configs."""
+    """configs/eval/*.yaml (the paper's figures, the ablations) and the ablations' training configs."""
     from comneck.eval.config import load_eval_config
     from comneck.train.config import load_config
 
     root = Path(__file__).resolve().parents[2] / "configs"
     evals = {path.stem: load_eval_config(path) for path in sorted((root / "eval").glob("*.yaml"))}
     assert {"fig3_caption_llama_adapter", "fig3_vqa_honeybee", "fig3_rec_shikra", "fig3_fewshot_v2l", "fig4_kodak_psnr",
-            "ablation_loss"} <= set(evals)
+            "ablation_loss", "ablation_skip"} <= set(evals)
     assert {c.task for c in evals.values()} == {"caption", "mcq", "rec", "fewshot", "human"}
     trains = [load_config(path) for path in sorted((root / "ablation").glob("*.yaml"))]
-    assert sorted([s.epochs for s in c.stages] for c in trains) == [[0, 0, 60], [60, 0, 0]]
+    assert sorted([s.epochs for s in c.stages] for c in trains) == [[0, 0, 60], [20, 20, 20], [20, 20, 20], [20, 20, 20], [60, 0, 0]]
+    assert sorted(c.split_block for c in trains if c.split_block is not None) == [1, 4, 8]

@@ -62,6 +62,9 @@ class TrainConfig(_Strict):
     clip_weights: Path | None = Field(None, description="teacher CLIP (open_clip keys, safetensors); none: seeded random")
     clip_pretrained: str | None = Field(None, description="or an open_clip pretrained tag for the preset's CLIP, e.g. openai")
     neck_weights: Path | None = Field(None, description="start the neck from these weights (e.g. d2/d3 stage i)")
+    split_block: int | None = Field(
+        None, ge=0, description="CLIP blocks the neck's tokens skip (they enter block split_block + 1; section 4.5's ablation: "
+        "1, 2, 4, 8); none: what neck_weights record, else the preset's 2; the export records it")
     clip_final_norm: Literal["once", "twice"] | None = Field(
         None, description="CLIP's final LayerNorm for student and teacher: once (standard CLIP) or twice (the official "
         "code's double ln_post, which the released necks were trained with); none: what neck_weights record, else the "

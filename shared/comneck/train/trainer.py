@@ -80,11 +80,11 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         models = build_cloud_models(preset, WeightFiles(config.codec_weights, config.neck_weights, config.clip_weights),
-                                    config.clip_final_norm)
+                                    config.clip_final_norm, config.split_block)
         clip_model, clip = models.clip_model, models.clip
         if config.clip_pretrained:  # replaces the seeded CLIP (built once at start-up; cheap beside a training run)
             clip_model = _pretrained_clip(preset.clip.name, config.clip_pretrained)
-            clip = ClipSplit(clip_model.visual, preset.split_block, models.clip_final_norm)
+            clip = ClipSplit(clip_model.visual, models.preset.split_block, models.clip_final_norm)
         unet = seeded(preset.seed + 3, UNet, 3, preset.unet_base) if config.scenario == "postproc" else None
         target = Target.of(config.target, config.target_block, clip.num_blocks)
         self.student = Student(models.codec, models.neck, clip, target, unet).to(self.device)
@@ -328,6 +328,7 @@ class Trainer:
             training["serve"] = (f"comneck-server --preset {config.preset} --weights {folder}; "
                                  f"edge: comneck-edge encode --preset {config.preset} --codec-weights {folder}")
         details = {"layout": "comneck", "codec_arch": codec.config.arch, "scenario": config.scenario, "rate": config.rate,
-                   "lmbda": config.lmbda, "codec_fingerprint": fingerprint, "clip_final_norm": self.student.clip.final_norm, "training": training}
+                   "lmbda": config.lmbda, "codec_fingerprint": fingerprint, "clip_final_norm": self.student.clip.final_norm,
+                   "split_block": self.student.clip.split_block, "training": training}
         write_folder(folder, config.preset, self._modules(), details, force=True)
         return {"scenario": config.scenario, "rate": config.rate, "preset": config.preset, **training}
