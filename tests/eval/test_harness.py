@@ -51,7 +51,7 @@ def config_for(task: str, data: dict, out: Path, **more) -> dict:
     if task == "human":
         pipelines = [{"name": "reconstruction", "points": [{"rate": 1}]}, {"name": "jpeg", "qualities": [20, 60]}]
     config = {"task": task, "preset": "tiny", "dataset": {"root": root, "options": options, "limit": 2}, "batch_size": 2,
-              "output": out, "gallery": 2, "pipelines": pipelines, **more}
+              "output": out, "gallery": 2, "pipelines": pipelines, "max_new_tokens": 6, **more}
     return {**config, "backend": backend} if backend else config
 
 

@@ -76,6 +76,8 @@ class EvalConfig(_Strict):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     batch_size: int = Field(8, gt=0, description="items per Pipeline.answer call")
+    max_new_tokens: int | None = Field(None, ge=1, le=1024, description="the longest answer (default: the protocol's: the "
+                                       "backend's own, or under paper the official setting)")
     resize: Literal["paper", "pad-square", "pad-square-white", "none", "stretch"] | None = Field(
         None, description="how every pipeline frames the photos (default: the backend's own; human viewing: paper)")
     protocol: Protocol = Field("clean", description="clean: what a served request sees; paper: the official evaluation's choices")

@@ -82,7 +82,8 @@ def questions(config: EvalConfig, items: Sequence[Item], classes: Sequence[str] 
     classifier chooses from (every class of the dataset, not only those of the items asked)."""
     backend = config.backend.name if config.backend else ""
     paper = config.protocol == "paper"
-    options = GenerationOptions(**({"max_new_tokens": PAPER_MAX_NEW_TOKENS[backend]} if paper and backend in PAPER_MAX_NEW_TOKENS else {}))
+    length = config.max_new_tokens or (PAPER_MAX_NEW_TOKENS.get(backend) if paper else None)
+    options = GenerationOptions(**({"max_new_tokens": length} if length else {}))
     labels = list(classes) or sorted({str(item.reference) for item in items})
     asked = []
     for item in items:
