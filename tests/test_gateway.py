@@ -493,3 +493,28 @@ def test_a_long_registration_runs_in_pieces_that_inference_interleaves_with(tiny
     assert answered - asked < 1.9 < done["registration"] - asked  # one piece at most (and the answer), not the three
     assert done["examples"] == ["words 1"] * 8 + ["words 2"] * 8 + ["words 3"] * 4
     gateway.support_sets.delete("pets")
+
+
+def test_a_long_reconstruct_runs_in_its_own_lane_and_holds_no_inference_up(tiny_pipeline, encoded, monkeypatch):
+    import time
+
+    started = threading.Event()
+    real = tiny_pipeline.reconstruct
+
+    def slow(stream):
+        started.set()
+        time.sleep(2.0)  # a 4096 x 4096 g_s takes seconds
+        return real(stream)
+
+    monkeypatch.setattr(tiny_pipeline, "reconstruct", slow)
+    gateway = Gateway(tiny_pipeline, ServerSettings())
+    png: list[bytes] = []
+    thread = threading.Thread(target=lambda: png.append(gateway.reconstruct(encoded.data)))
+    thread.start()
+    assert started.wait(10)
+    asked = time.perf_counter()
+    answer = gateway.infer(encoded.data, PROMPT, backend="clip-zero-shot")
+    answered = time.perf_counter() - asked
+    thread.join(30)
+    assert answer.text in ("cow", "horse", "beach") and answered < 1.5 and png[0][:4] == b"\x89PNG"
+    gateway.close()
