@@ -93,30 +93,35 @@ class WeightFiles:
         return cls(codec or own["codec"], neck or own["neck"], clip or own["clip"])
 
 
-def recorded_final_norm(neck: Path | None) -> str | None:
-    """The CLIP final norm a neck was trained against, as its source records it: a weights folder's
-    ``clip_final_norm`` (None when it records none), ``twice`` for a neck file outside a weights folder
-    (the release checkpoint's ``adapter`` or the official layout, trained through the official code's
-    CLIP, which applies ``ln_post`` twice), None for no neck weights (random)."""
-    if neck is None:
-        return None
-    if Path(neck).is_dir():
-        recorded = read_manifest(Path(neck)).get("clip_final_norm")
-        return None if recorded is None else check_final_norm(recorded, f"{Path(neck) / MANIFEST} clip_final_norm")
-    return "twice"
+@dataclass(frozen=True)
+class NeckRecord:
+    """What a neck's source says of the CLIP it was trained against: how often ``ln_post`` ran
+    (``final_norm``) and how many blocks its tokens skip (``split_block``); None: it says nothing."""
+
+    final_norm: str | None = None
+    split_block: int | None = None
 
 
-def recorded_split_block(neck: Path | None) -> int | None:
-    """How many CLIP blocks the neck's tokens skip, as its weights folder records it (``split_block``;
-    the paper's neck and the official layout: 2), None when nothing says."""
+#: A neck file outside a weights folder (the release checkpoint's ``adapter``, the official layout)
+#: was trained through the official code's CLIP: ``ln_post`` twice, its tokens entering block 3.
+OFFICIAL_NECK = NeckRecord("twice", 2)
+
+
+def neck_record(neck: Path | None) -> NeckRecord:
+    """What the neck's weights record: a weights folder's ``clip_final_norm`` and ``split_block``
+    (each None when absent), :data:`OFFICIAL_NECK` for a neck file, nothing for no neck weights."""
     if neck is None:
-        return None
-    if not Path(neck).is_dir():
-        return 2  # the official code's start_layer
-    recorded = read_manifest(Path(neck)).get("split_block")
-    if recorded is not None and (not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0):
-        raise ComneckInputError(f"{Path(neck) / MANIFEST} split_block: {recorded!r} is no number of CLIP blocks", ErrorCode.BAD_WEIGHTS)
-    return recorded
+        return NeckRecord()
+    folder = Path(neck)
+    if not folder.is_dir():
+        return OFFICIAL_NECK
+    manifest = read_manifest(folder)
+    final_norm, split_block = manifest.get("clip_final_norm"), manifest.get("split_block")
+    if final_norm is not None:
+        check_final_norm(final_norm, f"{folder / MANIFEST} clip_final_norm")
+    if split_block is not None and (not isinstance(split_block, int) or isinstance(split_block, bool) or split_block < 0):
+        raise ComneckInputError(f"{folder / MANIFEST} split_block: {split_block!r} is no number of CLIP blocks", ErrorCode.BAD_WEIGHTS)
+    return NeckRecord(final_norm, split_block)
 
 
 @dataclass
@@ -165,9 +170,10 @@ def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles(), cli
                        split_block: int | None = None) -> ComneckModels:
     """Codec, neck and CLIP split of a preset, from weight files where given. The CLIP split's final
     norm is ``clip_final_norm`` when given (the operator's word), else what the neck's weights record
-    (:func:`recorded_final_norm`), else the preset's; the blocks the neck skips likewise
-    (``split_block``, :func:`recorded_split_block`, the preset's 2): the models' preset says which."""
-    skipped = split_block if split_block is not None else recorded_split_block(weights.neck)
+    (:func:`neck_record`), else the preset's; the blocks the neck skips likewise (``split_block``,
+    the record, the preset's 2): the models' preset says which."""
+    record = neck_record(weights.neck)
+    skipped = split_block if split_block is not None else record.split_block
     if skipped is not None and skipped != preset.split_block:
         preset = replace(preset, split_block=skipped)
     from .clip_split import ClipSplit, build_clip
@@ -189,7 +195,7 @@ def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles(), cli
         imported = read_clip(weights.clip)
         load_clip(clip, imported)
         random_parts += [f"clip {part}" for part in imported.missing_parts]
-    recorded = recorded_final_norm(weights.neck)
-    final_norm = check_final_norm(clip_final_norm, "clip_final_norm") if clip_final_norm is not None else recorded or preset.clip_final_norm
+    final_norm = (check_final_norm(clip_final_norm, "clip_final_norm") if clip_final_norm is not None
+                  else record.final_norm or preset.clip_final_norm)
     split = ClipSplit(clip.visual, preset.split_block, final_norm).eval()
-    return ComneckModels(preset, build_codec(preset, codec_weights), neck, clip, split, tuple(random_parts), recorded)
+    return ComneckModels(preset, build_codec(preset, codec_weights), neck, clip, split, tuple(random_parts), record.final_norm)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .backends import (TASKS, Backend, BackendAnswer, BackendSpec, FewShotBackend, GenerationOptions, ImageInfo, SupportExample, check_choices, check_support_labels,
                        check_backend, load_backend, parse_backend_arg)
-from .backends.registry import BackendArg
+from .backends.registry import BackendArg, check_options, get_spec
 from .bitstream import DEFAULT_MAX_SIDE, Bitstream, Source
 from .clip_split import ClipFeatures, ClipSplit, ClipTap, clip_input
 from .codec import LATENT_STRIDE, EncodedLatents
@@ -261,6 +261,7 @@ class Pipeline:
         fit); ``lazy``: only check it (files, packages, CLIP) and load it when a request first needs it."""
         if name in self.specs:
             raise ComneckInputError(f"backend {name} is loaded twice", ErrorCode.BAD_SETTINGS)
+        check_options(get_spec(name), options or {}, f"backend {name}")
         arg = BackendArg(name, Path(weights) if weights is not None else None, dict(options or {}))
         if lazy:
             self._lazy_specs[name] = check_backend(name, weights, self.preset.clip, self.preset.split_block, options)

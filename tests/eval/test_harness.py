@@ -149,3 +149,11 @@ def test_the_ready_configs_validate():
     trains = [load_config(path) for path in sorted((root / "ablation").glob("*.yaml"))]
     assert sorted([s.epochs for s in c.stages] for c in trains) == [[0, 0, 60], [20, 20, 20], [20, 20, 20], [20, 20, 20], [60, 0, 0]]
     assert sorted(c.split_block for c in trains if c.split_block is not None) == [1, 4, 8]
+
+
+def test_a_backend_option_it_does_not_take_is_refused_in_one_line(data, tmp_path, capsys):
+    config = config_for("classify", data, tmp_path / "out")
+    config["backend"] = {"name": "clip-zero-shot", "options": {"tokenizer": str(tmp_path)}}
+    assert main(["run", str(write_config(tmp_path / "c.yaml", **config))]) == 2
+    err = capsys.readouterr().err
+    assert err == "comneck-eval: error: backend clip-zero-shot: 'tokenizer' is not an option of clip-zero-shot (options: none)\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -153,12 +154,19 @@ def parse_backend_arg(value: str) -> BackendArg:
     options: dict[str, str] = {}
     for pair in pairs:
         key, eq, path = (part.strip() for part in pair.partition("="))
-        if key not in spec.options or not eq or not path:
-            known = ", ".join(f"{k}=PATH" for k in spec.options) or "none"
-            raise ComneckInputError(f"--backend {value!r}: {pair.strip()!r} is not an option of {name} (options: {known})",
-                                    ErrorCode.BAD_SETTINGS)
+        if not eq or not path:
+            raise ComneckInputError(f"--backend {value!r}: {pair.strip()!r} is not KEY=PATH", ErrorCode.BAD_SETTINGS)
         options[key] = path
+    check_options(spec, options, f"--backend {value!r}")
     return BackendArg(name, Path(weights.strip()) if sep else None, options)
+
+
+def check_options(spec: BackendSpec, options: Mapping[str, str], where: str) -> None:
+    """Refuse, in one line naming ``where`` they came from, path options the backend does not take."""
+    unknown = [key for key in options if key not in spec.options]
+    if unknown:
+        known = ", ".join(f"{k}=PATH" for k in spec.options) or "none"
+        raise ComneckInputError(f"{where}: {unknown[0]!r} is not an option of {spec.name} (options: {known})", ErrorCode.BAD_SETTINGS)
 
 
 def check_packages(spec: BackendSpec) -> None:

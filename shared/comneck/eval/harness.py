@@ -13,7 +13,7 @@ import json
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +168,6 @@ def config_record(config: EvalConfig) -> dict[str, Any]:
     return json.loads(config.model_dump_json())
 
 
-def as_dict(item: Item) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(item), default=str))
-
-
 def summarize(config: EvalConfig, items: Sequence[Item], lines: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """Per (pipeline, rate point), in the order the lines came: mean bpp, bytes and edge time, the
     metric's summary and the count; and the metric's notes. Per-item scores come from the lines; a
@@ -221,11 +217,16 @@ def _prepare_output(folder: Path, config: EvalConfig, resume: bool, force: bool)
     record.write_text(json.dumps(config_record(config), indent=2) + "\n")
 
 
-def read_items(config: EvalConfig, shard: Shard = Shard()) -> list[Item]:
-    """The dataset's items, limited and sharded as the config and ``shard`` say."""
+def read_all_items(config: EvalConfig) -> list[Item]:
+    """Every item of the dataset, whatever the limit or shard (a classifier's labels are all its classes)."""
     from .datasets import read_dataset
 
-    items = read_dataset(config.task, config.dataset.root, **config.dataset.options)
+    return read_dataset(config.task, config.dataset.root, **config.dataset.options)
+
+
+def read_items(config: EvalConfig, shard: Shard = Shard(), everything: Sequence[Item] | None = None) -> list[Item]:
+    """The dataset's items (``everything``, when already read), limited and sharded as the config and ``shard`` say."""
+    items = list(everything) if everything is not None else read_all_items(config)
     items = items[: config.dataset.limit] if config.dataset.limit else items
     taken = shard.take(items)
     if not taken:
@@ -234,24 +235,15 @@ def read_items(config: EvalConfig, shard: Shard = Shard()) -> list[Item]:
     return taken
 
 
-def dataset_classes(config: EvalConfig) -> list[str]:
-    """Every class label of the dataset (all its items, whatever the limit or shard)."""
-    from .datasets import read_dataset
-
-    return sorted({str(item.reference) for item in read_dataset(config.task, config.dataset.root, **config.dataset.options)})
-
-
 def _base_pipeline(config: EvalConfig) -> Any:
     """The library pipeline every curve shares: the preset's CLIP, the backend (loaded once)."""
     from ..pipeline import Pipeline
 
-    backends = []
+    pipeline = Pipeline.from_pretrained(preset=config.preset, device=config.device, dtype=config.dtype,
+                                        clip_weights=config.clip_weights, backends=(), clip_final_norm=final_norm(config))
     if config.backend is not None:
-        arg = config.backend.name + (f"={config.backend.weights}" if config.backend.weights else "")
-        arg += "".join(f",{k}={v}" for k, v in config.backend.options.items())
-        backends.append(arg)
-    return Pipeline.from_pretrained(preset=config.preset, device=config.device, dtype=config.dtype, clip_weights=config.clip_weights,
-                                    backends=backends, clip_final_norm=final_norm(config))
+        pipeline.add_backend(config.backend.name, config.backend.weights, config.backend.options)
+    return pipeline
 
 
 def final_norm(config: EvalConfig) -> str | None:
@@ -268,22 +260,28 @@ def _learned_bpps(lines: Sequence[dict[str, Any]], learned: set[str]) -> list[fl
     return sorted({round(sum(v) / len(v), 4) for v in sums.values()})
 
 
-def _curve(config: EvalConfig, index: int, base: Any, items: Sequence[Item], lines: Sequence[dict[str, Any]]) -> Any:
+def _curve(config: EvalConfig, index: int, base: Any, items: Sequence[Item], results: Results) -> Any:
     """The evaluation pipeline of ``config.pipelines[index]``; an ``auto`` quality sweep is calibrated
-    here, on the first items, against the learned curves answered before it."""
+    here, on the first items framed as the pipeline frames them, against the learned curves answered before it."""
     from .pipelines import build_pipeline, calibrate, frame
 
     spec = config.pipelines[index]
-    qualities = spec.qualities
-    if qualities == "auto":
-        learned = {p.curve for p in config.pipelines if p.name in ("comneck", "reconstruction", "postproc")}
-        targets = _learned_bpps(lines, learned)
-        policy = config.resize or (base.specs[next(iter(base.specs))].resize if base.specs else None) or "paper"
-        photos = [frame(item.image, policy, base.preset.image_size).image for item in items[:4]]
-        qualities = sorted(set(calibrate(spec.name, photos, targets))) if targets else None  # near targets may share one
-    return build_pipeline(spec.name, base, [p.weights for p in spec.points] or [None], qualities=qualities, resize=config.resize,
-                          server=config.server if spec.name == "comneck" else None, clip_weights=config.clip_weights,
-                          clip_final_norm=final_norm(config))
+
+    def build(qualities: list[int] | None) -> Any:
+        return build_pipeline(spec.name, base, [p.weights for p in spec.points] or [None], qualities=qualities, resize=config.resize,
+                              server=config.server if spec.name == "comneck" else None, clip_weights=config.clip_weights,
+                              clip_final_norm=final_norm(config))
+
+    if spec.qualities != "auto":
+        return build(spec.qualities)
+    learned = {p.curve for p in config.pipelines if p.name in ("comneck", "reconstruction", "postproc")}
+    targets = _learned_bpps(results.read(), learned)
+    if not targets:
+        return build(None)
+    backend = config.backend.name if config.backend else None
+    policy = build(None).policy(backend, BACKEND_TASKS.get(config.task, "human"))
+    photos = [frame(item.image, policy, base.preset.image_size).image for item in items[:4]]
+    return build(sorted(set(calibrate(spec.name, photos, targets))))  # near targets may share one
 
 
 def evaluate(config: EvalConfig, resume: bool = False, force: bool = False, shard: Shard = Shard()) -> str:
@@ -294,17 +292,18 @@ def evaluate(config: EvalConfig, resume: bool = False, force: bool = False, shar
 
     from tqdm import tqdm
 
-
     from .pipelines import weight_points
 
     check_backend_task(config)  # the cheap checks first, before the output folder is touched
     for spec in config.pipelines:
         if spec.points:
             weight_points([p.weights for p in spec.points], config.preset)
-    items = read_items(config, shard)
+    everything = read_all_items(config)
+    items = read_items(config, shard, everything)
     folder = config.output
     _prepare_output(folder, config, resume, force)
-    asked = questions(config, items, dataset_classes(config) if config.task == "classify" else ())
+    classes = sorted({str(item.reference) for item in everything}) if config.task == "classify" else ()
+    asked = questions(config, items, classes)
     by_id = {item.id: (dataclasses.replace(item, support=tuple(q.support)), q) for item, q in zip(items, asked)}
     base = _base_pipeline(config)
     metric = (HumanViewing(codec_frame(config.resize or "paper", base.preset.image_size)) if config.task == "human"
@@ -316,7 +315,7 @@ def evaluate(config: EvalConfig, resume: bool = False, force: bool = False, shar
     backend = config.backend.name if config.backend else None
     task = BACKEND_TASKS.get(config.task, "human")
     for index, spec in enumerate(config.pipelines):
-        curve = _curve(config, index, base, items, results.read())
+        curve = _curve(config, index, base, items, results)
         for point in curve.points():
             todo = [by_id[item.id][0] for item in items if (spec.curve, point.label, item.id) not in done]
             progress = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{spec.curve} @ {point.label}", unit="item",
@@ -340,7 +339,7 @@ def evaluate(config: EvalConfig, resume: bool = False, force: bool = False, shar
     if shard.count > 1:
         return (f"shard {shard.index}/{shard.count}: {len(items)} items x {len(config.pipelines)} pipelines in {folder / RESULTS}; "
                 f"join the shards with: comneck-eval merge OUTPUT SHARD_FOLDERS...")
-    return write_outputs(folder, config, read_items(config), results.read(), gallery)
+    return write_outputs(folder, config, read_items(config, everything=everything), results.read(), gallery)
 
 
 def write_outputs(folder: Path, config: EvalConfig, items: Sequence[Item], lines: Sequence[dict[str, Any]],
