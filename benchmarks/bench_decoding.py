@@ -1,4 +1,4 @@
-"""What checked entropy decoding costs: ``ElicCodec.entropy_decode`` (zero-padded streams, every
+"""What checked entropy decoding costs: ``LearnedCodec.entropy_decode`` (zero-padded streams, every
 stream encoded again and compared, comneck.safe_decoding) against CompressAI's plain
 ``latent_codec.decompress`` on the same strings, in one run. The container is unchanged, so the
 checks cost no bytes.
@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from comneck.codec import LATENT_STRIDE
-from comneck.image import CODEC_STRIDE, sample_photo
+from comneck.image import sample_photo
 from comneck.models import RANDOM_WEIGHTS_NOTE
 from comneck.presets import PRESETS
 from comneck_edge import EdgeEncoder
@@ -50,9 +49,7 @@ def main() -> None:
     print(f"{'photo':<22} {'bytes':>6} {'plain ms':>9} {'checked ms':>11} {'overhead':>9}")
     for photo in sorted(sample_photo().parent.glob("*.png")):
         latents = encoder.encode_file(photo).bitstream.latents
-        h, w = latents.padded_size
-        shape = {"y": [(c, h // LATENT_STRIDE, w // LATENT_STRIDE) for c in preset.codec.groups],
-                 "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE)}
+        shape = codec.latent_shape(latents.padded_size)
         with torch.inference_mode():
             plain, checked = interleaved_medians(
                 [lambda: codec.model.latent_codec.decompress(latents.strings, shape), lambda: codec.entropy_decode(latents)], args.runs

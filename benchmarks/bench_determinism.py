@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comneck.codec import ElicCodec, EncodedLatents
+from comneck.codec import LearnedCodec, EncodedLatents
 from comneck.errors import ComneckInputError
 from comneck.image import load_image, resize_for_codec, sample_photo, to_tensor
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
@@ -63,7 +63,7 @@ def images(preset: Preset, count: int) -> torch.Tensor:
             return torch.cat(out)
 
 
-def encode(codec: ElicCodec, x: torch.Tensor, config: Config, fixed_point: bool) -> tuple[list[EncodedLatents], list[torch.Tensor]]:
+def encode(codec: LearnedCodec, x: torch.Tensor, config: Config, fixed_point: bool) -> tuple[list[EncodedLatents], list[torch.Tensor]]:
     config.apply()
     model = codec.to(config.device)
     latents, y_hats = [], []
@@ -75,7 +75,7 @@ def encode(codec: ElicCodec, x: torch.Tensor, config: Config, fixed_point: bool)
     return latents, y_hats
 
 
-def decode(codec: ElicCodec, latents: list[EncodedLatents], config: Config) -> list[torch.Tensor | None]:
+def decode(codec: LearnedCodec, latents: list[EncodedLatents], config: Config) -> list[torch.Tensor | None]:
     """Decoded y_hat per image (None: refused), ``config.batch`` images per decoder call."""
     config.apply()
     model = codec.to(config.device)
@@ -109,7 +109,7 @@ def main() -> None:
         report(codec, x, pairs, mode == "fixed")
 
 
-def report(codec: ElicCodec, x: torch.Tensor, pairs: list[tuple[Config, Config]], fixed_point: bool) -> None:
+def report(codec: LearnedCodec, x: torch.Tensor, pairs: list[tuple[Config, Config]], fixed_point: bool) -> None:
     """Encode once per encoding configuration, decode every pair, print a row per pair and the totals."""
     print(f"\nentropy parameters: {'fixed point' if fixed_point else 'float (CompressAI)'}")
     print(f"{'encode':<20} {'decode':<20} {'symbol mism.':>12} {'y_hat mism.':>12} {'max |dy|':>10} {'refused':>8}")

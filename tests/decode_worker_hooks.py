@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from comneck.codec import ElicCodec
+from comneck.codec import LearnedCodec
 from comneck_server import decode_workers
 
 
@@ -26,7 +26,7 @@ def serve(conn, preset, weights, fingerprint, *, control: Path, slow_s: float = 
     """The real worker loop behind the control folder's gate, with decoding steered as above."""
     while not (control / "gate").exists():
         time.sleep(0.02)
-    decode = ElicCodec.entropy_decode
+    decode = LearnedCodec.entropy_decode
 
     def steered(codec, latents):
         (control / f"decoding.{os.getpid()}").touch()
@@ -39,5 +39,5 @@ def serve(conn, preset, weights, fingerprint, *, control: Path, slow_s: float = 
         time.sleep(slow_s)
         return decode(codec, latents)
 
-    ElicCodec.entropy_decode = steered
+    LearnedCodec.entropy_decode = steered
     decode_workers._serve(conn, preset, weights, fingerprint)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from comneck.codec import ElicCodec
+from comneck.codec import LearnedCodec
 from comneck.errors import ComneckInputError
 from comneck.image import pad_to_stride, unpad
 from comneck.models import build_codec
@@ -29,7 +29,7 @@ def test_one_item_of_a_batch_decodes_alone(tiny_models):
 
 
 def test_official_elic_variant_round_trips():
-    codec = ElicCodec(CodecConfig(arch="elic2022-official", N=32, M=40, groups=(2, 2, 4, 8, 24))).eval()
+    codec = LearnedCodec(CodecConfig(arch="elic2022-official", N=32, M=40, groups=(2, 2, 4, 8, 24))).eval()
     codec.update_entropy_tables()
     latents, y_hat = codec.analyze(torch.rand(1, 3, 64, 128))
     assert torch.equal(codec.entropy_decode(latents), y_hat)

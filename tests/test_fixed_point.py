@@ -13,11 +13,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from comneck.bitstream import CODEC_IDS, FIXED_POINT_FLAG, SOURCE_FLAG, Bitstream, BitstreamError
-from comneck.codec import ElicCodec
-from comneck.fixed_point import ACTIVATION_LIMIT, FRACTION_BITS, FixedPointNet, fixed_point_parameters, parameter_networks
+from comneck.codec import LearnedCodec
+from comneck.fixed_point import ACTIVATION_LIMIT, FRACTION_BITS, SLOPE_BITS, FixedPointNet, fixed_point_parameters, parameter_networks
 from comneck.image import load_image, pad_to_stride, resize_for_codec, sample_photo, to_tensor
 from comneck.models import build_codec
-from comneck.presets import CODEC_ARCHS
+from comneck.presets import ELIC_ARCHS, get_preset
 from comneck_edge import EdgeEncoder
 
 GRID = 2.0**FRACTION_BITS
@@ -38,13 +38,17 @@ def nets() -> dict[str, nn.Module]:
                                      nn.Conv2d(8, 10, 3, 1, 1)), 1),
         "context": nonzero(CheckerboardMaskedConv2d(4, 8, 5, padding=2), 2),
         "params": nonzero(nn.Sequential(nn.Conv2d(12, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 1)), 3),
+        # mbt2018-mean's h_s: leaky ReLUs (slope 0.01)
+        "h_s_leaky": nonzero(nn.Sequential(nn.ConvTranspose2d(6, 8, 5, 2, 2, 1), nn.LeakyReLU(inplace=True),
+                                           nn.ConvTranspose2d(8, 12, 5, 2, 2, 1), nn.LeakyReLU(inplace=True),
+                                           nn.Conv2d(12, 10, 3, 1, 1)), 4),
     }
 
 
 def integer_reference(net: FixedPointNet, x: torch.Tensor) -> torch.Tensor:
     """The published equations in int64: a = round(x * 2**F); per layer, acc = W_int * a + b_int
     (im2col and an integer matrix product, or a scatter for transposed convolutions), a =
-    floor(acc / 2**shift + 1/2), ReLU, clamp. Python integers would do; int64 is exact here too."""
+    floor(acc / 2**shift + 1/2), (leaky) ReLU, clamp. Python integers would do; int64 is exact here too."""
     limit = ACTIVATION_LIMIT * 2**FRACTION_BITS
     a = torch.floor(x.double() * GRID + 0.5).clamp(-limit, limit).long()
     for layer in net._layers:
@@ -67,11 +71,14 @@ def integer_reference(net: FixedPointNet, x: torch.Tensor) -> torch.Tensor:
         right, left = shift.clamp(min=0).view(1, -1, 1, 1), (-shift).clamp(min=0).view(1, -1, 1, 1)
         half = (1 << (shift - 1)).clamp(min=0).view(1, -1, 1, 1)
         a = torch.where(right > 0, (acc + half) >> right, acc << left)  # floor(acc / 2**shift + 1/2)
-        a = a.clamp(0 if layer.relu else -limit, limit)
+        if layer.slope is not None:  # floor(a * k / 2**16 + 1/2) for a < 0, k / 2**16 the slope
+            k = round(layer.slope * 2**SLOPE_BITS)
+            a = torch.where(a < 0, torch.div(a * k + 2 ** (SLOPE_BITS - 1), 2**SLOPE_BITS, rounding_mode="floor"), a)
+        a = a.clamp(-limit, limit)
     return a.double() / GRID
 
 
-@pytest.mark.parametrize("name", ["h_s", "context", "params"])
+@pytest.mark.parametrize("name", ["h_s", "context", "params", "h_s_leaky"])
 def test_fixed_point_equals_the_integer_equations_and_stays_near_the_float_net(name):
     module = nets()[name]
     net = FixedPointNet(module)
@@ -125,14 +132,21 @@ def test_unsupported_layers_are_named():
         FixedPointNet(nn.Sequential(nn.Conv2d(2, 2, 1), nn.GELU()))
 
 
-@pytest.mark.parametrize("arch", CODEC_ARCHS)
+@pytest.mark.parametrize("arch", ELIC_ARCHS)
 def test_every_parameter_network_of_both_elic_variants_is_converted(tiny, arch):
-    codec = ElicCodec(replace(tiny.codec, arch=arch))
+    codec = LearnedCodec(replace(tiny.codec, arch=arch))
     codec.update_entropy_tables()
     groups = len(tiny.codec.groups)
     found = parameter_networks(codec.model)
     assert len(found) == 1 + (groups - 1) + 2 * groups  # h_s, channel contexts, (context, params) per group
     assert all(isinstance(getattr(m, "_comneck_fixed_point", None), FixedPointNet) for m in found)
+
+
+def test_mbt2018_means_one_parameter_network_is_converted():
+    codec = LearnedCodec(get_preset("tiny-mbt2018-mean").codec)
+    codec.update_entropy_tables()
+    assert parameter_networks(codec.model) == [codec.model.latent_codec["hyper"].h_s]
+    assert isinstance(codec.model.latent_codec["hyper"].h_s._comneck_fixed_point, FixedPointNet)
 
 
 def photo_tensor(preset) -> torch.Tensor:

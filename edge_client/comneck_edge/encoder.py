@@ -44,7 +44,7 @@ class EdgeEncoder:
     ) -> None:
         """``rate`` defaults to the rate index the codec weights were trained for (1 if unknown);
         one that contradicts the weights is refused, since the container would misreport it.
-        ``fixed_point`` picks the entropy parameters' evaluation (:meth:`ElicCodec.analyze`)."""
+        ``fixed_point`` picks the entropy parameters' evaluation (:meth:`LearnedCodec.analyze`)."""
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.resize = resize
         self.fixed_point = fixed_point

@@ -22,7 +22,7 @@ MAGIC = b"CNKB"
 VERSION = 1
 FINGERPRINT_BYTES = 8
 #: Codec ids on the wire; 0 is reserved.
-CODEC_IDS: dict[str, int] = {"elic2022-chandelier": 1, "elic2022-official": 2}
+CODEC_IDS: dict[str, int] = {"elic2022-chandelier": 1, "elic2022-official": 2, "mbt2018-mean": 3}
 #: Set in the codec id byte when the entropy parameters were evaluated in fixed point
 #: (comneck.fixed_point); clear: CompressAI's float path, as in containers written before it.
 FIXED_POINT_FLAG = 0x80

@@ -1,18 +1,21 @@
-"""The learned image codec (ELIC, from CompressAI), split the way ComNeck uses it.
+"""The learned image codec (ELIC, or a second CompressAI codec), split the way ComNeck uses it.
 
-* :meth:`ElicCodec.analyze` (edge): g_a, h_a, quantisation and rANS entropy coding -> strings.
-* :meth:`ElicCodec.entropy_decode` (cloud): strings -> y_hat, *without* the synthesis g_s.
-* :meth:`ElicCodec.synthesize`: g_s, only for people who want to look at the image.
+* :meth:`LearnedCodec.analyze` (edge): g_a, h_a, quantisation and rANS entropy coding -> strings.
+* :meth:`LearnedCodec.entropy_decode` (cloud): strings -> y_hat, *without* the synthesis g_s.
+* :meth:`LearnedCodec.synthesize`: g_s, only for people who want to look at the image.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from compressai.latent_codecs import GaussianConditionalLatentCodec, HyperLatentCodec, HyperpriorLatentCodec
 from compressai.layers import MaskedConv2d
-from compressai.models import Elic2022Chandelier, Elic2022Official
+from compressai.models import Elic2022Chandelier, Elic2022Official, MeanScaleHyperprior
+from compressai.models.base import SimpleVAECompressionModel
 from torch import nn
 
 from .errors import ComneckInputError, ErrorCode
@@ -24,9 +27,34 @@ from .provenance import WeightsInfo
 from .safe_decoding import checked_streams
 from .safe_decoding import install as install_checking_coders
 
-_ARCHS: dict[str, type[nn.Module]] = {
-    "elic2022-chandelier": Elic2022Chandelier,  # the official ComNeck code's ELIC_LLM architecture
-    "elic2022-official": Elic2022Official,
+
+
+class MeanScaleHyperpriorLatents(SimpleVAECompressionModel):
+    """CompressAI's mbt2018-mean (``MeanScaleHyperprior``: Minnen et al. 2018 without the
+    autoregressive context) with its entropy model written as CompressAI latent codecs, the form
+    ELIC has: ``latent_codec.decompress`` gives y_hat without g_s, and the fixed-point and checked
+    decoders find its parameter network (h_s) and coders the same way. Same layers, same
+    computation; the zoo's keys map one to one (comneck.importers.mbt2018)."""
+
+    def __init__(self, N: int = 128, M: int = 192) -> None:
+        super().__init__()
+        base = MeanScaleHyperprior(N, M)  # the published layers, taken over as they are
+        self.g_a, self.g_s = base.g_a, base.g_s
+        hyper = HyperLatentCodec(entropy_bottleneck=base.entropy_bottleneck, h_a=base.h_a, h_s=base.h_s)
+        # h_s's output splits into scales then means, as MeanScaleHyperprior's chunk(2, 1) does
+        self.latent_codec = HyperpriorLatentCodec(latent_codec={"y": GaussianConditionalLatentCodec(chunks=("scales", "means")),
+                                                                "hyper": hyper})
+
+
+def _elic(arch: type[nn.Module]) -> "Callable[[CodecConfig], nn.Module]":
+    return lambda cfg: arch(N=cfg.N, M=cfg.M, groups=list(cfg.groups))
+
+
+#: The codec registry: architecture name (comneck.presets.CODEC_ARCHS) -> CompressAI model builder.
+_ARCHS: dict[str, Callable[[CodecConfig], nn.Module]] = {
+    "elic2022-chandelier": _elic(Elic2022Chandelier),  # the official ComNeck code's ELIC_LLM architecture
+    "elic2022-official": _elic(Elic2022Official),
+    "mbt2018-mean": lambda cfg: MeanScaleHyperpriorLatents(N=cfg.N, M=cfg.M),
 }
 
 #: g_a downsamples by 16: y has H/16 x W/16 positions; z (after h_a) H/64 x W/64.
@@ -38,7 +66,7 @@ class EncodedLatents:
     """Entropy-coded latents of a batch: CompressAI's strings, indexed [stream][batch item].
 
     ELIC writes ``2 * groups + 1`` streams: an anchor and a non-anchor (checkerboard)
-    pass per channel group, then the hyper-latent z.
+    pass per channel group, then the hyper-latent z. mbt2018-mean writes two: y, then z.
     """
 
     strings: list[list[bytes]]
@@ -60,14 +88,14 @@ class EncodedLatents:
         return EncodedLatents([[stream[index]] for stream in self.strings], self.padded_size, self.fixed_point)
 
 
-class ElicCodec(nn.Module):
-    """ELIC with the encoder, entropy decoder and synthesis exposed separately."""
+class LearnedCodec(nn.Module):
+    """A codec of the registry with the encoder, entropy decoder and synthesis exposed separately."""
 
     def __init__(self, config: CodecConfig | None = None) -> None:
         super().__init__()
         self.config = config or CodecConfig()
         cfg = self.config
-        self.model = _ARCHS[cfg.arch](N=cfg.N, M=cfg.M, groups=list(cfg.groups))
+        self.model = _ARCHS[cfg.arch](cfg)
         self.weights_info: WeightsInfo | None = None  # set by build_codec when weights are loaded
 
     @property
@@ -80,8 +108,13 @@ class ElicCodec(nn.Module):
         return self.config.M
 
     @property
+    def checkerboard(self) -> bool:
+        """ELIC codes each channel group in two checkerboard passes; mbt2018-mean codes y in one."""
+        return self.config.arch != "mbt2018-mean"
+
+    @property
     def num_streams(self) -> int:
-        return 2 * len(self.config.groups) + 1
+        return (2 if self.checkerboard else 1) * len(self.config.groups) + 1
 
     def fingerprint(self, size: int = 8) -> bytes:
         """First ``size`` bytes of a SHA-256 over every weight and entropy table (names, dtypes,
@@ -123,11 +156,21 @@ class ElicCodec(nn.Module):
 
     def stream_symbols(self, padded_size: tuple[int, int]) -> list[int]:
         """How many symbols each stream of one image holds, in stream order: per channel group an
-        anchor and a non-anchor checkerboard pass over half the positions each, then z."""
+        anchor and a non-anchor checkerboard pass over half the positions each (ELIC) or one pass
+        over all of them (mbt2018-mean), then z."""
         h, w = padded_size
-        half = (h // LATENT_STRIDE) * (w // LATENT_STRIDE) // 2
+        positions = (h // LATENT_STRIDE) * (w // LATENT_STRIDE)
         z = self.model.latent_codec["hyper"].entropy_bottleneck.channels * (h // CODEC_STRIDE) * (w // CODEC_STRIDE)
-        return [c * half for c in self.config.groups for _ in range(2)] + [z]
+        if not self.checkerboard:
+            return [self.config.M * positions, z]
+        return [c * positions // 2 for c in self.config.groups for _ in range(2)] + [z]
+
+    def latent_shape(self, padded_size: tuple[int, int]) -> dict[str, object]:
+        """The ``shape`` argument of CompressAI's ``latent_codec.decompress`` for one padded size."""
+        h, w = padded_size
+        yh, yw = h // LATENT_STRIDE, w // LATENT_STRIDE
+        y: object = [(c, yh, yw) for c in self.config.groups] if self.checkerboard else (yh, yw)
+        return {"y": y, "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE)}
 
     @torch.inference_mode()
     def entropy_decode(self, latents: EncodedLatents) -> torch.Tensor:
@@ -138,9 +181,7 @@ class ElicCodec(nn.Module):
         if len(latents.strings) != self.num_streams:
             raise ComneckInputError(f"expected {self.num_streams} entropy-coded streams, got {len(latents.strings)}",
                                     ErrorCode.CORRUPT_BITSTREAM)
-        h, w = latents.padded_size
-        yh, yw = h // LATENT_STRIDE, w // LATENT_STRIDE
-        shape = {"y": [(c, yh, yw) for c in self.config.groups], "hyper": (h // CODEC_STRIDE, w // CODEC_STRIDE)}
+        shape = self.latent_shape(latents.padded_size)
         install_checking_coders(self.model)  # again: copies of an entropy model come with a plain coder
         symbols = self.stream_symbols(latents.padded_size)
         with checked_streams(latents.strings, symbols) as padded, fixed_point_parameters(latents.fixed_point):

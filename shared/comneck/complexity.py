@@ -25,12 +25,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 from .clip_split import ClipSplit, build_clip
-from .codec import LATENT_STRIDE, ElicCodec
+from .codec import LATENT_STRIDE, LearnedCodec
 from .errors import ComneckInputError
 from .image import CODEC_STRIDE
 from .neck import TransformNeck
 from .pipeline import latent_features
-from .presets import Preset
+from .presets import ELIC_ARCHS, Preset
 from .unet import UNet
 
 #: Paper Table 3 (params in millions, kMAC per pixel at 256x256).
@@ -44,10 +44,10 @@ PAPER_TABLE3: dict[str, tuple[float, float]] = {
 #: What each component's numbers include.
 COMPONENT_SCOPE: dict[str, str] = {
     "neck": "transform-neck: linear {M}->{width}, class/pos embeddings, ln_pre, {neck_layers} attention block(s)",
-    "g_a": "ELIC analysis transform",
-    "h_a": "ELIC hyper-analysis",
-    "h_s_ctx": "hyper-synthesis + channel/spatial context + parameter aggregation (both checkerboard passes)",
-    "g_s": "ELIC synthesis transform (the decoder, for human viewing)",
+    "g_a": "{codec} analysis transform",
+    "h_a": "{codec} hyper-analysis",
+    "h_s_ctx": "{entropy_parameters}",
+    "g_s": "{codec} synthesis transform (the decoder, for human viewing)",
     "unet": "post-processing U-Net on x_hat (baseline)",
     "clip_embed": "CLIP class + positional embeddings and ln_pre (adds only, no MACs)",
     "clip_head": "CLIP patch-embedding conv (the stem) + blocks 1..k, what the neck replaces",
@@ -111,7 +111,7 @@ def complexity_report(preset: Preset, size: int | None = None, split_block: int 
     report: dict[str, Cost] = {}
     steps = tqdm(total=4, desc="counting", unit="part", leave=False)
 
-    codec = ElicCodec(preset.codec).eval()
+    codec = LearnedCodec(preset.codec).eval()
     elic, lc = codec.model, codec.model.latent_codec
     hyper = lc["hyper"]
     x = torch.rand(1, 3, size, size)
@@ -160,7 +160,11 @@ def format_report(report: dict[str, Cost], preset: Preset, size: int, split_bloc
     """A fixed-width table; the paper's Table 3 figures stand beside ours only where they measure
     the same thing (the paper preset at 256 x 256, split k=2), never beside a smaller model's."""
     comparable = (preset.name, size, split_block) == ("paper", 256, 2)  # the setting of Table 3
-    sizes = {"M": preset.neck.latent_channels, "width": preset.neck.width, "neck_layers": preset.neck.layers, "layers": preset.clip.layers}
+    elic = preset.codec.arch in ELIC_ARCHS
+    sizes = {"M": preset.neck.latent_channels, "width": preset.neck.width, "neck_layers": preset.neck.layers, "layers": preset.clip.layers,
+             "codec": "ELIC" if elic else preset.codec.arch,
+             "entropy_parameters": "hyper-synthesis + channel/spatial context + parameter aggregation (both checkerboard passes)" if elic
+             else "hyper-synthesis (means and scales)"}
     head = f"{'component':<11} {'params':>12} {'paper':>7} {'kMAC/px':>9} {'paper':>8}  includes" if comparable else \
         f"{'component':<11} {'params':>12} {'kMAC/px':>9}  includes"
     lines = [

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .importers.elic import is_compressai_elic, is_elic_llm
+from .importers.compressai_zoo import is_zoo_mean_scale_hyperprior
+from .importers.elic import is_compressai_latent_form, is_elic_llm
 from .importers.fitting import fit
 from .importers.reading import read_weights, strip_prefix
 from .importers.sources import check_labels, codec_from, neck_from
@@ -39,7 +40,7 @@ def _parts(obj: Any) -> list[str]:
         return ["codec", "neck"]
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
     keys = strip_prefix(state) if isinstance(state, dict) else {}
-    if is_elic_llm(keys) or is_compressai_elic(keys):
+    if is_elic_llm(keys) or is_compressai_latent_form(keys) or is_zoo_mean_scale_hyperprior(keys):
         return ["codec"]
     if "trans_latent_dim.weight" in keys:
         return ["neck"]

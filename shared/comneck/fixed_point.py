@@ -13,6 +13,7 @@ but converted at load time, so imported float weights work without retraining:
   is the same float everywhere;
 * each output channel's weights are integers times a power of two chosen so that no sum a layer
   forms can reach ``2**52`` (checked per channel from the weights when the net is built);
+* a leaky ReLU's slope is rounded to a multiple of ``2**-SLOPE_BITS``, so its products are exact;
 * the convolutions run in float64 on those integers: every partial sum is an integer below
   2**53, so float64 holds it exactly and any summation order gives the same bits. Rounding back
   to the grid is a floor, exact too.
@@ -47,6 +48,9 @@ _LIMIT = float(ACTIVATION_LIMIT * 2**FRACTION_BITS)
 _SUM_BOUND = 2.0**52
 #: Weight integers need no more bits than float32 weights hold.
 _WEIGHT_BITS = 24
+#: Leaky slopes are multiples of 2**-SLOPE_BITS: activation (< 2**24) times slope numerator
+#: (< 2**16) stays exact in float64.
+SLOPE_BITS = 16
 
 _enabled: ContextVar[bool] = ContextVar("comneck_fixed_point", default=False)
 
@@ -57,10 +61,16 @@ class _Layer:
     bias: torch.Tensor  # float64 integers [out], on the weights' scale
     unscale: torch.Tensor  # float64 powers of two [1, out, 1, 1]: integers -> activation grid
     conv: nn.Conv2d | nn.ConvTranspose2d  # geometry only (stride, padding, ...)
-    relu: bool
+    #: None: no activation follows; else the negative slope of the (leaky) ReLU that does, a
+    #: multiple of 2**-SLOPE_BITS (0.0: ReLU)
+    slope: float | None = None
 
     def to(self, device: torch.device) -> "_Layer":
-        return _Layer(self.weight.to(device), self.bias.to(device), self.unscale.to(device), self.conv, self.relu)
+        return _Layer(self.weight.to(device), self.bias.to(device), self.unscale.to(device), self.conv, self.slope)
+
+    def activated(self, slope: float) -> "_Layer":
+        """This layer followed by a (leaky) ReLU of negative slope ``slope``."""
+        return _Layer(self.weight, self.bias, self.unscale, self.conv, slope)
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         c = self.conv
@@ -69,10 +79,17 @@ class _Layer:
         else:
             acc = F.conv2d(a, self.weight, None, c.stride, c.padding, c.dilation, c.groups)
         a = torch.floor((acc + self.bias.view(1, -1, 1, 1)) * self.unscale + 0.5)
-        return a.clamp_(0.0 if self.relu else -_LIMIT, _LIMIT)
+        if self.slope is not None:  # a * slope is exact: an integer below 2**24 times k * 2**-16
+            a = torch.where(a < 0, torch.floor(a * self.slope + 0.5), a)
+        return a.clamp_(-_LIMIT, _LIMIT)
 
 
-def _integer_layer(conv: nn.Conv2d | nn.ConvTranspose2d, relu: bool) -> _Layer:
+def dyadic_slope(slope: float) -> float:
+    """A leaky ReLU's negative slope on the 2**-SLOPE_BITS grid (0.01 -> 655 / 65536)."""
+    return round(slope * 2**SLOPE_BITS) / 2**SLOPE_BITS
+
+
+def _integer_layer(conv: nn.Conv2d | nn.ConvTranspose2d) -> _Layer:
     """Per output channel: weights -> integers on the largest power-of-two scale that keeps every
     sum (at most sum |w| * input limit + |bias|) below 2**52."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -96,25 +113,26 @@ def _integer_layer(conv: nn.Conv2d | nn.ConvTranspose2d, relu: bool) -> _Layer:
             break
         shift = shift - over.double()
     weight_int = w_int.transpose(0, 1).contiguous() if isinstance(conv, nn.ConvTranspose2d) else w_int.contiguous()
-    return _Layer(weight_int, b_int, torch.exp2(-shift).view(1, -1, 1, 1), conv, relu)
+    return _Layer(weight_int, b_int, torch.exp2(-shift).view(1, -1, 1, 1), conv)
 
 
 class FixedPointNet:
-    """A Conv2d / ConvTranspose2d / ReLU network (a ``Sequential`` or one convolution) evaluated
-    in fixed point: same input, same output bits, on any device, thread count or batch."""
+    """A Conv2d / ConvTranspose2d / ReLU / LeakyReLU network (a ``Sequential`` or one convolution)
+    evaluated in fixed point: same input, same output bits, on any device, thread count or batch.
+    A leaky slope is taken on the 2**-SLOPE_BITS grid (0.01 becomes 0.009995), so its products stay exact."""
 
     def __init__(self, module: nn.Module) -> None:
         children = list(module) if isinstance(module, nn.Sequential) else [module]
         self._layers: list[_Layer] = []
         for child in children:
-            if isinstance(child, nn.ReLU) and self._layers and not self._layers[-1].relu:
-                last = self._layers[-1]
-                self._layers[-1] = _Layer(last.weight, last.bias, last.unscale, last.conv, True)
+            slope = 0.0 if isinstance(child, nn.ReLU) else dyadic_slope(child.negative_slope) if isinstance(child, nn.LeakyReLU) else None
+            if slope is not None and self._layers and self._layers[-1].slope is None:
+                self._layers[-1] = self._layers[-1].activated(slope)
             elif isinstance(child, (nn.Conv2d, nn.ConvTranspose2d)):
-                self._layers.append(_integer_layer(child, relu=False))
+                self._layers.append(_integer_layer(child))
             else:
-                raise ValueError("fixed-point entropy parameters support Conv2d, ConvTranspose2d and ReLU layers, "
-                                 f"not {type(child).__name__}")
+                raise ValueError("fixed-point entropy parameters support Conv2d, ConvTranspose2d, ReLU and LeakyReLU layers "
+                                 f"(an activation after a convolution), not {type(child).__name__} there")
         self._on_device: dict[torch.device, list[_Layer]] = {torch.device("cpu"): self._layers}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

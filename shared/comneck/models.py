@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .codec import ElicCodec
+from .codec import LearnedCodec
 from .errors import ComneckInputError, ErrorCode
 from .importers.elic import is_derived
 from .importers.fitting import fit, key_problems
 from .importers.reading import read_weights
 from .importers.sources import CodecSource, codec_from, neck_from, read_codec, read_neck
-from .presets import Preset, check_final_norm
+from .presets import ELIC_ARCHS, PRESETS, Preset, check_final_norm
 from .weights_folder import MANIFEST, read_manifest
 
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (no checkpoint loaded): outputs show the data path works, not model quality"
@@ -39,28 +39,35 @@ def seeded(seed: int, build: type[nn.Module], *args: object) -> nn.Module:
         return build(*args).eval()
 
 
-def fitted_codec(preset: Preset, source: CodecSource) -> ElicCodec:
-    """The preset's ELIC holding ``source``, in the first architecture it fits (CompressAI
-    files do not say which ELIC they are); masks and tables are left to the caller."""
+def fitted_codec(preset: Preset, source: CodecSource) -> LearnedCodec:
+    """The preset's codec holding ``source``, in the first architecture of the preset's family
+    (ELIC, or mbt2018-mean) that it fits (CompressAI files do not say which ELIC they are);
+    masks and tables are left to the caller."""
+    family = ELIC_ARCHS if preset.codec.arch in ELIC_ARCHS else (preset.codec.arch,)
+    archs = [arch for arch in source.archs if arch in family]
+    if not archs:
+        others = ", ".join(name for name, p in PRESETS.items() if p.codec.arch in source.archs)
+        raise ComneckInputError(f"codec weights are {'/'.join(source.archs)}, preset {preset.name!r} runs {preset.codec.arch}; "
+                                f"use a preset for those weights ({others})", ErrorCode.BAD_WEIGHTS)
     first: list[str] = []
-    for arch in source.archs:
-        codec = seeded(preset.seed, ElicCodec, replace(preset.codec, arch=arch))
+    for arch in archs:
+        codec = seeded(preset.seed, LearnedCodec, replace(preset.codec, arch=arch))
         problems = key_problems(codec.model.state_dict(), source.state, is_derived)
         if not problems:
             fit(codec.model, source.state, "codec", is_derived)
             codec.weights_info = source.info
             return codec
         first = first or problems
-    raise ComneckInputError(f"codec weights do not fit preset {preset.name!r} ({'/'.join(source.archs)}): {'; '.join(first)}", ErrorCode.BAD_WEIGHTS)
+    raise ComneckInputError(f"codec weights do not fit preset {preset.name!r} ({'/'.join(archs)}): {'; '.join(first)}", ErrorCode.BAD_WEIGHTS)
 
 
 def build_codec(preset: Preset, weights: str | Path | CodecSource | None = None, scenario: str | None = None,
-                rate: int | None = None) -> ElicCodec:
+                rate: int | None = None) -> LearnedCodec:
     """The preset's ELIC, seeded or from any weight source :mod:`comneck.importers.sources` reads
     (or one already read), with the checkerboard masks applied and the entropy tables rebuilt
     from the weights. ``codec.weights_info`` says where the weights came from (None: seeded)."""
     if weights is None:
-        codec = seeded(preset.seed, ElicCodec, preset.codec)
+        codec = seeded(preset.seed, LearnedCodec, preset.codec)
     else:
         source = weights if isinstance(weights, CodecSource) else read_codec(weights, scenario, rate)
         codec = fitted_codec(preset, source)
@@ -129,7 +136,7 @@ class ComneckModels:
     """The cloud side's networks for one preset."""
 
     preset: Preset
-    codec: ElicCodec
+    codec: LearnedCodec
     neck: nn.Module
     clip_model: nn.Module  # the whole open_clip CLIP: backends may use its text tower
     clip: nn.Module  # ClipSplit over clip_model.visual

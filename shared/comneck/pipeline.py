@@ -34,7 +34,7 @@ from .codec import LATENT_STRIDE, EncodedLatents
 from .errors import ComneckInputError, ErrorCode
 from .image import check_image_tensor, padding_of, unpad
 from .models import ComneckModels, WeightFiles, build_cloud_models
-from .presets import Preset, get_preset
+from .presets import Preset, get_preset, shares_tail
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -230,11 +230,12 @@ class Pipeline:
     def with_models(self, models: ComneckModels) -> "Pipeline":
         """Another pipeline over ``models``' codec and neck (another rate point's weights) that shares
         this one's CLIP and backends (loaded, lazy and failed alike), so a run over many rate points
-        loads its LLM once and keeps one CLIP on the device. ``models`` must be of this preset and hold
-        a CLIP of equal weights (refused in one line, ``bad_weights``); its own CLIP copy is dropped."""
-        name = self.preset.name
-        if replace(models.preset, split_block=self.preset.split_block) != self.preset:  # the skipped blocks may differ (ablations)
-            raise ComneckInputError(f"rate point weights are for preset {models.preset.name}, this pipeline is {name}", ErrorCode.BAD_WEIGHTS)
+        loads its LLM once and keeps one CLIP on the device. ``models``' preset must share this one's CLIP
+        and image size (the codec and the skipped blocks may differ: the ablations) and ``models`` must
+        hold a CLIP of equal weights (refused in one line, ``bad_weights``); its own CLIP copy is dropped."""
+        if not shares_tail(models.preset, self.preset):
+            raise ComneckInputError(f"rate point weights are for preset {models.preset.name}, whose CLIP or image size is not this "
+                                    f"pipeline's ({self.preset.name})", ErrorCode.BAD_WEIGHTS)
         for backend, spec in self.specs.items():
             block = spec.tap.block_index(models.clip.num_blocks)
             if block is not None and block <= models.preset.split_block:

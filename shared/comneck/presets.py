@@ -20,7 +20,10 @@ from .errors import ComneckInputError, ErrorCode
 RESIZE_POLICIES: tuple[str, ...] = ("paper", "pad-square", "pad-square-white", "none", "stretch")
 RATE_LAMBDAS: dict[int, float] = {1: 0.004, 2: 0.008, 3: 0.016, 4: 0.032}
 
-CODEC_ARCHS = ("elic2022-chandelier", "elic2022-official")
+#: The learned codecs (CompressAI's names): the two ELICs, and CompressAI's mean-scale hyperprior
+#: (Minnen et al. 2018) as the second codec of the paper's section 4.5 ablation.
+ELIC_ARCHS = ("elic2022-chandelier", "elic2022-official")
+CODEC_ARCHS = (*ELIC_ARCHS, "mbt2018-mean")
 
 #: How often CLIP's final LayerNorm (``ln_post``) runs before ``proj``: ``once`` as in CLIP itself
 #: (OpenAI's and open_clip's code), ``twice`` as in the paper's official code (its ``CLIP_modify``
@@ -39,7 +42,8 @@ def check_final_norm(value: object, where: str = "clip final norm") -> str:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """ELIC hyper-parameters (CompressAI naming): N main channels, M latent channels."""
+    """Codec hyper-parameters (CompressAI naming): N main channels, M latent channels, and ELIC's
+    channel groups (one group, ``(M,)``, for ``mbt2018-mean``, which codes y in one pass)."""
 
     arch: str = "elic2022-chandelier"
     N: int = 192
@@ -49,6 +53,8 @@ class CodecConfig:
     def __post_init__(self) -> None:
         if self.arch not in CODEC_ARCHS:
             raise ComneckInputError(f"unknown codec {self.arch!r}; choose one of {', '.join(CODEC_ARCHS)}")
+        if self.arch not in ELIC_ARCHS and self.groups != (self.M,):
+            raise ValueError(f"{self.arch} has no channel groups: groups must be ({self.M},)")
         if sum(self.groups) != self.M:
             raise ValueError(f"channel groups {self.groups} must sum to M={self.M}")
 
@@ -155,6 +161,13 @@ _TINY = Preset(
     unet_base=8,
 )
 
+def _with_mbt2018_mean(preset: Preset, name: str, n: int, m: int) -> Preset:
+    """``preset`` with CompressAI's mbt2018-mean (N=n, M=m) in place of ELIC: the section 4.5 ablation
+    of the codec. Its neck reads m channels; everything else is the preset's."""
+    return replace(preset, name=name, codec=CodecConfig(arch="mbt2018-mean", N=n, M=m, groups=(m,)),
+                   neck=replace(preset.neck, latent_channels=m))
+
+
 PRESETS: dict[str, Preset] = {
     "paper": _PAPER,
     "tiny": _TINY,
@@ -164,7 +177,16 @@ PRESETS: dict[str, Preset] = {
                          clip=ClipConfig("ViT-L-14-336", _VIT_L_14_336), image_size=384),
     "tiny-336": replace(_TINY, name="tiny-336", neck=replace(_TINY.neck, grid=24),
                         clip=ClipConfig("tiny-ViT-14-336", _TINY_CLIP_336, stands_for="ViT-L-14-336"), image_size=384),
+    # CompressAI's zoo publishes mbt2018-mean at qualities 1-5 with N=128, M=192 (6-8: N=192, M=320).
+    "paper-mbt2018-mean": _with_mbt2018_mean(_PAPER, "paper-mbt2018-mean", 128, 192),
+    "tiny-mbt2018-mean": _with_mbt2018_mean(_TINY, "tiny-mbt2018-mean", 32, 40),
 }
+
+
+def shares_tail(a: Preset, b: Preset) -> bool:
+    """Whether necks of ``a`` and of ``b`` feed one CLIP: the same CLIP and codec input size (the
+    codec, and so the neck's input width, may differ)."""
+    return a.clip == b.clip and a.image_size == b.image_size and replace(a.neck, latent_channels=0) == replace(b.neck, latent_channels=0)
 
 
 def get_preset(name: str) -> Preset:

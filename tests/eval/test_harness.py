@@ -144,11 +144,32 @@ def test_the_ready_configs_validate():
     root = Path(__file__).resolve().parents[2] / "configs"
     evals = {path.stem: load_eval_config(path) for path in sorted((root / "eval").glob("*.yaml"))}
     assert {"fig3_caption_llama_adapter", "fig3_vqa_honeybee", "fig3_rec_shikra", "fig3_fewshot_v2l", "fig4_kodak_psnr",
-            "ablation_loss", "ablation_skip"} <= set(evals)
+            "ablation_loss", "ablation_skip", "ablation_codec"} <= set(evals)
     assert {c.task for c in evals.values()} == {"caption", "mcq", "rec", "fewshot", "human"}
+    assert [evals["ablation_codec"].curve_preset(i) for i in range(3)] == ["paper", "paper-mbt2018-mean", "paper"]
     trains = [load_config(path) for path in sorted((root / "ablation").glob("*.yaml"))]
-    assert sorted([s.epochs for s in c.stages] for c in trains) == [[0, 0, 60], [20, 20, 20], [20, 20, 20], [20, 20, 20], [60, 0, 0]]
+    assert sorted([s.epochs for s in c.stages] for c in trains) == [[0, 0, 60], [20, 20, 20], [20, 20, 20], [20, 20, 20], [20, 20, 20],
+                                                                   [60, 0, 0]]
     assert sorted(c.split_block for c in trains if c.split_block is not None) == [1, 4, 8]
+    assert sorted(c.preset for c in trains) == ["paper"] * 5 + ["paper-mbt2018-mean"]
+
+
+def test_the_codec_ablation_draws_a_curve_per_codec_over_one_clip(data, tmp_path, capsys):
+    """A curve of another preset's codec (tiny-mbt2018-mean beside tiny's ELIC) codes with its own
+    codec and neck and answers through the run's CLIP; a curve preset of another CLIP is refused."""
+    out = tmp_path / "out"
+    config = config_for("classify", data, out)
+    config["pipelines"] = [{"name": "comneck", "label": "elic", "points": [{"rate": 1}]},
+                           {"name": "comneck", "label": "mbt", "preset": "tiny-mbt2018-mean", "points": [{"rate": 1}]}]
+    assert main(["run", str(write_config(tmp_path / "c.yaml", **config))]) == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
+    by_curve = {curve: [line for line in lines if line["pipeline"] == curve] for curve in ("elic", "mbt")}
+    assert [len(v) for v in by_curve.values()] == [2, 2]
+    assert [line["bytes"] for line in by_curve["elic"]] != [line["bytes"] for line in by_curve["mbt"]]  # two codecs, two bitstreams
+    config["pipelines"][1]["preset"] = "tiny-336"
+    assert main(["run", str(write_config(tmp_path / "bad.yaml", **config)), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "preset tiny-336 does not share preset tiny's CLIP and image size" in err
 
 
 def test_a_backend_option_it_does_not_take_is_refused_in_one_line(data, tmp_path, capsys):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..presets import get_preset, shares_tail
 from ..yaml_config import PresetName, RateIndex, load_yaml_config
 
 #: What each eval task asks of the backend: its task name in the registry (``choices``: it must take them).
@@ -41,6 +42,9 @@ class PipelineConfig(_Strict):
     points: list[RatePointConfig] = Field(default_factory=list, description="learned pipelines: one weights folder per rate point")
     qualities: list[int] | Literal["auto"] | None = Field(
         None, description="jpeg / webp / avif: the quality sweep; auto: qualities that cover the learned curves' bpp; none: the defaults")
+    preset: PresetName | None = Field(
+        None, description="learned pipelines: the preset of this curve's weights, when its codec differs from the run's (the codec "
+        "ablation: paper-mbt2018-mean beside paper); it must share the run's CLIP and image size. Default: the run's")
 
     @property
     def curve(self) -> str:
@@ -54,6 +58,8 @@ class PipelineConfig(_Strict):
             raise ValueError(f"rate point {twice[0]} is listed twice in pipeline {self.curve}")
         if self.qualities is not None and self.name not in ("jpeg", "webp", "avif"):
             raise ValueError(f"qualities apply to jpeg, webp and avif, not {self.name}")
+        if self.preset is not None and self.name not in ("comneck", "reconstruction", "postproc"):
+            raise ValueError(f"a preset applies to the learned pipelines (comneck, reconstruction, postproc), not {self.name}")
         if isinstance(self.qualities, list) and len(set(self.qualities)) != len(self.qualities):
             raise ValueError(f"a quality is listed twice in pipeline {self.curve}")
         return self
@@ -97,7 +103,14 @@ class EvalConfig(_Strict):
             raise ValueError(f"task {self.task} needs a backend")
         if self.anchor is not None and self.anchor not in curves:
             raise ValueError(f"anchor {self.anchor!r} is none of the pipelines ({', '.join(curves)})")
+        for spec in self.pipelines:
+            if spec.preset is not None and not shares_tail(get_preset(spec.preset), get_preset(self.preset)):
+                raise ValueError(f"pipeline {spec.curve}'s preset {spec.preset} does not share preset {self.preset}'s CLIP and image size")
         return self
+
+    def curve_preset(self, index: int) -> str:
+        """The preset of ``pipelines[index]``'s weights: its own, else the run's."""
+        return self.pipelines[index].preset or self.preset
 
 
 def load_eval_config(path: str | Path | None, overrides: list[str] = ()) -> EvalConfig:  # type: ignore[assignment]

@@ -270,7 +270,7 @@ def _curve(config: EvalConfig, index: int, base: Any, items: Sequence[Item], res
     def build(qualities: list[int] | None) -> Any:
         return build_pipeline(spec.name, base, [p.weights for p in spec.points] or [None], qualities=qualities, resize=config.resize,
                               server=config.server if spec.name == "comneck" else None, clip_weights=config.clip_weights,
-                              clip_final_norm=final_norm(config))
+                              clip_final_norm=final_norm(config), preset=spec.preset)
 
     if spec.qualities != "auto":
         return build(spec.qualities)
@@ -295,9 +295,9 @@ def evaluate(config: EvalConfig, resume: bool = False, force: bool = False, shar
     from .pipelines import weight_points
 
     check_backend_task(config)  # the cheap checks first, before the output folder is touched
-    for spec in config.pipelines:
+    for index, spec in enumerate(config.pipelines):
         if spec.points:
-            weight_points([p.weights for p in spec.points], config.preset)
+            weight_points([p.weights for p in spec.points], config.curve_preset(index))
     everything = read_all_items(config)
     items = read_items(config, shard, everything)
     folder = config.output

@@ -47,6 +47,7 @@ from ..importers.fitting import fit
 from ..importers.reading import read_weights
 from ..models import WeightFiles, build_cloud_models, seeded
 from ..pipeline import Pipeline, Support, per_item_options
+from ..presets import Preset, get_preset, shares_tail
 from ..unet import UNet
 from ..weights_folder import part_file, read_manifest
 from .items import Item, Outcome
@@ -298,13 +299,15 @@ class PointNetworks:
 
 
 class LatentPipeline(EvalPipeline):
-    """A pipeline that codes with ELIC at each rate point; the point's networks are built when a run
-    first reaches the point and kept until it moves on to another."""
+    """A pipeline that codes with a learned codec at each rate point; the point's networks are built
+    when a run first reaches the point and kept until it moves on to another. ``preset``: the
+    weights' preset when its codec is not the run's (default: ``base``'s)."""
 
     def __init__(self, base: Pipeline, points: Sequence[RatePoint], resize: str | None = None, clip_weights: Path | None = None,
-                 clip_final_norm: str | None = None) -> None:
+                 clip_final_norm: str | None = None, preset: Preset | None = None) -> None:
         super().__init__(base, points, resize)
         self.clip_weights, self.clip_final_norm = clip_weights, clip_final_norm
+        self.preset = preset or base.preset
         self._held: tuple[tuple[str, str], PointNetworks] | None = None
 
     def at(self, point: RatePoint, policy: str) -> PointNetworks:
@@ -313,8 +316,8 @@ class LatentPipeline(EvalPipeline):
             from comneck_edge import EdgeEncoder
 
             files = WeightFiles.bundle(point.weights, clip=self.clip_weights)
-            models = build_cloud_models(self.base.preset, files, self.clip_final_norm)
-            encoder = EdgeEncoder(self.base.preset, resize=policy, codec_weights=point.weights)  # type: ignore[arg-type]
+            models = build_cloud_models(self.preset, files, self.clip_final_norm)
+            encoder = EdgeEncoder(self.preset, resize=policy, codec_weights=point.weights)  # type: ignore[arg-type]
             self._held = (point.label, policy), PointNetworks(self.base.with_models(models), encoder, *self.unet(point))
         return self._held[1]
 
@@ -397,7 +400,7 @@ class PostProcessing(Reconstruction):
     name, networks = "postproc", ("codec", "unet", "clip")
 
     def unet(self, point: RatePoint) -> tuple[UNet | None, bool]:
-        preset = self.base.preset
+        preset = self.preset
         net = seeded(preset.seed + 3, UNet, 3, preset.unet_base)  # as the trainer builds it
         if point.weights is not None:
             fit(net, read_weights(part_file(point.weights, "unet"), "unet"), "unet")
@@ -428,13 +431,15 @@ def weight_points(weights_per_rate: Sequence[str | Path | None], preset: str) ->
 
 def build_pipeline(name: str, base: Pipeline, weights_per_rate: Sequence[str | Path | None] = (None,), *,
                    qualities: Sequence[int] | None = None, resize: str | None = None, server: str | None = None,
-                   clip_weights: str | Path | None = None, clip_final_norm: str | None = None) -> EvalPipeline:
+                   clip_weights: str | Path | None = None, clip_final_norm: str | None = None,
+                   preset: str | None = None) -> EvalPipeline:
     """Pipeline ``name`` over the run's ``base`` pipeline (its preset, CLIP and backends: load
     them once, lazily where a gateway answers). ``weights_per_rate``: one weights folder per rate
     point (comneck, reconstruction, postproc; a postproc training export for postproc);
     ``qualities``: Pillow's qualities (default :data:`IMAGE_CODECS`' sweep, or :func:`calibrate`'s);
     ``resize``: the framing policy (default: the backend's); ``server``: a gateway URL (comneck only);
-    ``clip_weights``: the CLIP weights ``base`` was built with (each point's networks must share them)."""
+    ``clip_weights``: the CLIP weights ``base`` was built with (each point's networks must share them);
+    ``preset``: the learned weights' preset, when its codec is not ``base``'s (it must share ``base``'s CLIP)."""
     if name not in PIPELINES:
         raise ComneckInputError(f"unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}", ErrorCode.BAD_CONFIG)
     if server is not None and name not in SERVED:
@@ -447,7 +452,7 @@ def build_pipeline(name: str, base: Pipeline, weights_per_rate: Sequence[str | P
         if bad:
             raise ComneckInputError(f"pipeline {name}: qualities {bad} outside {codec.lowest}..{codec.highest}", ErrorCode.BAD_CONFIG)
     else:
-        points = [RatePoint("uncompressed")] if name == "uncompressed" else weight_points(weights_per_rate, base.preset.name)
+        points = [RatePoint("uncompressed")] if name == "uncompressed" else weight_points(weights_per_rate, preset or base.preset.name)
     labels = [p.label for p in points]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
@@ -457,6 +462,10 @@ def build_pipeline(name: str, base: Pipeline, weights_per_rate: Sequence[str | P
     if name == "uncompressed":
         return Uncompressed(base, points, resize)
     clip = Path(clip_weights) if clip_weights is not None else None
+    own = get_preset(preset) if preset is not None else None
+    if own is not None and not shares_tail(own, base.preset):
+        raise ComneckInputError(f"pipeline {name}: preset {preset} does not share preset {base.preset.name}'s CLIP and image size",
+                                ErrorCode.BAD_CONFIG)
     if name == "comneck":
-        return Comneck(base, points, resize, clip, clip_final_norm, server=server)
-    return (Reconstruction if name == "reconstruction" else PostProcessing)(base, points, resize, clip, clip_final_norm)
+        return Comneck(base, points, resize, clip, clip_final_norm, own, server=server)
+    return (Reconstruction if name == "reconstruction" else PostProcessing)(base, points, resize, clip, clip_final_norm, own)

@@ -56,7 +56,9 @@ def is_elic_llm(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("ParamAggregation.", "cc_transforms.")) for k in state)
 
 
-def is_compressai_elic(state: dict[str, torch.Tensor]) -> bool:
+def is_compressai_latent_form(state: dict[str, torch.Tensor]) -> bool:
+    """CompressAI's latent-codec key names (``g_a``, ``latent_codec.*``): its ELICs, or our own
+    files of any registry codec."""
     return any(k.startswith(_Y + ".") for k in state) and "g_a.0.weight" in state
 
 

@@ -8,7 +8,8 @@ A weight source is any of:
 * a release checkpoint ``d{1,2,3}_{1..4}.pth.tar`` of the paper (``state_dict``: the codec in
   the ELIC_LLM layout, ``adapter``: the neck);
 * a base ELIC checkpoint (ELiC-ReImplemetation, flat or under ``state_dict``) or a CompressAI
-  ``Elic2022Chandelier`` / ``Elic2022Official`` state dict.
+  ``Elic2022Chandelier`` / ``Elic2022Official`` state dict;
+* a CompressAI zoo ``mbt2018-mean`` checkpoint (``MeanScaleHyperprior``), the second codec.
 
 CLIP files are handled by :mod:`comneck.importers.clip`.
 """
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 
 from ..errors import ComneckInputError, ErrorCode
-from ..presets import check_rate
+from ..presets import CODEC_ARCHS, check_rate
 from ..provenance import WeightsInfo
 from ..weights_folder import part_file, read_manifest
-from .elic import check_not_pre_127_official, from_elic_llm, is_compressai_elic, is_elic_llm
+from .compressai_zoo import from_zoo_mean_scale_hyperprior, is_zoo_mean_scale_hyperprior
+from .elic import check_not_pre_127_official, from_elic_llm, is_compressai_latent_form, is_elic_llm
 from .reading import read_weights, strip_prefix, tensors_only
 
 SCENARIOS = ("d1", "d2", "d3")
@@ -83,13 +85,16 @@ def codec_from(obj: Any, path: Path, scenario: str | None = None, rate: int | No
     if is_elic_llm(state):
         layout = "release" if release is not None and "adapter" in release else "elic-llm"
         mapped, archs = from_elic_llm(state), ("elic2022-chandelier",)
-    elif is_compressai_elic(state):
+    elif is_compressai_latent_form(state):
         check_not_pre_127_official(state)
-        layout, mapped, archs = "compressai", state, ("elic2022-chandelier", "elic2022-official")
+        # our own files hold any registry codec; CompressAI's ELIC files do not say which ELIC
+        layout, mapped, archs = "compressai", state, CODEC_ARCHS
+    elif is_zoo_mean_scale_hyperprior(state):
+        layout, mapped, archs = "compressai-zoo", from_zoo_mean_scale_hyperprior(state), ("mbt2018-mean",)
     else:
         raise ComneckInputError(
             f"codec weights: {path.name} holds neither an ELIC_LLM (ComNeck release, ELiC-ReImplemetation) nor a "
-            f"CompressAI ELIC state dict (first keys: {', '.join(list(state)[:3])})",
+            f"CompressAI ELIC or mbt2018-mean state dict (first keys: {', '.join(list(state)[:3])})",
             ErrorCode.BAD_WEIGHTS,
         )
     info = WeightsInfo(layout, str(path), scenario or named_scenario, rate or named_rate)

@@ -58,7 +58,7 @@ class TrainConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     target: Literal["cls", "tokens"] = Field("cls", description="distil the projected CLS embedding or all tokens at target_block")
     target_block: int = Field(-1, description="tokens target: 1-based CLIP block, negative from the end (-2: Shikra's block 23)")
-    codec_weights: Path | None = Field(None, description="base ELIC (CompressAI keys, safetensors); none: seeded random")
+    codec_weights: Path | None = Field(None, description="the base codec, any file comneck convert reads (an ELIC, or a CompressAI zoo mbt2018-mean for its presets); none: seeded random")
     clip_weights: Path | None = Field(None, description="teacher CLIP (open_clip keys, safetensors); none: seeded random")
     clip_pretrained: str | None = Field(None, description="or an open_clip pretrained tag for the preset's CLIP, e.g. openai")
     neck_weights: Path | None = Field(None, description="start the neck from these weights (e.g. d2/d3 stage i)")

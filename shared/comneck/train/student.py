@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..clip_split import ClipFeatures, ClipSplit, ClipTap, clip_input
-from ..codec import ElicCodec
+from ..codec import LearnedCodec
 from ..pipeline import latent_features
 
 
@@ -40,7 +40,7 @@ class Target:
 class Student(nn.Module):
     """Codec + neck (+ U-Net) + CLIP split; ``forward`` returns what the losses need."""
 
-    def __init__(self, codec: ElicCodec, neck: nn.Module, clip: ClipSplit, target: Target, unet: nn.Module | None = None) -> None:
+    def __init__(self, codec: LearnedCodec, neck: nn.Module, clip: ClipSplit, target: Target, unet: nn.Module | None = None) -> None:
         super().__init__()
         self.codec, self.neck, self.clip, self.unet = codec, neck, clip, unet
         self.target = target
