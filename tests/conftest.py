@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from comneck.models import ComneckModels, build_cloud_models
 from comneck.pipeline import Pipeline
 from comneck.presets import PRESETS, Preset
+
+# The backends' tiny checkpoint writers (tests/backends/checkpoints.py) serve the eval, batching and
+# gateway tests too.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "backends"))
+# A gateway starts one decode worker per core by default; tests that build many gateways start one
+# (tests of the default say so themselves). Gateways started as subprocesses inherit this too.
+os.environ.setdefault("COMNECK_DECODE_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

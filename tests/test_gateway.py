@@ -49,7 +49,9 @@ def test_infer_runs_the_latent_path_once_and_reports_it(gateway, encoded, tiny_m
     assert result.backend == "clip-zero-shot" and result.task == "classify"
     assert result.num_bytes == len(encoded.data) and result.bpp == pytest.approx(encoded.bpp)
     assert result.image_size == (256, 256) and result.rate == 1 and result.random_weights
-    assert list(result.timings_ms) == ["parse", "queue", "entropy_decode", "neck", "clip_tail", "backend", "server_total"]
+    assert list(result.timings_ms) == ["parse", "entropy_decode", "queue", "batch_size", "batch_wait", "neck", "clip_tail", "backend",
+                                       "server_total"]
+    assert result.timings_ms["batch_size"] == 1
     # the answer is the backend's answer on CLIP's embedding of the neck's tokens
     with torch.inference_mode():
         y_hat = tiny_models.codec.entropy_decode(encoded.bitstream.latents)
@@ -61,7 +63,7 @@ def test_infer_runs_the_latent_path_once_and_reports_it(gateway, encoded, tiny_m
 def test_model_work_runs_one_request_at_a_time_on_one_thread(gateway, encoded, monkeypatch):
     """Many request threads, one model thread (one malloc arena: docs/benchmarks.md, "Memory")."""
     seen, running, overlap, lock = set(), [0], [False], threading.Lock()
-    run = gateway.pipeline.run
+    run = gateway.batcher.run_batch
 
     def watched(*args, **kwargs):
         with lock:
@@ -74,7 +76,7 @@ def test_model_work_runs_one_request_at_a_time_on_one_thread(gateway, encoded, m
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(gateway.pipeline, "run", watched)
+    monkeypatch.setattr(gateway.batcher, "run_batch", watched)
     answers = []
     threads = [threading.Thread(target=lambda: answers.append(gateway.infer(encoded.data, PROMPT).text)) for _ in range(4)]
     for thread in threads:
@@ -343,7 +345,11 @@ def test_metrics_count_requests_stage_times_and_bitstream_bytes(gateway, encoded
     assert value("comneck_requests_total", route="/infer", status="415") == 1
     assert value("comneck_requests_total", route="unmatched", status="404") == 1
     assert value("comneck_request_seconds_count", route="/infer") == 2
+    assert value("comneck_batch_items_count") == 1 and value("comneck_batch_items_sum") == 1  # the one request (the warm-up runs alone)
+    assert value("comneck_queued_items") == 0
     for stage, ms in answer["timings_ms"].items():  # the stage times are the ones the answer reported
+        if stage == "batch_size":
+            continue
         assert value("comneck_stage_seconds_count", stage=stage, backend="clip-zero-shot") == 1
         assert value("comneck_stage_seconds_sum", stage=stage, backend="clip-zero-shot") == pytest.approx(ms / 1e3)
     assert value("comneck_bitstream_bytes_sum") == len(encoded.data) and value("comneck_bitstream_bytes_count") == 1

@@ -485,6 +485,7 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         log.info("loading preset %s on %s (%s), backends %s", settings.preset, settings.device, settings.dtype, ", ".join(settings.backend_args))
         try:
             state["gateway"] = loaded = Gateway.load(settings)
+            metrics.watch(loaded.batcher)
         except Exception as exc:  # the operator reads why in the log and in /readyz
             state["load_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.exception("loading the models failed")
@@ -517,6 +518,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
     )
     admission = Admission(settings.max_queue)
     metrics = Metrics(in_flight=lambda: admission.count)
+    if gateway is not None:
+        metrics.watch(gateway.batcher)
 
     def known(key: str | None) -> bool:
         return key is not None and any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys)

@@ -1,11 +1,14 @@
 """The gateway's work, apart from HTTP: the library pipeline (:mod:`comneck.pipeline`) behind
-one model thread, with the gateway's own limits and its description for /v1/models.
+one model thread that batches requests (:mod:`comneck_server.batcher`), with the gateway's own
+limits and its description for /v1/models.
 
-Models load once (:meth:`Gateway.load`); requests run one at a time, since each already uses
-every core (CPU) or the whole stream (GPU), and always on the same thread: model work from many
-request threads would give each its own glibc malloc arena, each keeping freed memory, so the
-resident size would creep up with the number of threads that ever ran a model
-(docs/benchmarks.md, "Memory"). Long jobs do not hold that thread for their whole length: a
+Models load once (:meth:`Gateway.load`). A request is checked and parsed on its own thread, and
+entropy-decoded there by the decode workers (other processes, so requests decode in parallel).
+Then it queues for the model thread, which answers queued requests in dynamic batches: one neck +
+CLIP-tail pass, one backend call per backend and task. All model work runs on that one thread:
+model work from many request threads would give each its own glibc malloc arena, each keeping
+freed memory, so the resident size would creep up with the number of threads that ever ran a
+model (docs/benchmarks.md, "Memory"). Long jobs do not hold that thread for their whole length: a
 support-set registration is described in pieces of ``SUPPORT_PIECE`` examples, each queued behind
 the requests that came before it, and /reconstruct's g_s runs in a lane of its own.
 """
@@ -13,9 +16,12 @@ the requests that came before it, and /reconstruct's g_s runs in a lane of its o
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -27,12 +33,53 @@ from comneck.image import to_image
 from comneck.pipeline import Answer, Pipeline, Support
 from comneck.presets import RATE_LAMBDAS
 
+from .batcher import Batcher, BatchInfo
 from .decode_workers import DecodeWorkers
 from .settings import ServerSettings
 from .support_sets import SupportSet, SupportSets, check_name
 
 T = TypeVar("T")
 SUPPORT_PIECE = 8
+
+
+def cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class Ticket:
+    """An admitted inference request: queued for (or in) a batch. :meth:`answer` waits for it;
+    :meth:`cancel` drops it if it has not started (a client that went away)."""
+
+    future: "Future[tuple[list[Answer], BatchInfo]]"
+    start: float  # perf_counter at admission
+    parsed: float
+    deadline: float | None  # perf_counter time past which it answers deadline_exceeded
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+    def answer(self, timeout_s: float | None = None) -> Answer:
+        """The answer (raising the request's own error), waiting at most until the deadline (then
+        ``deadline_exceeded``: dropped if it had not started) or ``timeout_s`` (then ``TimeoutError``)."""
+        left = None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+        wait = left if timeout_s is None else timeout_s if left is None else min(left, timeout_s)
+        try:
+            (answer,), batch = self.future.result(timeout=wait)
+        except FutureTimeout:
+            if left is not None and wait == left:
+                dropped = self.future.cancel()
+                raise ComneckInputError(
+                    f"no answer within the gateway's request timeout ({self.deadline - self.start:.3g} s); "  # type: ignore[operator]
+                    + ("it had not started and was dropped" if dropped else "it was running"), ErrorCode.DEADLINE_EXCEEDED) from None
+            raise TimeoutError from None
+        own = answer.timings_ms  # entropy_decode (and support_decode) first: they ran before the queue
+        early = {k: own.pop(k) for k in ("entropy_decode", "support_decode") if k in own}
+        answer.timings_ms = {"parse": (self.parsed - self.start) * 1e3, **early, "queue": batch.queued_ms,
+                             "batch_size": float(batch.size), "batch_wait": batch.wait_ms, **own,
+                             "server_total": (time.perf_counter() - self.start) * 1e3}
+        return answer
 
 
 class Gateway:
@@ -45,7 +92,8 @@ class Gateway:
         self.workers = workers
         self.support_sets = SupportSets()
         self.started = int(time.time())  # "created" of the OpenAI-style model list
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-model")
+        #: the model thread: dynamic batches of requests, and exclusive jobs in order
+        self.batcher = Batcher(pipeline.run_batch, settings.max_batch, settings.max_wait_ms / 1e3)
         #: /reconstruct's g_s (seconds on a large image) runs in a lane of its own, one at a time, so
         #: it never holds the model thread; the admission limit bounds what waits for it
         self._long_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-long")
@@ -54,14 +102,9 @@ class Gateway:
         self.support_piece = SUPPORT_PIECE
 
     def _on_model_thread(self, work: Callable[[], T]) -> tuple[T, float]:
-        """Run ``work`` on the one model thread after the requests before it; (its result, the
+        """Run ``work`` alone on the model thread after the requests before it; (its result, the
         perf_counter time it started)."""
-
-        def timed() -> tuple[T, float]:
-            started = time.perf_counter()
-            return work(), started
-
-        return self._model_thread.submit(timed).result()
+        return self.batcher.call(work).result()
 
     @classmethod
     def load(cls, settings: ServerSettings) -> "Gateway":
@@ -73,8 +116,9 @@ class Gateway:
             lazy_backends=settings.lazy_backends, clip_final_norm=settings.clip_final_norm,
         )
         workers = None
-        if settings.decode_workers:
-            workers = DecodeWorkers(pipeline.preset, files.codec, pipeline.models.codec_fingerprint, settings.decode_workers,
+        count = cores() if settings.decode_workers is None else settings.decode_workers
+        if count:
+            workers = DecodeWorkers(pipeline.preset, files.codec, pipeline.models.codec_fingerprint, count,
                                     settings.decode_timeout_s, settings.decode_worker_max_failures)
             pipeline.entropy_decode = workers.decode
         gateway = cls(pipeline, settings, workers)
@@ -84,7 +128,7 @@ class Gateway:
     def close(self) -> None:
         """Stop the model thread (after the work it holds) and the decode workers (the process's
         exit stops them too)."""
-        self._model_thread.shutdown()
+        self.batcher.close()
         self._long_lane.shutdown()
         if self.workers is not None:
             self.workers.close()
@@ -124,19 +168,28 @@ class Gateway:
         support_bitstreams: Sequence[bytes] | None = None, support_labels: Sequence[str] | None = None,
         support_set: str | None = None,
     ) -> Answer:
-        """Check the request (cheap checks first), then decode, neck, CLIP tail and backend on the
-        model thread. Task ``fewshot`` takes labelled support: bitstreams with labels, or a
-        registered ``support_set``."""
+        """:meth:`admit` the request, then wait for its answer (at most until its deadline)."""
+        return self.admit(data, prompt, task, backend, options, choices, support_bitstreams, support_labels, support_set).answer()
+
+    def admit(
+        self, data: bytes, prompt: str, task: str | None = None, backend: str | None = None,
+        options: GenerationOptions | None = None, choices: Sequence[str] | None = None,
+        support_bitstreams: Sequence[bytes] | None = None, support_labels: Sequence[str] | None = None,
+        support_set: str | None = None,
+    ) -> Ticket:
+        """Check the request (cheap checks first) and entropy-decode it here (on the decode workers
+        when there are any, else on the model thread with its batch), then queue it for a batch.
+        Task ``fewshot`` takes labelled support: bitstreams with labels, or a registered ``support_set``."""
         start = time.perf_counter()
+        timeout = self.settings.request_timeout_s
         self._check_prompt_length(prompt, choices or ())
         self._load_lazy(task, backend)
         support = self._support(task, backend, support_bitstreams, support_labels, support_set)
         request = self.pipeline.prepare([data], [prompt], task, backend, options, [choices], support)
         parsed = time.perf_counter()
-        (answer,), queued = self._on_model_thread(lambda: self.pipeline.run(request))
-        answer.timings_ms = {"parse": (parsed - start) * 1e3, "queue": (queued - parsed) * 1e3, **answer.timings_ms}
-        answer.timings_ms["server_total"] = (time.perf_counter() - start) * 1e3
-        return answer
+        if self.workers is not None:
+            self.pipeline.decode_request(request)
+        return Ticket(self.batcher.submit(request), start, parsed, None if timeout is None else start + timeout)
 
     def _load_lazy(self, task: str | None, backend: str | None) -> None:
         """Load the backend a request names if it is lazy and not loaded yet, on the model thread

@@ -80,8 +80,9 @@ class ServerSettings(BaseSettings):
     max_reconstruct_pixels: int = Field(1024 * 1024, gt=0, description="largest image (height x width) /reconstruct decodes (413 beyond)")
     max_image_side: int = Field(4096, gt=0, description="largest image side a bitstream may declare")
     max_prompt_chars: int = Field(4000, gt=0, description="longest prompt in characters")
-    decode_workers: int = Field(
-        1, ge=0, le=64, description="processes that entropy-decode (a crash in native decoding costs one request); 0: in the gateway process"
+    decode_workers: int | None = Field(
+        None, ge=0, le=64, description="processes that entropy-decode, in parallel, before a request queues for the models (a crash "
+        "in native decoding costs one request); 0: on the model thread, in the gateway process; default: one per core"
     )
     decode_timeout_s: float = Field(30.0, gt=0, description="longest entropy decoding of one bitstream (422 decode_timeout beyond)")
     decode_worker_max_failures: int = Field(
@@ -89,6 +90,12 @@ class ServerSettings(BaseSettings):
         "decode_unavailable (starts go on, 0.1 s doubling to 5 s apart; the first success ends it)"
     )
     max_queue: int = Field(16, gt=0, description="requests admitted at once (queued or running); 503 beyond")
+    max_batch: int = Field(8, gt=0, le=256, description="most items the model thread answers in one batch (one neck + CLIP-tail "
+                           "pass, one backend call per backend and task); 1: no batching")
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="longest a request waits for others to join its batch")
+    request_timeout_s: float | None = Field(
+        120.0, gt=0, description="longest from a request's admission to its answer: 504 deadline_exceeded beyond, its work dropped "
+        "if it had not started")
     keep_alive_timeout_s: int = Field(5, gt=0, description="seconds an idle keep-alive connection stays open after its last answer")
     max_connections: int | None = Field(
         None, gt=0, description="open connections (or running requests) at which uvicorn answers further requests 503 at once; "

@@ -108,6 +108,11 @@ class Request:
     #: a pixel request's codec-view images [1, 3, H, W] in [0, 1], for the full CLIP (no container)
     pixels: list[torch.Tensor] = field(default_factory=list)
     sources: list[Source | None] = field(default_factory=list)  # the photos they were framed from
+    #: latents decoded ahead of the model work (:meth:`Pipeline.decode_request`), with each item's time
+    y_hats: list[torch.Tensor] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)
+    support_y_hats: list[torch.Tensor] = field(default_factory=list)
+    support_decode_ms: float | None = None
 
     def images(self) -> list[ImageInfo]:
         """What each item's image is: the container's record, or a pixel request's own size and source."""
@@ -131,6 +136,14 @@ class Answer:
     random_weights: bool
     note: str
     timings_ms: dict[str, float] = field(default_factory=dict)  # decode is per item; the rest per batch
+
+
+def _merged(requests: Sequence[Request]) -> Request:
+    """Requests of one backend and task (none few-shot) as one: their items in order."""
+    first = requests[0]
+    return Request([s for r in requests for s in r.streams], [n for r in requests for n in r.sizes],
+                   [p for r in requests for p in r.prompts], first.backend, first.task,
+                   [o for r in requests for o in r.options], [c for r in requests for c in r.choices])
 
 
 class _Clock:
@@ -447,37 +460,110 @@ class Pipeline:
         features = self.features(self.decode(streams), [chosen.spec.tap])
         return _few_shot(chosen).describe(self.select(features, chosen.spec.tap))
 
+    def decode_request(self, request: Request) -> Request:
+        """Entropy-decode a container request's latents and its support's now, in the calling thread
+        (the gateway does this on its decode workers, in parallel, before a request queues for the
+        models); :meth:`run_batch` then uses them. Per-item times go in ``decode_ms``."""
+        clock = _Clock(torch.device("cpu"))
+        for stream in request.streams:
+            request.y_hats.extend(self.decode([stream]))
+            request.decode_ms.append(clock.lap())
+        if request.support is not None and request.support.streams:
+            request.support_y_hats = self.decode(request.support.streams)
+            request.support_decode_ms = clock.lap()
+        return request
+
     def run(self, request: Request) -> list[Answer]:
         """Decode, one batched neck + tail pass (the support images' included), the backend: a
         :class:`Request` -> one answer per item. A pixel request runs the full CLIP instead."""
+        if not request.pixels:
+            (outcome,) = self.run_batch([request])
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        timings: dict[str, float] = {}
+        support, tap = request.support, request.backend.spec.tap
+        features = self.pixel_features([*request.pixels, *(support.images if support else [])], [tap], timings)
         clock = _Clock(self.device)
-        support = request.support
-        tap, timings = request.backend.spec.tap, {}
-        per_item: list[dict[str, float]] = [{} for _ in request.prompts]
-        if request.pixels:
-            features = self.pixel_features([*request.pixels, *(support.images if support else [])], [tap], timings)
-        else:
-            y_hats: list[torch.Tensor] = []
-            for stream, own in zip(request.streams, per_item):
-                y_hats.extend(self.decode([stream]))
-                own["entropy_decode"] = clock.lap()
-            if support is not None and support.streams:
-                y_hats.extend(self.decode(support.streams))
-                timings["support_decode"] = clock.lap()
-            features = self.features(y_hats, [tap], timings)
-        clock.lap()
-        selected = self.select(features, tap)
-        queries = selected[: len(request.prompts)]
-        if support is not None:
-            few_shot = _few_shot(request.backend)
-            described = support.examples or [
-                SupportExample(d, label) for d, label in zip(few_shot.describe(selected[len(request.prompts):]), support.labels)
-            ]
-            answers = few_shot.fewshot(queries, described, request.options)
-        else:
-            answers = request.backend.generate(queries, request.prompts, request.task, request.options, request.images(), request.choices)
+        answers = self._backend_answers(request, self.select(features, tap))
         timings["backend"] = clock.lap()
-        return [self._answer(request, i, answer, {**per_item[i], **timings}) for i, answer in enumerate(answers)]
+        return [self._answer(request, i, answer, dict(timings)) for i, answer in enumerate(answers)]
+
+    def run_batch(self, requests: Sequence[Request]) -> list[list[Answer] | Exception]:
+        """Several container requests as one batch: their latents (decoded now unless
+        :meth:`decode_request` did it) and their supports', one neck + CLIP-tail pass over all of
+        them keeping every tap any of them reads, then each backend once per group of requests of
+        the same backend and task (a few-shot request answers against its own support). Per request,
+        its answers, or the error that failed it: a group whose backend raises is answered request by
+        request, so only the requests that raise fail."""
+        clock = _Clock(self.device)
+        y_hats: list[torch.Tensor] = []
+        spans: list[tuple[int, int, int]] = []  # per request: its rows, then its support's, in the batch
+        own: list[list[dict[str, float]]] = []
+        support_ms: list[float | None] = []
+        for request in requests:
+            if not request.y_hats:
+                self.decode_request(request)
+            start = len(y_hats)
+            y_hats += request.y_hats
+            y_hats += request.support_y_hats
+            spans.append((start, start + len(request.y_hats), len(y_hats)))
+            own.append([{"entropy_decode": ms} for ms in request.decode_ms])
+            support_ms.append(request.support_decode_ms)
+        clock.lap()
+        shared: dict[str, float] = {}
+        features = self.features(y_hats, {r.backend.spec.tap for r in requests}, shared)
+        clock.lap()
+        groups: dict[tuple[str, str, int], list[int]] = {}
+        for index, request in enumerate(requests):  # few-shot requests each have their own episode
+            key = (request.backend.spec.name, request.task, index if request.support is not None else -1)
+            groups.setdefault(key, []).append(index)
+        outcomes: list[list[Answer] | Exception] = [[] for _ in requests]
+        for members in groups.values():
+            tap = requests[members[0]].backend.spec.tap
+            selected = self.select(features, tap)
+            rows = [selected[spans[i][0] : spans[i][2]] for i in members]
+            answered_all = self._group_answers([requests[i] for i in members], rows)
+            backend_ms = clock.lap()
+            for index, answered in zip(members, answered_all):
+                if isinstance(answered, Exception):
+                    outcomes[index] = answered
+                    continue
+                request = requests[index]
+                extra = {"support_decode": support_ms[index]} if support_ms[index] is not None else {}
+                outcomes[index] = [self._answer(request, i, answer, {**own[index][i], **extra, **shared, "backend": backend_ms})
+                                   for i, answer in enumerate(answered)]
+        return outcomes
+
+    def _group_answers(self, requests: list[Request], rows: list[torch.Tensor]) -> list[list[BackendAnswer] | Exception]:
+        """One backend call for requests of one backend and task (their items concatenated), or, if
+        it raises, one call per request: each request's answers or its own error."""
+        if len(requests) > 1:
+            try:
+                merged = self._backend_answers(_merged(requests), torch.cat(rows))
+            except Exception:  # noqa: BLE001 - found again below, request by request
+                pass
+            else:
+                counts = [len(r.prompts) for r in requests]
+                return [merged[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(len(requests))]
+        found: list[list[BackendAnswer] | Exception] = []
+        for request, selected in zip(requests, rows):
+            try:
+                found.append(self._backend_answers(request, selected))
+            except Exception as exc:  # noqa: BLE001 - the request's own failure, answered to it alone
+                found.append(exc)
+        return found
+
+    def _backend_answers(self, request: Request, selected: torch.Tensor) -> list[BackendAnswer]:
+        """The backend's answers to ``request`` from its selected features (its items', then its support's)."""
+        queries, support = selected[: len(request.prompts)], request.support
+        if support is None:
+            return request.backend.generate(queries, request.prompts, request.task, request.options, request.images(), request.choices)
+        few_shot = _few_shot(request.backend)
+        described = support.examples or [
+            SupportExample(d, label) for d, label in zip(few_shot.describe(selected[len(request.prompts):]), support.labels)
+        ]
+        return few_shot.fewshot(queries, described, request.options)
 
     @torch.inference_mode()
     def pixel_features(self, images: Sequence[torch.Tensor], taps: Iterable[ClipTap] = (),

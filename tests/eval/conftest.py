@@ -1,6 +1,0 @@
-"""The eval tests also write the backends' tiny checkpoints (tests/backends/checkpoints.py)."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
