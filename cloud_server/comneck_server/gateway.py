@@ -29,7 +29,7 @@ from comneck.presets import RATE_LAMBDAS
 
 from .decode_workers import DecodeWorkers
 from .settings import ServerSettings
-from .support_sets import SupportSet, SupportSets, check_name
+from .support_sets import SupportSet, check_name, open_store
 
 T = TypeVar("T")
 SUPPORT_PIECE = 8
@@ -43,7 +43,7 @@ class Gateway:
         self.models = pipeline.models
         self.settings = settings
         self.workers = workers
-        self.support_sets = SupportSets()
+        self.support_sets = open_store(settings.support_store)
         self.started = int(time.time())  # "created" of the OpenAI-style model list
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comneck-model")
         #: /reconstruct's g_s (seconds on a large image) runs in a lane of its own, one at a time, so
