@@ -106,6 +106,8 @@ def _compose(name: str = "docker-compose.yml") -> dict:
 # Compose-only names: where the host publishes the proxy, the names its certificate is made for
 # (not settings of the gateway).
 PUBLISH = {"COMNECK_PUBLISH_HOST", "COMNECK_PUBLISH_PORT", "COMNECK_TLS_NAMES"}
+# Settings whose compose default is not the gateway's own, on purpose: the compose stack has a Redis.
+COMPOSE_DEFAULTS = {"COMNECK_SUPPORT_STORE": "redis://redis:6379/0"}
 
 
 def test_compose_forwards_every_gateway_setting_with_the_gateways_defaults():
@@ -120,7 +122,18 @@ def test_compose_forwards_every_gateway_setting_with_the_gateways_defaults():
             continue  # passed through from the shell when set there, else the gateway's default
         match = re.fullmatch(r"\$\{(\w+):-([^}]*)\}", value)
         assert match and match[1] == name, value  # the shell's value wins over the default
-        assert match[2] == settings[name], name  # and the default is the gateway's own
+        assert match[2] == COMPOSE_DEFAULTS.get(name, settings[name]), name  # and the default is the gateway's own
+    assert settings["COMNECK_SUPPORT_STORE"] == "memory"
+
+
+def test_compose_keeps_support_sets_in_its_redis_for_every_replica():
+    services = _compose()["services"]
+    server, redis = services["server"], services["redis"]
+    assert redis["image"] == "redis:7-alpine" and "ports" not in redis  # the official image, on the compose network only
+    assert server["depends_on"] == ["redis"] and "redis-cli" in redis["healthcheck"]["test"]
+    url = re.fullmatch(r"\$\{COMNECK_SUPPORT_STORE:-(.+)\}", server["environment"]["COMNECK_SUPPORT_STORE"])[1]
+    assert url == "redis://redis:6379/0" and redis["expose"] == ["6379"]  # the service's name and port
+    assert "redis-data:/data" in redis["volumes"] and "redis-data" in _compose()["volumes"]
 
 
 def test_docs_name_only_forwarded_settings():
@@ -213,6 +226,7 @@ def test_compose_itself_renders_what_the_docs_say():
         pytest.skip("no Docker Compose on this machine (apt-get install docker-compose)")
     plain = _rendered(cli, {}, "docker-compose.yml")
     assert plain["server"]["environment"]["COMNECK_DEVICE"] == "cpu" and "deploy" not in plain["server"]
+    assert plain["server"]["environment"]["COMNECK_SUPPORT_STORE"] == "redis://redis:6379/0"
     assert _published(plain["proxy"]) == ("127.0.0.1", 8443) and "ports" not in plain["server"]
     assert str(plain["proxy"]["environment"]["PROXY_MAX_BODY_BYTES"]) == str(8 << 20)
     asked = _rendered(cli, {"COMNECK_DEVICE": "cuda", "COMNECK_MAX_QUEUE": "4", "COMNECK_PUBLISH_HOST": "0.0.0.0",
