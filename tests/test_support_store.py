@@ -6,6 +6,7 @@ redis-server, started here on a free loopback port."""
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import shutil
 import signal
@@ -92,7 +93,7 @@ def make_store(request) -> Callable[..., SupportStore]:
     url = request.getfixturevalue("redis_url")
     from comneck_server.support_redis import RedisSupportSets
 
-    return lambda limit=64: RedisSupportSets(url, limit)
+    return functools.partial(RedisSupportSets, url)
 
 
 def refused(call: Callable[[], object]) -> ComneckInputError:
