@@ -1,6 +1,7 @@
 """The deployment files stay consistent with the code; Docker Compose itself renders them where this machine has it (no engine runs here)."""
 
 import ast
+import copy
 import fnmatch
 import re
 import tomllib
@@ -106,6 +107,8 @@ def _compose(name: str = "docker-compose.yml") -> dict:
 # Compose-only names: where the host publishes the proxy, the names its certificate is made for
 # (not settings of the gateway).
 PUBLISH = {"COMNECK_PUBLISH_HOST", "COMNECK_PUBLISH_PORT", "COMNECK_TLS_NAMES"}
+# Settings whose compose default is not the gateway's own, on purpose: the compose stack has a Redis.
+COMPOSE_DEFAULTS = {"COMNECK_SUPPORT_STORE": "redis://redis:6379/0"}
 
 
 def test_compose_forwards_every_gateway_setting_with_the_gateways_defaults():
@@ -120,7 +123,18 @@ def test_compose_forwards_every_gateway_setting_with_the_gateways_defaults():
             continue  # passed through from the shell when set there, else the gateway's default
         match = re.fullmatch(r"\$\{(\w+):-([^}]*)\}", value)
         assert match and match[1] == name, value  # the shell's value wins over the default
-        assert match[2] == settings[name], name  # and the default is the gateway's own
+        assert match[2] == COMPOSE_DEFAULTS.get(name, settings[name]), name  # and the default is the gateway's own
+    assert settings["COMNECK_SUPPORT_STORE"] == "memory"
+
+
+def test_compose_keeps_support_sets_in_its_redis_for_every_replica():
+    services = _compose()["services"]
+    server, redis = services["server"], services["redis"]
+    assert redis["image"] == "redis:7-alpine" and "ports" not in redis  # the official image, on the compose network only
+    assert server["depends_on"] == ["redis"] and "redis-cli" in redis["healthcheck"]["test"]
+    url = re.fullmatch(r"\$\{COMNECK_SUPPORT_STORE:-(.+)\}", server["environment"]["COMNECK_SUPPORT_STORE"])[1]
+    assert url == "redis://redis:6379/0" and redis["expose"] == ["6379"]  # the service's name and port
+    assert "redis-data:/data" in redis["volumes"] and "redis-data" in _compose()["volumes"]
 
 
 def test_docs_name_only_forwarded_settings():
@@ -213,6 +227,7 @@ def test_compose_itself_renders_what_the_docs_say():
         pytest.skip("no Docker Compose on this machine (apt-get install docker-compose)")
     plain = _rendered(cli, {}, "docker-compose.yml")
     assert plain["server"]["environment"]["COMNECK_DEVICE"] == "cpu" and "deploy" not in plain["server"]
+    assert plain["server"]["environment"]["COMNECK_SUPPORT_STORE"] == "redis://redis:6379/0"
     assert _published(plain["proxy"]) == ("127.0.0.1", 8443) and "ports" not in plain["server"]
     assert str(plain["proxy"]["environment"]["PROXY_MAX_BODY_BYTES"]) == str(8 << 20)
     asked = _rendered(cli, {"COMNECK_DEVICE": "cuda", "COMNECK_MAX_QUEUE": "4", "COMNECK_PUBLISH_HOST": "0.0.0.0",
@@ -224,3 +239,54 @@ def test_compose_itself_renders_what_the_docs_say():
     gpu = _rendered(cli, {}, "docker-compose.yml", "docker-compose.gpu.yml")["server"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert gpu["environment"]["COMNECK_DEVICE"] == "cuda" and device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def _k8s() -> dict[tuple[str, str], dict]:
+    """deploy/k8s/gateway.yaml's objects by (kind, name)."""
+    objects = [o for o in yaml.safe_load_all((ROOT / "deploy/k8s/gateway.yaml").read_text()) if o]
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_the_kubernetes_manifest_validates_against_the_kubernetes_schemas():
+    """Every object is valid Kubernetes 1.30 (strict: no unknown field), checked with the schemas
+    kubernetes-validate bundles, no cluster; a misspelt field fails the same check."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (requirements/dev.txt)")
+    manifest = _k8s()
+    assert set(manifest) == {("Deployment", "comneck-gateway"), ("Service", "comneck-gateway"),
+                             ("Deployment", "comneck-redis"), ("Service", "comneck-redis")}
+    for resource in manifest.values():
+        kubernetes_validate.validate(resource, "1.30.0", strict=True)
+    misspelt = copy.deepcopy(manifest["Deployment", "comneck-gateway"])
+    container = misspelt["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(misspelt, "1.30.0", strict=True)
+
+
+def _only_container(deployment: dict) -> dict:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _selects(service: dict, deployment: dict) -> bool:
+    """Whether ``service`` routes to ``deployment``'s pods, on a port the container names."""
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    named = {port["name"] for port in _only_container(deployment)["ports"]}
+    return service["spec"]["selector"].items() <= labels.items() and all(p["targetPort"] in named for p in service["spec"]["ports"])
+
+
+def test_the_kubernetes_gateways_are_probed_where_they_answer_and_share_one_redis():
+    manifest = _k8s()
+    gateway, redis = manifest["Deployment", "comneck-gateway"], manifest["Deployment", "comneck-redis"]
+    container = _only_container(gateway)
+    (port,) = container["ports"]
+    assert port["containerPort"] == 8000 and "COMNECK_PORT=8000" in (ROOT / "docker/Dockerfile.server").read_text()
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    assert container["livenessProbe"]["httpGet"] == container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert gateway["spec"]["replicas"] > 1 and {"requests", "limits"} <= set(container["resources"])
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert set(env) <= set(_settings_defaults())  # every variable is a gateway setting
+    assert env["COMNECK_SUPPORT_STORE"]["value"] == "redis://comneck-redis:6379/0"
+    assert _selects(manifest["Service", "comneck-gateway"], gateway) and _selects(manifest["Service", "comneck-redis"], redis)
+    assert manifest["Service", "comneck-redis"]["spec"]["ports"][0]["port"] == 6379
+    assert _only_container(redis)["image"] == "redis:7-alpine"

@@ -160,7 +160,7 @@ def test_not_ready_then_ready(monkeypatch, gateway, encoded):
         release.set()
         through(client).wait_ready(10)
         assert client.get("/readyz").json() == {"status": "ready", "preset": "tiny", "random_weights": True,
-                                               "backends": {"clip-zero-shot": "loaded"}}
+                                               "backends": {"clip-zero-shot": "loaded"}, "support_store": "memory"}
 
 
 def test_a_failed_load_is_reported_not_hidden(tmp_path):

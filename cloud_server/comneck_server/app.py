@@ -592,7 +592,8 @@ def create_app(settings: ServerSettings, gateway: Gateway | None = None) -> Fast
         if loaded.workers is not None:
             loaded.workers.check()  # 503 decode_unavailable while no decode worker can start
         return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.models.random_weights,
-                                 "backends": {name: loaded.pipeline.state(name) for name in loaded.pipeline.specs}})
+                                 "backends": {name: loaded.pipeline.state(name) for name in loaded.pipeline.specs},
+                                 "support_store": loaded.support_sets.state()})
 
     @app.get("/metrics", summary="Prometheus metrics: requests, stage times, bitstream sizes, admitted requests",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}}, dependencies=[Depends(authorized)])

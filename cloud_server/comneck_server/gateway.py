@@ -36,7 +36,7 @@ from comneck.presets import RATE_LAMBDAS
 from .batcher import Batcher, BatchInfo
 from .decode_workers import DecodeWorkers
 from .settings import ServerSettings
-from .support_sets import SupportSet, SupportSets, check_name
+from .support_sets import SupportSet, check_name, open_store
 
 T = TypeVar("T")
 SUPPORT_PIECE = 8
@@ -90,7 +90,7 @@ class Gateway:
         self.models = pipeline.models
         self.settings = settings
         self.workers = workers
-        self.support_sets = SupportSets()
+        self.support_sets = open_store(settings.support_store)
         self.started = int(time.time())  # "created" of the OpenAI-style model list
         #: the model thread: dynamic batches of requests, and exclusive jobs in order
         self.batcher = Batcher(pipeline.run_batch, settings.max_batch, settings.max_wait_ms / 1e3)

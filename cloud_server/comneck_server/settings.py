@@ -104,6 +104,10 @@ class ServerSettings(BaseSettings):
     max_header_bytes: int = Field(
         16384, ge=1024, description="longest request line and headers in bytes, together (400 beyond; h11's incomplete-event limit)"
     )
+    support_store: str = Field(
+        "memory", description="where registered support sets live: memory (this process's; a restart forgets them) or a "
+        "redis://[:PASSWORD@]HOST:PORT/DB URL (rediss:// with TLS), shared by every gateway replica naming it",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
     @field_validator("backend", "backends", "api_keys", mode="before")
@@ -113,6 +117,13 @@ class ServerSettings(BaseSettings):
             value = [value]
         if isinstance(value, list):
             return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+        return value
+
+    @field_validator("support_store")
+    @classmethod
+    def _memory_or_redis(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("give memory or a redis://HOST:PORT/DB URL")
         return value
 
     @field_validator("backend", "backends", mode="after")
@@ -151,7 +162,7 @@ for _name, _field in ServerSettings.model_fields.items():
 
 #: pydantic-settings names a flag's value by its Python type (``--port int``, ``--backend list[str]``);
 #: --help shows what a user types instead: these, else by type, else the flag's name in capitals.
-_METAVARS = {"backend": "NAME[=WEIGHTS]", "backends": "NAMES", "api_keys": "KEYS"}
+_METAVARS = {"backend": "NAME[=WEIGHTS]", "backends": "NAMES", "api_keys": "KEYS", "support_store": "memory|URL"}
 _TYPE_METAVARS = {"Path": "PATH", "int": "N", "float": "SECONDS"}
 
 
