@@ -70,6 +70,7 @@ class ErrorCode(str, Enum):
     NOT_READY = "not_ready", 503, "the models are still loading: retry after Retry-After seconds"
     LOAD_FAILED = "load_failed", 503, "the models failed to load (the message and the log say why)"
     DECODE_UNAVAILABLE = "decode_unavailable", 503, "no decode worker could decode the request (workers stopped from outside, or failing to start): retry after Retry-After seconds"
+    ENGINE_UNAVAILABLE = "engine_unavailable", 503, "the backend's LLM engine (a vLLM server) is down, timed out or answered what is not a completion, or is rested after failing repeatedly: retry later"
     RATE_LIMITED = "rate_limited", 429, "too many requests or connections from one address (the reverse proxy's limits): retry after Retry-After seconds"
     INTERNAL_ERROR = "internal_error", 500, "a bug: the server log has the traceback"
     # set-up: settings, weight files, training configs, outputs (CLIs answer with exit code 2)
