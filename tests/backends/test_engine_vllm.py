@@ -284,3 +284,39 @@ def test_engine_options_are_checked(value, why):
 def test_engine_options_reach_the_backend_as_values_not_paths():
     arg = parse_backend_arg("honeybee=/w,tokenizer=/t,engine=vllm,engine_url=http://vllm:8000/,engine_model=hb,engine_timeout=30")
     assert arg.options == {"tokenizer": "/t", "engine": "vllm", "engine_url": "http://vllm:8000/", "engine_model": "hb", "engine_timeout": "30"}
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_the_for_vllm_folder_is_a_plain_llama_with_the_backends_logits(checkpoints, stand_in, pairs, name):
+    _, exported = checkpoints
+    config = json.loads((exported[name] / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert (exported[name] / "tokenizer.model").is_file()
+    served, local = stand_in.models[name], pairs[name][0].engine.model
+    assert served.config.vocab_size == local.config.vocab_size
+    ids = torch.randint(0, local.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, local(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_shikra_for_vllm_from_the_delta_equals_the_merged_without_the_projector(checkpoints, tmp_path):
+    from safetensors import safe_open
+
+    (weights, _), exported = checkpoints[0]["shikra"], checkpoints[1]["shikra"]
+    folders = weights.parent
+    write_for_vllm(folders / "shikra-delta", tmp_path / "from-delta", base=folders / "llama-base")
+    with safe_open(str(exported / "model.safetensors"), "pt") as merged, safe_open(str(tmp_path / "from-delta" / "model.safetensors"), "pt") as delta:
+        assert set(merged.keys()) == set(delta.keys()) and not any("mm_projector" in k for k in merged.keys())
+        assert merged.get_tensor("model.embed_tokens.weight").shape[0] == json.loads((exported / "config.json").read_text())["vocab_size"]
+        for key in merged.keys():
+            assert torch.equal(merged.get_tensor(key), delta.get_tensor(key)), key
+
+
+def test_comneck_convert_for_vllm(checkpoints, tmp_path, capsys):
+    from comneck.cli import main
+
+    weights = checkpoints[0]["llava"][0]
+    assert main(["convert", str(weights), "--for-vllm", "-o", str(tmp_path / "out")]) == 0
+    assert "vllm serve" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
+    assert main(["convert", str(weights), "--for-vllm", "--base", str(weights), "-o", str(tmp_path / "again")]) == 2
+    assert "--base goes with a Shikra delta folder" in capsys.readouterr().err
