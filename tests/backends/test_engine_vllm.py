@@ -320,3 +320,10 @@ def test_comneck_convert_for_vllm(checkpoints, tmp_path, capsys):
     assert "vllm serve" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
     assert main(["convert", str(weights), "--for-vllm", "--base", str(weights), "-o", str(tmp_path / "again")]) == 2
     assert "--base goes with a Shikra delta folder" in capsys.readouterr().err
+
+
+def test_the_gateways_backend_setting_keeps_engine_options_on_their_backend():
+    from comneck_server.settings import ServerSettings
+
+    settings = ServerSettings(backend="clip-zero-shot,llava=/w,engine=vllm,engine_url=http://vllm:8000,engine_model=llava,shikra=/s,base=/b")
+    assert settings.backend_args == ["clip-zero-shot", "llava=/w,engine=vllm,engine_url=http://vllm:8000,engine_model=llava", "shikra=/s,base=/b"]
