@@ -290,3 +290,20 @@ def test_the_kubernetes_gateways_are_probed_where_they_answer_and_share_one_redi
     assert _selects(manifest["Service", "comneck-gateway"], gateway) and _selects(manifest["Service", "comneck-redis"], redis)
     assert manifest["Service", "comneck-redis"]["spec"]["ports"][0]["port"] == 6379
     assert _only_container(redis)["image"] == "redis:7-alpine"
+
+
+def test_vllm_override_serves_the_converted_lm_with_prompt_embeds_beside_a_gateway_pointing_at_it():
+    from comneck.backends import parse_backend_arg
+
+    services = _compose("docker-compose.vllm.yml")["services"]
+    vllm, server = services["vllm"], services["server"]
+    assert vllm["image"].startswith("vllm/vllm-openai:") and "ports" not in vllm and vllm["expose"] == ["8000"]
+    assert {"--enable-prompt-embeds", "--served-model-name=lm", "--port=8000"} <= set(vllm["command"])
+    assert vllm["command"][0].startswith("--model=/models/") and vllm["volumes"] == ["./weights:/models:ro"]
+    (device,) = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert server["depends_on"] == {"vllm": {"condition": "service_healthy"}}
+    default = server["environment"]["COMNECK_BACKEND"].removeprefix("${COMNECK_BACKEND:-").removesuffix("}")
+    arg = parse_backend_arg(default)  # the registry takes it as written
+    assert arg.options == {"engine": "vllm", "engine_url": "http://vllm:8000", "engine_model": "lm"}
+    assert "docker-compose.vllm.yml" in (ROOT / "docs/deploy.md").read_text()

@@ -129,16 +129,16 @@ class ServerSettings(BaseSettings):
     @field_validator("backend", "backends", mode="after")
     @classmethod
     def _join_options(cls, parts: list[str]) -> list[str]:
-        """Put ``KEY=PATH`` options (``shikra=DELTA,base=LLAMA``) back onto the backend they follow:
-        a part named for an option of the backend before it continues that backend."""
+        """Put ``KEY=PATH`` options (``shikra=DELTA,base=LLAMA``) and engine options (``engine=vllm``)
+        back onto the backend they follow: a part named for an option of the backend before it continues that backend."""
         if not parts:
             return parts
-        from comneck.backends import BACKENDS  # here: the registry imports torch, which --help need not wait for
+        from comneck.backends.registry import BACKENDS, ENGINE_OPTIONS  # here: the registry imports torch, which --help need not wait for
 
         joined: list[str] = []
         for part in parts:
             before = BACKENDS.get(joined[-1].partition("=")[0].strip()) if joined else None
-            if before is not None and part.partition("=")[0].strip() in before.options:
+            if before is not None and part.partition("=")[0].strip() in (*before.options, *ENGINE_OPTIONS):
                 joined[-1] += "," + part
             else:
                 joined.append(part)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .version import __version__
-from .errors import run_command
+from .errors import ComneckInputError, ErrorCode, run_command
 from .presets import PRESETS, get_preset
 
 
@@ -23,6 +23,10 @@ def _complexity(args: argparse.Namespace) -> str:
 
 
 def _convert(args: argparse.Namespace) -> str:
+    if args.for_vllm:
+        return _for_vllm(args)
+    if args.tokenizer is not None:
+        raise ComneckInputError("--tokenizer goes with --for-vllm", ErrorCode.BAD_SETTINGS)
     if args.base is not None:
         return _merge_shikra(args)
     if args.llama is not None:
@@ -57,6 +61,18 @@ def _merge_shikra(args: argparse.Namespace) -> str:
     files = write_merged(weights, args.output)
     return (f"wrote {args.output}: {len(files)} safetensors shard(s), config.json and the tokenizer (Shikra delta + LLaMA base, "
             f"merged as apply_delta.py does)\nserve: comneck-server --backend shikra={args.output}")
+
+
+def _for_vllm(args: argparse.Namespace) -> str:
+    """``comneck convert CHECKPOINT --for-vllm -o OUT``: the backend's LLaMA alone, for ``vllm serve OUT --enable-prompt-embeds``."""
+    from .backends.vllm_export import write_for_vllm
+    from .weights_folder import check_target
+
+    check_target(args.output, args.force)
+    backend, files = write_for_vllm(args.source, args.output, args.base, args.tokenizer)
+    return (f"wrote {args.output}: {len(files)} safetensors shard(s), config.json (LlamaForCausalLM) and the tokenizer ({backend}'s "
+            f"language model alone)\nserve: vllm serve {args.output} --enable-prompt-embeds, then comneck-server --backend "
+            f"{backend}=CHECKPOINT,engine=vllm,engine_url=http://VLLM_HOST:8000")
 
 
 def _convert_llama_adapter(args: argparse.Namespace) -> str:
@@ -107,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--llama", type=Path, help="with llama_adapter_len10_layer30_caption_vit_l.pth as SOURCE: Meta's LLaMA-7B folder "
                     "(params.json, consolidated.00.pth, tokenizer.model); OUTPUT becomes the folder for "
                     "`comneck-server --backend llama-adapter-v1=OUTPUT`")
+    cv.add_argument("--for-vllm", action="store_true", help="with a Shikra (merged, or delta with --base), Honeybee or LLaVA checkpoint "
+                    "folder as SOURCE: OUTPUT becomes its language model alone as a LlamaForCausalLM folder, for `vllm serve OUTPUT "
+                    "--enable-prompt-embeds` behind `--backend NAME=SOURCE,engine=vllm,engine_url=URL`")
+    cv.add_argument("--tokenizer", type=Path, help="with --for-vllm and a Honeybee folder without tokenizer.model: Vicuna-7B v1.5's "
+                    "(a folder or the file)")
     cv.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
     cv.add_argument("--json", action="store_true", help="print the manifest as JSON")
     cv.set_defaults(func=_convert)

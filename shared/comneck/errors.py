@@ -72,6 +72,7 @@ class ErrorCode(str, Enum):
     DECODE_UNAVAILABLE = "decode_unavailable", 503, "no decode worker could decode the request (workers stopped from outside, or failing to start): retry after Retry-After seconds"
     DEADLINE_EXCEEDED = "deadline_exceeded", 504, "no answer within the gateway's --request-timeout-s from its admission; its work was dropped if it had not started"
     SUPPORT_STORE_UNAVAILABLE = "support_store_unavailable", 503, "the support-set store (Redis) cannot be reached: support-set requests wait for it, other inference goes on; retry after Retry-After seconds"
+    ENGINE_UNAVAILABLE = "engine_unavailable", 503, "the backend's LLM engine (a vLLM server) is down, timed out or answered what is not a completion, or is rested after failing repeatedly: retry later"
     RATE_LIMITED = "rate_limited", 429, "too many requests or connections from one address (the reverse proxy's limits): retry after Retry-After seconds"
     INTERNAL_ERROR = "internal_error", 500, "a bug: the server log has the traceback"
     # set-up: settings, weight files, training configs, outputs (CLIs answer with exit code 2)

@@ -161,7 +161,7 @@ def test_published_text_and_vision_configs_read_as_transformers_reads_them(tmp_p
 def test_a_tower_of_another_clip_is_refused_at_start_up_before_the_llm_loads(preset, size, needs, tiny_models, tmp_path,
                                                                              monkeypatch):
     folder = write_llava(tmp_path, image_size=size)
-    monkeypatch.setattr("comneck.backends.llava.llama_from_tensors", lambda *a: pytest.fail("loaded the LLM"))
+    monkeypatch.setattr("comneck.backends.llava.llm_engine", lambda *a: pytest.fail("loaded the LLM"))
     clip = PRESETS[preset].clip
     with pytest.raises(ComneckInputError) as info:
         load(tiny_models, folder, clip_config=clip)  # the backend reads no CLIP weights: the tiny models' serve any preset

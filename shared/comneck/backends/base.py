@@ -104,6 +104,9 @@ class BackendSpec:
     * ``resize``: the edge's resize policy that frames photos as its published weights saw them
       (``pad-square-white`` for Shikra); answers to bitstreams framed otherwise say so.
     * ``choices``: it answers multiple-choice requests (a request's ``choices``); others refuse them.
+    * ``engines``: the LLM engines it decodes on (``--backend NAME=WEIGHTS,engine=E``), the
+      default first; none for a backend without an LLM. ``no_vllm`` says why ``vllm`` is not
+      among them, for a backend with an LLM that cannot decode there.
     """
 
     name: str
@@ -121,6 +124,8 @@ class BackendSpec:
     options: tuple[str, ...] = ()
     resize: str | None = None
     choices: bool = False
+    engines: tuple[str, ...] = ()
+    no_vllm: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
 from ..importers.reading import check_source, load_torch_file, tensors_only
+from .base import BackendContext
+from .engines import HFEngine
+from .engines.vllm import DEFAULT_TIMEOUT_S, VLLMEngine
 from .sp_tokenizer import SentencePieceTokenizer
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -182,6 +185,37 @@ def llama_from_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]],
     if left:
         raise RuntimeError(f"LLaMA tensors left unloaded: {left[:3]}")
     return model.eval()
+
+
+def embedding_from_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
+                           dtype: torch.dtype, device: torch.device) -> nn.Embedding:
+    """The LLaMA's input embedding table (``model.embed_tokens.weight``) alone, from the same
+    stream :func:`llama_from_tensors` reads (drained: its readers collect other parts on the way);
+    every other tensor is read and dropped, so only the table stays in memory (vocab x hidden:
+    0.26 GB for a 7B LLaMA in fp16, of its 13.5 GB)."""
+    table = None
+    for key, tensor in tensors:
+        if key == "model.embed_tokens.weight":
+            table = tensor
+    expected = (config.vocab_size, config.hidden_size)
+    if table is None or tuple(table.shape) != expected:
+        found = "absent" if table is None else f"of shape {list(table.shape)}"
+        raise bad(folder, f"the LLaMA's model.embed_tokens.weight is {found}; expected {list(expected)}")
+    return nn.Embedding.from_pretrained(table.to(device=device, dtype=dtype), freeze=True)
+
+
+def llm_engine(config: Any, tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, tokenizer: SentencePieceTokenizer,
+               context: BackendContext) -> HFEngine | VLLMEngine:
+    """The engine a backend's LLaMA decodes on, as the context's options choose: here, the whole
+    LLaMA behind an :class:`HFEngine` (the default), or with ``engine=vllm`` only its input
+    embedding table, the LLM itself on the vLLM server at ``engine_url`` (``comneck convert
+    --for-vllm`` writes what that server loads)."""
+    options = context.options
+    if options.get("engine") == "vllm":
+        return VLLMEngine(options["engine_url"], embedding_from_tensors(config, tensors, folder, context.dtype, context.device),
+                          tokenizer, model=options.get("engine_model"),
+                          timeout_s=float(options.get("engine_timeout", DEFAULT_TIMEOUT_S)))
+    return HFEngine(llama_from_tensors(config, tensors, folder, context.dtype, context.device), tokenizer)
 
 
 def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, shard_bytes: int = 5 * 2**30) -> list[Path]:

@@ -27,8 +27,8 @@ import torch
 from ..errors import ComneckInputError, ErrorCode
 from .base import BackendAnswer, BackendContext, BackendSpec, ClipRequirement, GenerationOptions, ImageInfo
 from .c_abstractor import PREFIX as ABSTRACTOR, CAbstractor, load_abstractor_state
-from .engines import HFEngine, check_context
-from .hf_checkpoint import bad, iter_tensors, llama_config, llama_from_tensors, read_config
+from .engines import LLMEngine, check_context
+from .hf_checkpoint import bad, iter_tensors, llama_config, llm_engine, read_config
 from .sp_tokenizer import SentencePieceTokenizer, folder_clean_up
 
 #: ``pipeline/data_utils/special_tokens.py`` SYSTEM (the evaluation leaves out SYSTEM_DETAIL).
@@ -70,7 +70,7 @@ def clip_requirement(folder: Path) -> ClipRequirement:
     return ClipRequirement(f"ViT-L-{patch}" + ("" if size == 224 else f"-{size}"), size, width)
 
 
-def _tokenizer(folder: Path, option: str | None) -> SentencePieceTokenizer:
+def read_tokenizer(folder: Path, option: str | None) -> SentencePieceTokenizer:
     """The checkpoint's own tokenizer.model, else the ``tokenizer`` option (a folder or the file).
     Answers decode as the official ``batch_decode`` did: spaces before punctuation kept or removed
     as ``clean_up_tokenization_spaces`` in the ``tokenizer_config.json`` beside the tokenizer.model
@@ -85,12 +85,26 @@ def _tokenizer(folder: Path, option: str | None) -> SentencePieceTokenizer:
     return SentencePieceTokenizer.from_folder(path) if path.is_dir() else SentencePieceTokenizer(path, clean_up=folder_clean_up(path.parent))
 
 
+def split_tensors(folder: Path, abstractor: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The LLM's tensors under LlamaForCausalLM's keys (``language_model.`` dropped), one at a time;
+    the C-Abstractor's are put in ``abstractor`` on the way, the vision tower's skipped. A key
+    under no known prefix is refused."""
+    for key, tensor in iter_tensors(folder):
+        if key.startswith(ABSTRACTOR):
+            abstractor[key] = tensor
+        elif key.startswith(_LANGUAGE):
+            if not key.endswith("rotary_emb.inv_freq"):  # computed, not loaded
+                yield key[len(_LANGUAGE):], tensor
+        elif not key.startswith(_VISION):
+            raise bad(folder, f"unexpected weight {key!r} (Honeybee keys start with {_VISION}, {ABSTRACTOR} or {_LANGUAGE})")
+
+
 class Honeybee:
-    """A loaded Honeybee: the C-Abstractor, the LLM behind an :class:`HFEngine`, and the tokenizer."""
+    """A loaded Honeybee: the C-Abstractor, the LLM behind an engine (:func:`~.hf_checkpoint.llm_engine`), and the tokenizer."""
 
     random_weights = False  # it loads published weights only
 
-    def __init__(self, spec: BackendSpec, engine: HFEngine, abstractor: CAbstractor, tokenizer: SentencePieceTokenizer,
+    def __init__(self, spec: BackendSpec, engine: LLMEngine, abstractor: CAbstractor, tokenizer: SentencePieceTokenizer,
                  num_visual_tokens: int, context_length: int) -> None:
         self.spec = spec
         self.engine = engine
@@ -113,7 +127,7 @@ class Honeybee:
         projector_config = config.get("visual_projector_config")
         if not isinstance(projector_config, dict):
             raise bad(folder, "config.json has no visual_projector_config")
-        tokenizer = _tokenizer(folder, context.options.get("tokenizer"))
+        tokenizer = read_tokenizer(folder, context.options.get("tokenizer"))
         text = config["text_config"]
         if tokenizer.vocab_size != text.get("vocab_size"):
             raise bad(folder, f"the tokenizer has {tokenizer.vocab_size} tokens, text_config says vocab_size {text.get('vocab_size')}")
@@ -123,23 +137,12 @@ class Honeybee:
             raise bad(folder, f"the abstractor reads width {abstractor.encoder_width}; this gateway's CLIP "
                               f"({context.clip_config.name}) has width {context.clip_config.width}")
         own: dict[str, torch.Tensor] = {}
-
-        def language_model() -> Iterator[tuple[str, torch.Tensor]]:
-            for key, tensor in iter_tensors(folder):
-                if key.startswith(ABSTRACTOR):
-                    own[key] = tensor
-                elif key.startswith(_LANGUAGE):
-                    if not key.endswith("rotary_emb.inv_freq"):  # computed, not loaded
-                        yield key[len(_LANGUAGE):], tensor
-                elif not key.startswith(_VISION):
-                    raise bad(folder, f"unexpected weight {key!r} (Honeybee keys start with {_VISION}, {ABSTRACTOR} or {_LANGUAGE})")
-
-        llama = llama_from_tensors(llama_config(text, tokenizer, folder), language_model(), folder, context.dtype, context.device)
+        engine = llm_engine(llama_config(text, tokenizer, folder), split_tensors(folder, own), folder, tokenizer, context)
         if not own:
             raise bad(folder, f"no {ABSTRACTOR}* weights (the C-Abstractor)")
         load_abstractor_state(abstractor, own)
         abstractor = abstractor.to(device=context.device, dtype=context.dtype).eval()
-        return cls(context.spec, HFEngine(llama, tokenizer), abstractor, tokenizer, abstractor.num_tokens,
+        return cls(context.spec, engine, abstractor, tokenizer, abstractor.num_tokens,
                    int(text.get("max_position_embeddings", 2048)))
 
     def prompt_ids(self, prompt: str, choices: Sequence[str] = ()) -> list[int]:

@@ -32,8 +32,8 @@ from torch import nn
 
 from ..errors import ComneckInputError, ErrorCode
 from .base import BackendAnswer, BackendContext, BackendSpec, ClipRequirement, GenerationOptions, ImageInfo
-from .engines import HFEngine, check_context
-from .hf_checkpoint import bad, iter_tensors, llama_config, llama_from_tensors, load_streamed, read_config
+from .engines import LLMEngine, check_context
+from .hf_checkpoint import bad, iter_tensors, llama_config, llm_engine, load_streamed, read_config
 from .sp_tokenizer import SentencePieceTokenizer
 
 IMAGE = "<image>"
@@ -132,21 +132,18 @@ def split_tensors(folder: Path, projector: dict[str, torch.Tensor]) -> Iterator[
 
 @dataclass(eq=False)
 class Llava:
-    """A loaded LLaVA: LLaMA behind an :class:`HFEngine`, the projector and the tokenizer; the
-    prompt's ``<image>`` becomes ``num_patches`` copies of ``image_token``."""
+    """A loaded LLaVA: LLaMA behind an engine (:func:`~.hf_checkpoint.llm_engine`), the projector
+    and the tokenizer; the prompt's ``<image>`` becomes ``num_patches`` copies of ``image_token``.
+    ``context_length``: prompt and answer tokens the LLM takes (its ``max_position_embeddings``)."""
 
     spec: BackendSpec
-    engine: HFEngine
+    engine: LLMEngine
     projector: Projector
     tokenizer: SentencePieceTokenizer
     image_token: int
     num_patches: int
+    context_length: int
     random_weights = False  # it loads published weights only
-
-    @property
-    def context_length(self) -> int:
-        """Prompt and answer tokens the LLM takes: its ``max_position_embeddings``."""
-        return int(self.engine.model.config.max_position_embeddings)
 
     @classmethod
     def load(cls, context: BackendContext) -> "Llava":
@@ -164,12 +161,12 @@ class Llava:
             raise bad(folder, f"image_token_index {config.image_token} is not the tokenizer's {IMAGE} "
                               f"({tokenizer.added.get(IMAGE, 'absent')})")
         projector_tensors: dict[str, torch.Tensor] = {}
-        model = llama_from_tensors(llama, split_tensors(folder, projector_tensors), folder, context.dtype, context.device)
+        engine = llm_engine(llama, split_tensors(folder, projector_tensors), folder, tokenizer, context)
         with torch.device("meta"):
             projector = Projector(config.vision_width, llama.hidden_size, config.projector_bias)
         load_streamed(projector, projector_tensors.items(), folder, context.dtype, context.device)
-        return cls(context.spec, HFEngine(model, tokenizer), projector.eval(), tokenizer, config.image_token,
-                   context.clip_config.grid**2)
+        return cls(context.spec, engine, projector.eval(), tokenizer, config.image_token, context.clip_config.grid**2,
+                   int(llama.max_position_embeddings))
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """BOS, ``USER: ``, the image tokens, ``\\n{prompt} ASSISTANT:``: each side of the image

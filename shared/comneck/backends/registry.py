@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,11 @@ from torch import nn
 from ..errors import ComneckInputError, ErrorCode
 from ..presets import ClipConfig
 from .base import Backend, BackendContext, BackendSpec, ClipRequirement, ClipTap
+
+#: ``--backend`` options that choose the LLM engine (values, not paths): ``engine`` (a spec's
+#: ``engines``), and for ``vllm`` the server's ``engine_url``, optionally ``engine_model`` (the
+#: served model's name) and ``engine_timeout`` (seconds).
+ENGINE_OPTIONS = ("engine", "engine_url", "engine_model", "engine_timeout")
 
 BACKENDS: dict[str, BackendSpec] = {
     "clip-zero-shot": BackendSpec(
@@ -47,6 +53,7 @@ BACKENDS: dict[str, BackendSpec] = {
         example_prompt="the cow",
         options=("base",),
         resize="pad-square-white",
+        engines=("hf", "vllm"),
     ),
     "honeybee": BackendSpec(
         name="honeybee",
@@ -66,6 +73,7 @@ BACKENDS: dict[str, BackendSpec] = {
         options=("tokenizer",),
         resize="stretch",
         choices=True,
+        engines=("hf", "vllm"),
     ),
     "llava": BackendSpec(
         name="llava",
@@ -81,6 +89,7 @@ BACKENDS: dict[str, BackendSpec] = {
         random_init=False,
         example_prompt="What is in the photo?",
         resize="pad-square",
+        engines=("hf", "vllm"),
     ),
     "llama-adapter-v1": BackendSpec(
         name="llama-adapter-v1",
@@ -98,6 +107,8 @@ BACKENDS: dict[str, BackendSpec] = {
         example_prompt="Generate caption of this image :",
         options=("llama",),
         resize="paper",
+        engines=("hf",),
+        no_vllm="the image enters inside the attention layers (gated adaption prompts in the last 30), not as input embeddings",
     ),
     "v2l": BackendSpec(
         name="v2l",
@@ -116,6 +127,8 @@ BACKENDS: dict[str, BackendSpec] = {
         example_prompt="",
         options=("llama", "checkpoint"),
         resize="paper",
+        engines=("hf",),
+        no_vllm="its per-position class-name mask needs a logits processor that vLLM's OpenAI API cannot express",
     ),
 }
 
@@ -144,7 +157,8 @@ class BackendArg(NamedTuple):
 
 def parse_backend_arg(value: str) -> BackendArg:
     """``NAME``, ``NAME=WEIGHTS`` (a file or folder in the backend's published layout) or
-    ``NAME=WEIGHTS,KEY=PATH,...`` (options the backend's spec names, e.g. a delta's ``base``)."""
+    ``NAME=WEIGHTS,KEY=PATH,...`` (options the backend's spec names, e.g. a delta's ``base``, and
+    the :data:`ENGINE_OPTIONS`, e.g. ``engine=vllm,engine_url=http://vllm:8000``)."""
     name, sep, rest = value.partition("=")
     name = name.strip()
     spec = get_spec(name)
@@ -162,11 +176,29 @@ def parse_backend_arg(value: str) -> BackendArg:
 
 
 def check_options(spec: BackendSpec, options: Mapping[str, str], where: str) -> None:
-    """Refuse, in one line naming ``where`` they came from, path options the backend does not take."""
-    unknown = [key for key in options if key not in spec.options]
+    """Refuse, in one line naming ``where`` they came from, options the backend does not take:
+    path options its spec does not name, and engine options (:data:`ENGINE_OPTIONS`) it cannot use."""
+    unknown = [key for key in options if key not in spec.options and key not in ENGINE_OPTIONS]
     if unknown:
-        known = ", ".join(f"{k}=PATH" for k in spec.options) or "none"
+        known = ", ".join([*(f"{k}=PATH" for k in spec.options), *(["engine=NAME"] if spec.engines else [])]) or "none"
         raise ComneckInputError(f"{where}: {unknown[0]!r} is not an option of {spec.name} (options: {known})", ErrorCode.BAD_SETTINGS)
+    if not spec.engines and any(key in options for key in ENGINE_OPTIONS):
+        raise ComneckInputError(f"{where}: {spec.name} has no language model to put on an engine", ErrorCode.BAD_SETTINGS)
+    engine = options.get("engine", spec.engines[0] if spec.engines else None)
+    if engine is not None and engine not in spec.engines:
+        why = f": {spec.no_vllm}" if engine == "vllm" and spec.no_vllm else f" (engines: {', '.join(spec.engines)})"
+        raise ComneckInputError(f"{where}: {spec.name} cannot decode on engine {engine!r}{why}", ErrorCode.BAD_SETTINGS)
+    remote = [key for key in ENGINE_OPTIONS[1:] if key in options]
+    if engine != "vllm" and remote:
+        raise ComneckInputError(f"{where}: {remote[0]} goes with engine=vllm", ErrorCode.BAD_SETTINGS)
+    if engine == "vllm":
+        url = options.get("engine_url", "")
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            raise ComneckInputError(f"{where}: engine=vllm needs engine_url=http(s)://HOST:PORT of the vLLM server (got {url!r})",
+                                    ErrorCode.BAD_SETTINGS)
+        timeout = options.get("engine_timeout", "1")
+        if not re.fullmatch(r"\d+(\.\d*)?", timeout) or float(timeout) <= 0:
+            raise ComneckInputError(f"{where}: engine_timeout {timeout!r} is not a positive number of seconds", ErrorCode.BAD_SETTINGS)
 
 
 def check_packages(spec: BackendSpec) -> None:
@@ -202,7 +234,8 @@ def check_backend(name: str, weights: str | Path | None, clip: ClipConfig, split
     spec = get_spec(name)
     if weights is None and not spec.random_init:
         raise ComneckInputError(f"backend {name} has no random build: give its weights ({', '.join(spec.weight_files)})", ErrorCode.BAD_SETTINGS)
-    for what, path in [("weights", weights), *(options or {}).items()]:
+    paths = {key: path for key, path in (options or {}).items() if key not in ENGINE_OPTIONS}
+    for what, path in [("weights", weights), *paths.items()]:
         if path is not None and not Path(path).exists():
             raise ComneckInputError(f"backend {name}: {what} {path} do not exist", ErrorCode.BAD_SETTINGS)
     check_packages(spec)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,8 +32,8 @@ from torch import nn
 from ..errors import ComneckInputError, ErrorCode
 from ..image import frame_to_photo
 from .base import BackendAnswer, BackendContext, BackendSpec, GenerationOptions, ImageInfo
-from .engines import HFEngine, check_context
-from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_config, llama_from_tensors, read_config, write_safetensors
+from .engines import LLMEngine, check_context
+from .hf_checkpoint import LazyTensors, bad, iter_tensors, llama_config, llm_engine, read_config, write_safetensors
 from .sp_tokenizer import SentencePieceTokenizer
 
 IM_PATCH, IM_START, IM_END = "<im_patch>", "<im_start>", "<im_end>"
@@ -49,6 +49,7 @@ _PLACEHOLDER = {"rec": "<expr>", "vqa": "<question>", "caption": None}
 #: PlainBoxFormatter's pattern: ``[x0,y0,x1,y1]``, several boxes joined by ``;``, values in [0, 1].
 _BOXES = re.compile(r"\[\d(?:\.\d*)?(?:,\d(?:\.\d*)?){3}(?:;\d(?:\.\d*)?(?:,\d(?:\.\d*)?){3})*\]")
 _PROJECTOR_PREFIX = "model.mm_projector."
+_PROJECTOR_KEYS = {_PROJECTOR_PREFIX + "weight", _PROJECTOR_PREFIX + "bias"}
 
 
 def render(task: str, text: str, template: int) -> str:
@@ -112,6 +113,16 @@ def merged_tensors(weights: ShikraWeights) -> Iterator[tuple[str, torch.Tensor]]
             raise bad(base.folder, f"base {key!r} {list(add.shape)} does not fit the delta's {list(tensor.shape)}")
 
 
+def split_projector(tensors: Iterable[tuple[str, torch.Tensor]], projector: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The LLaMA's tensors of a merged stream, one at a time; ``mm_projector``'s weight and bias are
+    put in ``projector`` on the way (any other key, expected or not, is the LLaMA's to check)."""
+    for key, tensor in tensors:
+        if key in _PROJECTOR_KEYS:
+            projector[key] = tensor
+        else:
+            yield key, tensor
+
+
 def write_merged(weights: ShikraWeights, out: Path, shard_bytes: int = 5 * 2**30) -> list[Path]:
     """``comneck convert``: the merged checkpoint as the official merge leaves it (Shikra's
     config.json and tokenizer files, the merged tensors) in safetensors shards of at most
@@ -126,11 +137,11 @@ def write_merged(weights: ShikraWeights, out: Path, shard_bytes: int = 5 * 2**30
 
 
 class Shikra:
-    """A loaded Shikra: LLaMA behind an :class:`HFEngine`, ``mm_projector`` and the tokenizer."""
+    """A loaded Shikra: LLaMA behind an engine (:func:`~.hf_checkpoint.llm_engine`), ``mm_projector`` and the tokenizer."""
 
     random_weights = False  # it loads published weights only
 
-    def __init__(self, spec: BackendSpec, engine: HFEngine, projector: nn.Linear, tokenizer: SentencePieceTokenizer,
+    def __init__(self, spec: BackendSpec, engine: LLMEngine, projector: nn.Linear, tokenizer: SentencePieceTokenizer,
                  num_patches: int, context_length: int) -> None:
         self.spec = spec
         self.engine = engine
@@ -156,25 +167,16 @@ class Shikra:
         if config["mm_hidden_size"] != width:
             raise bad(weights.folder, f"mm_hidden_size {config['mm_hidden_size']} is not the width {width} of this gateway's CLIP "
                                       f"({context.clip_config.name}): another vision tower")
-        projector_keys = {_PROJECTOR_PREFIX + "weight", _PROJECTOR_PREFIX + "bias"}
         projector: dict[str, torch.Tensor] = {}
-
-        def language_model() -> Iterator[tuple[str, torch.Tensor]]:
-            for key, tensor in merged_tensors(weights):
-                if key in projector_keys:
-                    projector[key] = tensor
-                else:
-                    yield key, tensor
-
-        llama = llama_from_tensors(llama_config(config, tokenizer, weights.folder), language_model(), weights.folder,
-                                   context.dtype, context.device)
-        if set(projector) != projector_keys:
-            raise bad(weights.folder, f"missing {sorted(projector_keys - set(projector))[0]!r} (the vision projector)")
+        engine = llm_engine(llama_config(config, tokenizer, weights.folder), split_projector(merged_tensors(weights), projector),
+                            weights.folder, tokenizer, context)
+        if set(projector) != _PROJECTOR_KEYS:
+            raise bad(weights.folder, f"missing {sorted(_PROJECTOR_KEYS - set(projector))[0]!r} (the vision projector)")
         linear = nn.Linear(config["mm_hidden_size"], config["hidden_size"], device=context.device, dtype=context.dtype)
         with torch.no_grad():
             linear.weight.copy_(projector[_PROJECTOR_PREFIX + "weight"])
             linear.bias.copy_(projector[_PROJECTOR_PREFIX + "bias"])
-        return cls(context.spec, HFEngine(llama, tokenizer), linear.eval(), tokenizer, context.clip_config.grid**2,
+        return cls(context.spec, engine, linear.eval(), tokenizer, context.clip_config.grid**2,
                    int(config.get("max_position_embeddings", 2048)))
 
     def prompt_ids(self, prompt: str, task: str, template: int | None) -> list[int]:

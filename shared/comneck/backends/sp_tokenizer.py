@@ -56,6 +56,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_file: str | Path, added_tokens: dict[str, int] | None = None, clean_up: bool = True) -> None:
         import sentencepiece
 
+        self.model_file = Path(model_file)
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(str(model_file))

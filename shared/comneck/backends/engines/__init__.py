@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FinishReason, Generation, LLMEngine, Run, check_context, runs
+from .base import FinishReason, Generation, LLMEngine, PromptEmbedder, Run, check_context, runs
 from .hf import HFEngine
 
-__all__ = ["FinishReason", "Generation", "HFEngine", "LLMEngine", "Run", "check_context", "runs"]
+__all__ = ["FinishReason", "Generation", "HFEngine", "LLMEngine", "PromptEmbedder", "Run", "check_context", "runs"]

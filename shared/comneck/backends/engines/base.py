@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
+from torch import nn
 
 from ...errors import ComneckInputError, ErrorCode
 from ..base import GenerationOptions
@@ -81,8 +82,72 @@ def check_context(backend: str, prompt_tokens: int, options: GenerationOptions, 
             f"context of {context_length}", ErrorCode.PROMPT_TOO_LONG)
 
 
+def answer_length(sequence: Sequence[int], stops: Sequence[int]) -> int:
+    """How many tokens precede the first stop id (all of them when none stopped it)."""
+    return next((j for j, token in enumerate(sequence) if token in stops), len(sequence))
+
+
+def logprob_entries(tokenizer: Any, steps: list[list[tuple[int, float, list[tuple[int, float]]]]]) -> list[list[dict[str, Any]]]:
+    """Per item, per generated token ``(id, logprob, [(id, logprob) of the best, highest first])``
+    -> :class:`Generation`'s ``logprobs`` entries, each id's text decoded alone by ``tokenizer``."""
+    ids = {i for item in steps for token, _, top in item for i in (token, *(t for t, _ in top))}
+    text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids])))
+    return [
+        [{"token": text[token], "token_id": token, "logprob": logprob,
+          "top_logprobs": [{"token": text[i], "token_id": i, "logprob": v} for i, v in top]}
+         for token, logprob, top in item]
+        for item in steps
+    ]
+
+
+class PromptEmbedder:
+    """Builds prompts in embedding space from an LM's input embedding table: what every engine
+    offers its backend, whether it runs the LM here or sends the prompts elsewhere."""
+
+    @property
+    def input_embeddings(self) -> nn.Module:
+        """The LM's input embedding table (``embed_tokens``)."""
+        raise NotImplementedError
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the LM's input embeddings, which prompts must have."""
+        return int(self.input_embeddings.weight.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the input embedding table (and so the prompt) lives."""
+        return self.input_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The input embeddings' dtype, to which prompts are cast."""
+        return self.input_embeddings.weight.dtype
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """Rows of the LM's input embedding table for ``token_ids``: [T, hidden], for building prompts."""
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self.input_embeddings(ids)
+
+    def splice(self, token_ids: list[int], visual: torch.Tensor, start: int) -> torch.Tensor:
+        """The prompt's input embeddings [T, hidden] with ``visual`` ([N, hidden]: the projected
+        image tokens) written over rows ``start`` .. ``start + N``, the image placeholders' places."""
+        embed = self.embed(token_ids).clone()
+        embed[start : start + visual.shape[0]] = visual.to(embed.dtype)
+        return embed
+
+    def check_prompts(self, embeds: Sequence[torch.Tensor], options: Sequence[Any]) -> None:
+        """Refuse (ValueError: a caller's bug) options not one per prompt, or a prompt not [T, hidden]."""
+        if len(options) != len(embeds):
+            raise ValueError(f"{len(embeds)} prompts but {len(options)} options: give one per prompt")
+        for row, e in enumerate(embeds):
+            if e.ndim != 2 or e.shape[1] != self.hidden_size:
+                raise ValueError(f"prompt {row} has shape {tuple(e.shape)}; expected [T, {self.hidden_size}]")
+
+
 class LLMEngine(Protocol):
-    """Decodes a batch of prompts given as embeddings."""
+    """Decodes a batch of prompts given as embeddings, and builds them (a :class:`PromptEmbedder`)."""
 
     def generate(
         self, embeds: list[torch.Tensor], options: Sequence[GenerationOptions], stop_ids: Sequence[int] = ()
@@ -93,4 +158,9 @@ class LLMEngine(Protocol):
 
         ``stop_ids`` end an answer (none given: the tokenizer's end-of-sequence token).
         """
+        ...
+
+    def splice(self, token_ids: list[int], visual: torch.Tensor, start: int) -> torch.Tensor:
+        """A prompt's input embeddings [T, hidden] with ``visual`` over rows ``start`` .. ``start + N``
+        (:class:`PromptEmbedder` builds them from the LM's input embedding table)."""
         ...

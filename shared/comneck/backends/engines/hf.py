@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..base import GenerationOptions
-from .base import Generation, runs
+from .base import Generation, PromptEmbedder, answer_length, logprob_entries, runs
 
 if TYPE_CHECKING:  # transformers is needed only by whoever builds the model and tokenizer
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,7 +34,7 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-class HFEngine:
+class HFEngine(PromptEmbedder):
     """Decodes prompt embeddings with a transformers ``PreTrainedModel`` (a causal LM).
 
     Prompts are left-padded with zero vectors (attention mask 0 there) into batches (one per
@@ -50,32 +50,8 @@ class HFEngine:
         self.tokenizer = tokenizer
 
     @property
-    def hidden_size(self) -> int:
-        """Width of the LM's input embeddings, which prompts must have."""
-        return int(self.model.get_input_embeddings().weight.shape[1])
-
-    @property
-    def device(self) -> torch.device:
-        """Where the input embedding table (and so the prompt) lives."""
-        return self.model.get_input_embeddings().weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The input embeddings' dtype, to which prompts are cast."""
-        return self.model.get_input_embeddings().weight.dtype
-
-    def embed(self, token_ids: list[int]) -> torch.Tensor:
-        """Rows of the LM's input embedding table for ``token_ids``: [T, hidden], for building prompts."""
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            return self.model.get_input_embeddings()(ids)
-
-    def splice(self, token_ids: list[int], visual: torch.Tensor, start: int) -> torch.Tensor:
-        """The prompt's input embeddings [T, hidden] with ``visual`` ([N, hidden]: the projected
-        image tokens) written over rows ``start`` .. ``start + N``, the image placeholders' places."""
-        embed = self.embed(token_ids).clone()
-        embed[start : start + visual.shape[0]] = visual.to(embed.dtype)
-        return embed
+    def input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
 
     def generate(
         self, embeds: list[torch.Tensor], options: Sequence[GenerationOptions], stop_ids: Sequence[int] = ()
@@ -88,8 +64,7 @@ class HFEngine:
         and the k most likely alternatives come from log-softmax of the model's raw logits
         at that step, before temperature or top-p reshape them.
         """
-        if len(options) != len(embeds):
-            raise ValueError(f"{len(embeds)} prompts but {len(options)} options: give one per prompt")
+        self.check_prompts(embeds, options)
         stops = list(stop_ids) or self._default_stops()
         answers: dict[int, Generation] = {}
         for run in runs(options):
@@ -118,7 +93,7 @@ class HFEngine:
             out = self.model.generate(inputs_embeds=inputs, attention_mask=mask, **kwargs)
         # Given embeddings and no ids, decoder-only generate returns only the new tokens.
         sequences = [seq[: item.max_new_tokens] for seq, item in zip(out.sequences.tolist(), items)]
-        lengths = [_answer_length(seq, set(stops)) for seq in sequences]
+        lengths = [answer_length(seq, stops) for seq in sequences]
         logprobs = self._logprobs(out.logits, out.sequences, lengths, run.logprobs) if run.logprobs else None
         return [
             Generation(
@@ -150,8 +125,6 @@ class HFEngine:
         inputs = torch.zeros(len(embeds), longest, self.hidden_size, dtype=self.dtype, device=self.device)
         mask = torch.zeros(len(embeds), longest, dtype=torch.long, device=self.device)
         for row, e in enumerate(embeds):
-            if e.ndim != 2 or e.shape[1] != self.hidden_size:
-                raise ValueError(f"prompt {row} has shape {tuple(e.shape)}; expected [T, {self.hidden_size}]")
             inputs[row, longest - e.shape[0] :] = e.to(self.device, self.dtype)
             mask[row, longest - e.shape[0] :] = 1
         return inputs, mask
@@ -163,26 +136,8 @@ class HFEngine:
         logp = torch.log_softmax(torch.stack(logits, dim=1).float(), dim=-1)  # [B, N, V]
         chosen = logp.gather(-1, sequences[:, : logp.shape[1]].unsqueeze(-1)).squeeze(-1).tolist()
         top_values, top_ids = (t.tolist() for t in logp.topk(k, dim=-1))
-        ids = {i for seq, n in zip(sequences.tolist(), lengths) for i in seq[:n]}
-        ids.update(i for b, n in enumerate(lengths) for step in top_ids[b][:n] for i in step)
-        text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
-        return [
-            [
-                {
-                    "token": text[token],
-                    "token_id": token,
-                    "logprob": chosen[b][step],
-                    "top_logprobs": [
-                        {"token": text[i], "token_id": i, "logprob": v}
-                        for i, v in zip(top_ids[b][step], top_values[b][step])
-                    ],
-                }
-                for step, token in enumerate(sequences[b, :n].tolist())
-            ]
+        return logprob_entries(self.tokenizer, [
+            [(token, chosen[b][step], list(zip(top_ids[b][step], top_values[b][step])))
+             for step, token in enumerate(sequences[b, :n].tolist())]
             for b, n in enumerate(lengths)
-        ]
-
-
-def _answer_length(sequence: list[int], stops: set[int]) -> int:
-    """How many tokens precede the first stop id (all of them when none stopped it)."""
-    return next((j for j, token in enumerate(sequence) if token in stops), len(sequence))
+        ])
