@@ -16,7 +16,8 @@ from comneck.backends import GenerationOptions
 from comneck.errors import ComneckInputError
 from comneck.image import load_image, resize_for_codec, sample_photo, to_tensor
 from comneck_edge import EdgeEncoder, GatewayClient, GatewayError
-from comneck_server.app import Admission, create_app
+from comneck_server.app import create_app
+from comneck_server.context import Admission
 from comneck_server.errors import ApiError
 from comneck_server.gateway import Gateway
 from comneck_server.settings import ServerSettings, read_settings
@@ -419,16 +420,15 @@ def test_a_lone_surrogate_anywhere_an_answer_repeats_text_is_a_4xx(gateway, enco
 
 
 def _every_route(app) -> list[tuple[str, str]]:
-    """(method, path) of every route the app serves, path parameters filled in, the docs' script files left out."""
+    """(method, path) of every route the app serves, path parameters filled in, the docs' script files left out:
+    FastAPI's own pages from ``app.routes``, the routers' routes from the OpenAPI schema (since FastAPI 0.137 an
+    included router is one entry of ``app.routes`` without a path)."""
     from starlette.routing import Mount
 
-    pairs = []
-    for route in app.routes:
-        if isinstance(route, Mount):
-            continue
-        path = route.path.replace("{name}", "pets")
-        pairs += [(method, path) for method in sorted(route.methods or ()) if method != "HEAD"]
-    return pairs
+    pages = [(method, route.path) for route in app.routes if hasattr(route, "path") and not isinstance(route, Mount)
+             for method in sorted(route.methods or ())]
+    operations = [(method.upper(), path) for path, item in app.openapi()["paths"].items() for method in item]
+    return [(method, path.replace("{name}", "pets")) for method, path in dict.fromkeys(pages + operations) if method != "HEAD"]
 
 
 OPEN_ROUTES = {("GET", "/healthz"), ("GET", "/readyz")}
