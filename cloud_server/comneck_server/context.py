@@ -3,13 +3,16 @@ admission, metrics and the API-key check, and the steps every model-bound route 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from comneck.errors import ErrorCode
 from comneck.pipeline import Answer
@@ -21,6 +24,8 @@ from .metrics import Metrics
 from .settings import ServerSettings
 
 ResultT = TypeVar("ResultT")
+#: How often a waiting request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.05
 
 
 class Admission:
@@ -73,8 +78,20 @@ class AppContext:
         with self.admission.slot():
             return await run_in_threadpool(work, *args)
 
-    async def run_inference(self, loaded: Gateway, *args: Any) -> Answer:
-        """``Gateway.infer`` admitted, its stage times counted."""
-        result = await self.admitted(loaded.infer, *args)
+    async def run_inference(self, request: Request, loaded: Gateway, *args: Any) -> Answer:
+        """``Gateway.admit`` in an admission slot on a worker thread (checks and decoding), then the
+        wait for its batch on the event loop: a client that goes away while its request waits drops
+        it (never computed), and the deadline answers ``deadline_exceeded``; stage times counted."""
+        with self.admission.slot():
+            ticket = await run_in_threadpool(loaded.admit, *args)
+            waiting = asyncio.wrap_future(ticket.future)
+            while not waiting.done():
+                await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+                if ticket.deadline is not None and time.perf_counter() >= ticket.deadline:
+                    break  # ticket.answer answers deadline_exceeded
+                if not waiting.done() and await request.is_disconnected():
+                    ticket.cancel()
+                    raise ClientDisconnect()
+            result = ticket.answer(timeout_s=0)
         self.metrics.observe_answer(result.backend, result.timings_ms, result.num_bytes)
         return result

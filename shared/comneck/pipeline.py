@@ -293,8 +293,12 @@ class Pipeline:
         return {n: self.backends[n].spec if n in self.backends else self._lazy_specs[n] for n in names}
 
     def state(self, name: str) -> str:
-        """``loaded``, ``lazy`` (loads on its first request) or ``failed: why``."""
-        return "loaded" if name in self.backends else "lazy" if name in self.pending else f"failed: {self.failed[name]}"
+        """``loaded``, ``lazy`` (loads on its first request) or ``failed: why``; a loaded backend whose
+        LLM engine is a server that keeps failing (vLLM's circuit breaker open) says ``loaded; why``."""
+        if name in self.backends:
+            unavailable = getattr(getattr(self.backends[name], "engine", None), "unavailable", lambda: None)()
+            return f"loaded; {unavailable}" if unavailable else "loaded"
+        return "lazy" if name in self.pending else f"failed: {self.failed[name]}"
 
     def load_pending(self, name: str) -> Backend:
         """Load lazy backend ``name`` now; a failure is kept (``load_failed`` for every later request)."""

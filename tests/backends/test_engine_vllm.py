@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from functools import partial
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -29,6 +30,7 @@ from comneck.backends import GenerationOptions, parse_backend_arg
 from comneck.backends.engines.vllm import CircuitBreaker, VLLMEngine
 from comneck.backends.vllm_export import write_for_vllm
 from comneck.errors import ComneckInputError, ErrorCode
+from comneck.pipeline import Pipeline
 
 TASKS = {"shikra": "vqa", "honeybee": "vqa", "llava": "vqa"}
 PROMPTS = ["What is in the photo?", "Is the cow on the left?"]
@@ -234,7 +236,7 @@ def test_a_reply_that_is_not_a_completion_is_engine_unavailable(pairs, stand_in,
     assert caught.value.code is ErrorCode.ENGINE_UNAVAILABLE
 
 
-def test_the_circuit_breaker_opens_after_n_failures_and_closes_after_the_cool_down(pairs, stand_in):
+def test_the_circuit_breaker_opens_after_n_failures_and_closes_after_the_cool_down(pairs, stand_in, tiny_models):
     now = [100.0]
     engine = engine_at(pairs, stand_in.url, breaker=CircuitBreaker(failures=2, cool_down_s=10.0, clock=lambda: now[0]))
     call = partial(engine.generate, prompt(engine), [GenerationOptions(max_new_tokens=2)])
@@ -244,6 +246,9 @@ def test_the_circuit_breaker_opens_after_n_failures_and_closes_after_the_cool_do
         with pytest.raises(ComneckInputError, match="HTTP 500"):
             call()
     assert not engine.healthy() and len(stand_in.bodies) == 2
+    readiness = Pipeline(tiny_models)  # what /readyz reports of a backend on this engine
+    readiness.backends["llava"] = SimpleNamespace(engine=engine)
+    assert readiness.state("llava") == f"loaded; the LLM engine at {stand_in.url} failed 2 times in a row; not tried again for 10.0 s"
     stand_in.mode = "ok"
     now[0] += 9.0
     with pytest.raises(ComneckInputError, match="failed 2 times in a row; not tried again for 1.0 s") as caught:
@@ -251,6 +256,7 @@ def test_the_circuit_breaker_opens_after_n_failures_and_closes_after_the_cool_do
     assert caught.value.code is ErrorCode.ENGINE_UNAVAILABLE and len(stand_in.bodies) == 2
     now[0] += 1.0
     assert engine.healthy() and call()[0].token_ids  # cool-down over: tried, and the success closes it
+    assert readiness.state("llava") == "loaded"
     stand_in.mode = "error"
     with pytest.raises(ComneckInputError, match="HTTP 500"):
         call()

@@ -65,7 +65,7 @@ def router(ctx: AppContext) -> APIRouter:
     async def infer(request: Request, loaded: Gateway = Depends(ctx.ready_gateway)) -> Response:
         # read before the slot: a slow upload holds no queue place
         req = await read_model(request, InferRequest, ("bitstream",), ("support_bitstreams",))
-        result = await ctx.run_inference(loaded, req.bitstream, req.prompt, req.task, req.backend, req.options, req.choices,
+        result = await ctx.run_inference(request, loaded, req.bitstream, req.prompt, req.task, req.backend, req.options, req.choices,
                                          req.support_bitstreams, req.support_labels, req.support_set)
         answer = InferResponse(
             text=result.text, backend=result.backend, task=result.task, bytes=result.num_bytes, bpp=result.bpp,

@@ -28,7 +28,7 @@ def router(ctx: AppContext) -> APIRouter:
     async def chat_completions(request: Request, loaded: Gateway = Depends(ctx.ready_gateway)) -> Response:
         req = await read_model(request, ChatRequest, ())
         data, prompt = req.query()
-        result = await ctx.run_inference(loaded, data, prompt, req.task, req.model, req.options())
+        result = await ctx.run_inference(request, loaded, data, prompt, req.task, req.model, req.options())
         done = completion(req, result)
         if req.stream:
             return StreamingResponse(chunks(done), media_type="text/event-stream")

@@ -119,7 +119,11 @@ class VLLMEngine(PromptEmbedder):
 
     def healthy(self) -> bool:
         """False while the circuit breaker is open (for readiness checks; no request is made)."""
-        return not self.breaker.is_open()
+        return self.unavailable() is None
+
+    def unavailable(self) -> str | None:
+        """Why requests to the engine fail fast now (its circuit breaker is open), or None."""
+        return f"the LLM engine at {self.url} {self.breaker.why_open()}" if self.breaker.is_open() else None
 
     def generate(
         self, embeds: list[torch.Tensor], options: Sequence[GenerationOptions], stop_ids: Sequence[int] = ()
