@@ -206,7 +206,7 @@ def test_header_stallers_are_cut_off_and_keep_nobody_out(proxy, good, monkeypatc
 def test_the_gateways_busy_and_retry_after_pass_through(proxy, good):
     body = {"content": msgpack.packb({"bitstream": good, "prompt": PROMPT}), "headers": {"Content-Type": "application/msgpack"}}
     hold = threading.Event()
-    proxy.gateway._model_thread.submit(hold.wait, 20)  # the model thread is busy: the next request waits in the queue (max_queue 1)
+    proxy.gateway.batcher.call(lambda: hold.wait(20))  # the model thread is busy: the next request waits in the queue (max_queue 1)
     with proxy.client() as http:
         results: list[httpx.Response] = []
         first = threading.Thread(target=lambda: results.append(http.post("/infer", **body)))
