@@ -1,16 +1,19 @@
-"""Gateway throughput with 1, 8 and 32 concurrent clients, unbatched (``--max-batch 1``) against
-batched (``--max-batch 32``), over real HTTP on loopback, in one run.
+"""Gateway throughput with 1, 8 and 32 concurrent clients, over real HTTP on loopback, in one run:
+``serial`` (decoding on the model thread, one request at a time: the gateway before batching),
+``unbatched`` (decoding on the decode workers beside the model work, ``--max-batch 1``) and
+``batched`` (``--max-batch 32``).
 
 For each workload (the tiny preset with clip-zero-shot; the paper preset with clip-zero-shot;
 the tiny preset with LLaVA at tiny size, greedy, 8 new tokens) it starts ``comneck-server`` once
 per mode, sends the same valid containers back to back from N client threads for ``--seconds``
 seconds after a warm-up, and prints requests per second, p50 and p99 latency, and the peak
-resident memory of the gateway and its decode workers. Modes alternate round by round (A B A B);
-the numbers are medians over ``--rounds`` with their spread (min-max), then batched / unbatched.
+resident memory of the gateway and its decode workers. Modes alternate round by round (A B C A B
+C); the numbers are medians over ``--rounds`` with their spread (min-max), then the ratios of the
+throughputs to the batched one's.
 Random weights everywhere: the time is real, the answers are not. Linux (reads /proc).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_throughput.py [--workloads tiny,paper,llava]
-        [--clients 1,8,32] [--seconds 20] [--rounds 2]
+        [--clients 1,8,32] [--modes serial,unbatched,batched] [--seconds 20] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from comneck.presets import get_preset  # noqa: E402
 from comneck_edge import EdgeEncoder, GatewayClient  # noqa: E402
 from comneck_server.demo import local_gateway  # noqa: E402
 
-MODES = {"unbatched": ["--max-batch", "1"], "batched": ["--max-batch", "32", "--max-wait-ms", "20"]}
+MODES = {"serial": ["--max-batch", "1", "--decode-workers", "0"], "unbatched": ["--max-batch", "1"],
+         "batched": ["--max-batch", "32", "--max-wait-ms", "20"]}
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="tiny,paper,llava")
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -140,15 +145,17 @@ def main() -> int:
         workload = workloads[name]
         data = EdgeEncoder(get_preset(workload.preset)).encode_file(sample_photo()).data
         for clients in map(int, args.clients.split(",")):
-            results: dict[str, list[Result]] = {mode: [] for mode in MODES}
+            results: dict[str, list[Result]] = {mode: [] for mode in args.modes.split(",")}
             for _ in range(args.rounds):
-                for mode in MODES:  # interleaved: A B A B
+                for mode in results:  # interleaved: A B C A B C
                     results[mode].append(measure(workload, mode, clients, args.seconds, data))
             for mode, found in results.items():
                 print(f"{name:<8} {clients:>7} {mode:<10} {spread([r.rps for r in found]):>22} {spread([r.p50_ms for r in found]):>24} "
                       f"{spread([r.p99_ms for r in found]):>24} {spread([r.rss_mib for r in found]):>26}")
-            ratio = statistics.median(r.rps for r in results["batched"]) / statistics.median(r.rps for r in results["unbatched"])
-            print(f"{name:<8} {clients:>7} batched / unbatched throughput: {ratio:.2f}x")
+            rps = {mode: statistics.median(r.rps for r in found) for mode, found in results.items()}
+            if "batched" in rps:
+                ratios = ", ".join(f"batched / {mode} {rps['batched'] / value:.2f}x" for mode, value in rps.items() if mode != "batched")
+                print(f"{name:<8} {clients:>7} throughput: {ratios}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
