@@ -74,3 +74,58 @@ def test_seeded_builds_agree_so_edge_and_cloud_share_weights(tiny):
 def test_unknown_codec_is_refused():
     with pytest.raises(ComneckInputError, match="unknown codec"):
         CodecConfig(arch="bpg")
+
+
+class Times(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+@pytest.mark.parametrize("preset, arch", [("tiny", "elic2022-chandelier"), ("tiny", "elic2022-official"),
+                                          ("tiny-mbt2018-mean", "mbt2018-mean")])
+@pytest.mark.parametrize("fixed_point", [True, False])
+def test_analyze_writes_compressais_bytes_without_decoding_them_again(preset, arch, fixed_point, monkeypatch):
+    """The edge skips CompressAI's decode of its own strings inside compress(): the same strings and
+    y_hat as CompressAI's compress, out-of-range symbols (its bypass coding) included, and no
+    entropy decoding runs."""
+    import copy
+    from dataclasses import replace
+
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.latent_codecs import GaussianConditionalLatentCodec, HyperLatentCodec
+
+    from comneck.fixed_point import fixed_point_parameters
+    from comneck.presets import get_preset
+
+    chosen = get_preset(preset)
+    codec = build_codec(replace(chosen, codec=replace(chosen.codec, arch=arch)))
+    codec.model.g_a = torch.nn.Sequential(codec.model.g_a, Times(40.0))  # large latents: symbols past the tables
+    x = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(3))
+    compressai = copy.deepcopy(codec.model)
+    for module in compressai.modules():  # CompressAI's own compress again
+        if isinstance(module, (GaussianConditionalLatentCodec, HyperLatentCodec)):
+            del module.compress
+    with fixed_point_parameters(fixed_point), torch.inference_mode():
+        expected = compressai.compress(x)
+    decoded, bypassed = [], []
+    encode = GaussianConditional.compress
+
+    def watched(self, inputs, indexes, means=None):  # is any symbol outside its table (the bypass path)?
+        symbols = torch.round(inputs - means).long() if means is not None else torch.round(inputs).long()
+        index = indexes.long()
+        low, high = self._offset[index], self._offset[index] + self._cdf_length[index] - 2
+        bypassed.append(bool(((symbols < low) | (symbols > high)).any()))
+        return encode(self, inputs, indexes, means)
+
+    monkeypatch.setattr(GaussianConditional, "compress", watched)
+    for model in (GaussianConditional, EntropyBottleneck):
+        monkeypatch.setattr(model, "decompress", lambda *a, **k: decoded.append(1))
+    latents, y_hat = codec.analyze(x, fixed_point)
+    assert latents.strings == expected["strings"] and torch.equal(y_hat, expected["y_hat"]) and not decoded
+    assert any(bypassed)
+    monkeypatch.undo()
+    assert torch.equal(codec.entropy_decode(latents), y_hat)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -86,6 +87,24 @@ def encode(
 ) -> bytes:
     """A photo (path or file bytes) -> the ComNeck container to send to a gateway (docs/bitstream.md).
 
-    One call builds the codec; to encode many photos, keep an :class:`EdgeEncoder`.
+    The codec is built once per process for each preset, weights (as they are on disk now: a
+    changed file is read again) and settings, and kept for the calls after it.
     """
-    return EdgeEncoder(preset, rate, resize, codec_weights, fixed_point).encode_file(photo).data
+    chosen = get_preset(preset) if isinstance(preset, str) else preset
+    weights = Path(codec_weights).resolve() if codec_weights is not None else None
+    return _kept_encoder(chosen, rate, resize, weights, _stamp(weights), fixed_point).encode_file(photo).data
+
+
+def _stamp(weights: Path | None) -> tuple[tuple[str, int, int], ...]:
+    """What identifies the weights' current contents cheaply: each file's name, size and mtime."""
+    if weights is None or not weights.exists():
+        return ()
+    files = sorted(p for p in weights.iterdir() if p.is_file()) if weights.is_dir() else [weights]
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+@lru_cache(maxsize=8)
+def _kept_encoder(preset: Preset, rate: int | None, resize: ResizePolicy, weights: Path | None,
+                  stamp: tuple[tuple[str, int, int], ...], fixed_point: bool) -> EdgeEncoder:
+    """:func:`encode`'s encoders, one per key (``stamp`` is part of it: changed weights make a new one)."""
+    return EdgeEncoder(preset, rate, resize, weights, fixed_point)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
+from typing import Any
 
 import torch
 from compressai.latent_codecs import GaussianConditionalLatentCodec, HyperLatentCodec, HyperpriorLatentCodec
@@ -57,6 +59,38 @@ _ARCHS: dict[str, Callable[[CodecConfig], nn.Module]] = {
     "mbt2018-mean": lambda cfg: MeanScaleHyperpriorLatents(N=cfg.N, M=cfg.M),
 }
 
+def _gaussian_compress(self: GaussianConditionalLatentCodec, y: torch.Tensor, ctx_params: torch.Tensor) -> dict[str, Any]:
+    """CompressAI's ``GaussianConditionalLatentCodec.compress`` without decoding its own strings
+    again for y_hat: rANS is lossless (out-of-range symbols go through its bypass), so the decoded
+    y_hat is round(y - mean) + mean, computed here directly. Same strings, same y_hat."""
+    scales_hat, means_hat = self._chunk(self.entropy_parameters(ctx_params))
+    indexes = self.gaussian_conditional.build_indexes(scales_hat)
+    y_strings = self.gaussian_conditional.compress(y, indexes, means_hat)
+    y_hat = self.gaussian_conditional.quantize(y, "dequantize", means_hat)
+    return {"strings": [y_strings], "shape": y.shape[2:4], "y_hat": y_hat}
+
+
+def _hyper_compress(self: HyperLatentCodec, y: torch.Tensor) -> dict[str, Any]:
+    """CompressAI's ``HyperLatentCodec.compress`` without decoding z's strings again: z_hat is
+    round(z - median) + median, as the entropy bottleneck's decoder gives it."""
+    z = self.h_a(y)
+    bottleneck = self.entropy_bottleneck
+    z_strings = bottleneck.compress(z)
+    medians = bottleneck._extend_ndims(bottleneck._get_medians().detach(), z.dim() - 2)
+    z_hat = bottleneck.quantize(z, "dequantize", medians.expand(z.size(0), *([-1] * (z.dim() - 1))))
+    return {"strings": [z_strings], "shape": z.size()[-2:], "params": self.h_s(z_hat)}
+
+
+def skip_redecoding(model: nn.Module) -> None:
+    """Let ``model``'s latent codecs compress without entropy-decoding what they just encoded
+    (CompressAI's ``compress`` does, for y_hat and z_hat: wasted work on the edge)."""
+    for module in model.modules():
+        if isinstance(module, GaussianConditionalLatentCodec):
+            module.compress = MethodType(_gaussian_compress, module)
+        elif isinstance(module, HyperLatentCodec):
+            module.compress = MethodType(_hyper_compress, module)
+
+
 #: g_a downsamples by 16: y has H/16 x W/16 positions; z (after h_a) H/64 x W/64.
 LATENT_STRIDE = 16
 
@@ -96,6 +130,7 @@ class LearnedCodec(nn.Module):
         self.config = config or CodecConfig()
         cfg = self.config
         self.model = _ARCHS[cfg.arch](cfg)
+        skip_redecoding(self.model)
         self.weights_info: WeightsInfo | None = None  # set by build_codec when weights are loaded
 
     @property
