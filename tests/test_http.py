@@ -336,3 +336,33 @@ def test_an_aborted_upload_is_one_log_line_without_traceback(strict, caplog):
     assert lines == ["client disconnected before its request body was in: POST /infer"], caplog.text
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text
     assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+
+
+def test_a_folder_is_encoded_photo_by_photo_and_asked_with_jobs_in_flight(server, tmp_path, tiny, capsys, monkeypatch):
+    """``comneck-edge encode DIR -o OUT --jobs 2``: one container per photo (the bytes a single encode
+    writes), in the photos' order; outputs that exist are refused before any work; with --server each
+    photo is asked. In process (the CLI's main), against the module's gateway."""
+    from comneck_edge.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(sample_photo().parent.glob("*.png")):
+        (photos / path.name).write_bytes(path.read_bytes())
+    (photos / "notes.txt").write_text("not a photo")
+    out = tmp_path / "out"
+    assert main(["encode", str(photos), "-o", str(out), "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    written = sorted(out.iterdir())
+    assert [p.name for p in written] == sorted(f"{p.stem}.cnk" for p in photos.glob("*.png"))
+    encoder = EdgeEncoder(tiny)
+    assert all(p.read_bytes() == encoder.encode_file(photos / f"{p.stem}.png").data for p in written)
+    assert [line.split(":")[0] for line in printed[:2]] == [str(p) for p in written] and printed[2].startswith("2 photos")
+    before = {p: p.stat().st_mtime_ns for p in written}
+    assert main(["encode", str(photos), "-o", str(out)]) == 2
+    assert "exists: pass --force" in capsys.readouterr().err and {p: p.stat().st_mtime_ns for p in written} == before
+    assert main(["encode", str(tmp_path / "out"), "-o", str(tmp_path / "x")]) == 2  # .cnk files are no photos
+    assert "holds no photos" in capsys.readouterr().err
+    monkeypatch.setenv("COMNECK_API_KEY", API_KEY)
+    assert main(["encode", str(photos), "--server", server, "--prompt", PROMPT, "--jobs", "2", "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count('"backend": "clip-zero-shot"') == 2 and not (photos / "cow_beach.cnk").exists()

@@ -27,6 +27,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -71,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "send the bitstream to a ComNeck gateway and print its answer with timings; 429/503 answers are "
         "retried after the server's Retry-After with a jittered backoff.",
     )
-    enc.add_argument("image", help="photo file (JPEG, PNG, ...)")
-    enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk; none with --server)")
+    enc.add_argument("image", help="photo file (JPEG, PNG, ...), or a folder of them (each encoded, with a progress bar)")
+    enc.add_argument("-o", "--output", help="bitstream file to write (default: the photo's name with .cnk; none with --server); "
+                     "for a folder, the folder to write one .cnk per photo into (default: beside the photos; none with --server)")
+    enc.add_argument("--jobs", type=_positive_count, default=1, metavar="N",
+                     help="a folder: photos encoded (and, with --server, requests in flight) at a time (default: 1)")
     _add_encoding_arguments(enc)
     ask = enc.add_argument_group("asking a gateway")
     ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")

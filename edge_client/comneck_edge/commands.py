@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,70 @@ def _ask(args: argparse.Namespace, encoder: EdgeEncoder, encoded: EncodedImage) 
     return format_answer(encoded, response, round_trip_ms)
 
 
-def encode(args: argparse.Namespace) -> str:
+def _check_asking(args: argparse.Namespace) -> None:
+    """--server and the question's flags go together."""
     few_shot = bool(args.support or args.support_set)
     if args.server and args.prompt is None and not few_shot and args.task != "caption":
         raise ComneckInputError("--server needs --prompt (the question for the model; none for --task caption)")
     if (args.prompt is not None or few_shot) and not args.server:
         raise ComneckInputError("--prompt, --support and --support-set go with --server URL (offline encoding asks no model)")
+
+
+def _photos(folder: Path) -> list[Path]:
+    """The photos of a folder (not its subfolders), by name: files with a suffix Pillow reads."""
+    from PIL import Image
+
+    readable = set(Image.registered_extensions())
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in readable)
+    if not found:
+        raise ComneckInputError(f"{folder} holds no photos (files Pillow reads: .jpg, .png, ...)")
+    return found
+
+
+def encode_folder(args: argparse.Namespace) -> str:
+    """Every photo of a folder -> one container each in ``--output`` (default: beside the photos),
+    ``--jobs`` at a time, with a progress bar; with ``--server``, each asked as it is encoded, at
+    most ``--jobs`` requests in flight. Outputs that exist need ``--force`` (checked before any work)."""
+    from tqdm import tqdm
+
+    photos = _photos(Path(args.image))
+    folder = Path(args.output) if args.output else None
+    targets = [(folder / p.name if folder else p).with_suffix(".cnk") for p in photos] if folder or not args.server else []
+    for target in targets:
+        _fresh(target, args.force)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    encoder = _encoder(args)
+
+    def one(index: int) -> str:
+        encoded = encoder.encode_file(photos[index])
+        line = f"{photos[index].name}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp"
+        if targets:
+            try:
+                targets[index].write_bytes(encoded.data)
+            except OSError as exc:
+                raise ComneckInputError(f"cannot write {targets[index]}: {exc.strerror}") from None
+            line = f"{targets[index]}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp"
+        if args.server:
+            line += "\n" + _ask(args, encoder, encoded)
+        return line
+
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(photos), desc="encoding", unit="photo", disable=None) as bar:
+        lines = []
+        for line in pool.map(one, range(len(photos))):  # in the photos' order, whichever finishes first
+            lines.append(line)
+            bar.update()
+    params = "fixed-point" if encoder.fixed_point else "float"
+    lines.append(f"{len(photos)} photos, preset {args.preset}, rate {encoder.rate}, {params} entropy parameters")
+    if encoder.random_weights and not args.server:
+        lines.append(RANDOM_WEIGHTS_NOTE)
+    return "\n".join(lines)
+
+
+def encode(args: argparse.Namespace) -> str:
+    _check_asking(args)
+    if Path(args.image).is_dir():
+        return encode_folder(args)
     encoder = _encoder(args)
     encoded = encoder.encode_file(args.image)
     out = Path(args.output) if args.output else None if args.server else Path(args.image).with_suffix(".cnk")
