@@ -1,0 +1,88 @@
+"""The edge's encode against its analysis forward: CompressAI's ``compress`` (which entropy-decodes
+the strings it has just written, for y_hat and z_hat) against ours (which computes them), in one run.
+
+For each preset, on the bundled photo at the preset's codec input: the analysis forward alone
+(g_a + h_a), then a whole encode (``LearnedCodec.analyze``: g_a, h_a, entropy parameters, rANS) with
+CompressAI's compress and with ours, fixed-point and float entropy parameters. The timings
+alternate call by call (A B C A B C ...); medians over ``--runs`` with their spread (min-max), and
+each encode as a multiple of the analysis forward. Both encodes write the same bytes (checked
+here too). Random weights: the time is real.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_edge_encode.py [--presets tiny,paper] [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from compressai.latent_codecs import GaussianConditionalLatentCodec, HyperLatentCodec
+
+from comneck.codec import LearnedCodec
+from comneck.fixed_point import fixed_point_parameters
+from comneck.image import load_image, pad_to_stride, resize_for_codec, sample_photo, to_tensor
+from comneck.models import build_codec
+from comneck.presets import get_preset
+
+
+def compressais(codec: LearnedCodec) -> torch.nn.Module:
+    """The codec's model with CompressAI's own compress (decoding its strings again)."""
+    model = copy.deepcopy(codec.model)
+    for module in model.modules():
+        if isinstance(module, (GaussianConditionalLatentCodec, HyperLatentCodec)):
+            del module.compress
+    return model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="tiny,paper")
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    print(f"median (min-max) of {args.runs} interleaved runs, ms; {torch.get_num_threads()} threads; random weights")
+    for name in args.presets.split(","):
+        preset = get_preset(name)
+        codec = build_codec(preset)
+        reference = compressais(codec)
+        x = pad_to_stride(to_tensor(resize_for_codec(load_image(sample_photo()), "paper", preset.image_size)))[0]
+
+        def forward() -> None:
+            with torch.inference_mode():
+                codec.model.latent_codec["hyper"].h_a(codec.model.g_a(x))
+
+        def theirs(fixed: bool) -> Callable[[], list]:
+            def run() -> list:
+                with fixed_point_parameters(fixed), torch.inference_mode():
+                    return reference.compress(x)["strings"]
+            return run
+
+        def ours(fixed: bool) -> Callable[[], list]:
+            return lambda: codec.analyze(x, fixed)[0].strings
+
+        cases = {"analysis forward (g_a + h_a)": forward}
+        for fixed in (True, False):
+            label = "fixed point" if fixed else "float"
+            assert theirs(fixed)() == ours(fixed)(), "the two encodes wrote different bytes"
+            cases[f"encode, CompressAI compress, {label}"] = theirs(fixed)
+            cases[f"encode, ours, {label}"] = ours(fixed)
+        times: dict[str, list[float]] = {case: [] for case in cases}
+        for _ in range(args.runs + 1):  # the first round warms up
+            for case, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[case].append((time.perf_counter() - start) * 1e3)
+        base = statistics.median(times["analysis forward (g_a + h_a)"][1:])
+        print(f"\npreset {name} ({preset.image_size} px)")
+        for case, found in times.items():
+            found = found[1:]
+            median = statistics.median(found)
+            print(f"  {case:<40} {median:9.2f} ({min(found):.2f}-{max(found):.2f})  {median / base:5.2f}x the forward")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
