@@ -70,15 +70,22 @@ def _client(args: argparse.Namespace) -> GatewayClient:
     return GatewayClient(args.server, api_key=api_key, timeout=args.timeout, retries=args.retries)
 
 
-def _ask(args: argparse.Namespace, encoder: EdgeEncoder, encoded: EncodedImage) -> str:
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise ComneckInputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _ask(args: argparse.Namespace, client: GatewayClient, encoded: EncodedImage, support: list[tuple[bytes, str]] | None) -> str:
+    """Ask the gateway about ``encoded`` with the command's question (``support``: the encoded
+    --support examples, made once per command)."""
     options = _options(args.option)
-    support = _labelled(args.support, encoder) or None
     task = args.task or ("fewshot" if support or args.support_set else None)
-    with _client(args) as client:
-        start = time.perf_counter()
-        response = client.infer(encoded.data, args.prompt or "", task, args.backend, options, fmt=args.format,
-                                choices=args.choice or None, support=support, support_set=args.support_set)
-        round_trip_ms = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    response = client.infer(encoded.data, args.prompt or "", task, args.backend, options, fmt=args.format,
+                            choices=args.choice or None, support=support, support_set=args.support_set)
+    round_trip_ms = (time.perf_counter() - start) * 1e3
     if args.json:
         return json.dumps({**response, "edge_timings_ms": encoded.timings_ms, "round_trip_ms": round_trip_ms}, indent=2)
     return format_answer(encoded, response, round_trip_ms)
@@ -118,25 +125,27 @@ def encode_folder(args: argparse.Namespace) -> str:
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     encoder = _encoder(args)
+    support = _labelled(args.support, encoder) or None  # encoded once, sent with every photo
+    client = _client(args) if args.server else None  # one client (its connections) for every request
 
     def one(index: int) -> str:
         encoded = encoder.encode_file(photos[index])
-        line = f"{photos[index].name}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp"
         if targets:
-            try:
-                targets[index].write_bytes(encoded.data)
-            except OSError as exc:
-                raise ComneckInputError(f"cannot write {targets[index]}: {exc.strerror}") from None
-            line = f"{targets[index]}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp"
-        if args.server:
-            line += "\n" + _ask(args, encoder, encoded)
+            _write(targets[index], encoded.data)
+        line = f"{targets[index] if targets else photos[index].name}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp"
+        if client is not None:
+            line += "\n" + _ask(args, client, encoded, support)
         return line
 
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(photos), desc="encoding", unit="photo", disable=None) as bar:
         lines = []
-        for line in pool.map(one, range(len(photos))):  # in the photos' order, whichever finishes first
-            lines.append(line)
-            bar.update()
+        try:
+            for line in pool.map(one, range(len(photos))):  # in the photos' order, whichever finishes first
+                lines.append(line)
+                bar.update()
+        finally:
+            if client is not None:
+                client.close()
     params = "fixed-point" if encoder.fixed_point else "float"
     lines.append(f"{len(photos)} photos, preset {args.preset}, rate {encoder.rate}, {params} entropy parameters")
     if encoder.random_weights and not args.server:
@@ -155,15 +164,13 @@ def encode(args: argparse.Namespace) -> str:
         _fresh(out, args.force)  # after reading the photo: a missing or unreadable one is the first thing to say
     lines = []
     if out is not None:
-        try:
-            out.write_bytes(encoded.data)
-        except OSError as exc:
-            raise ComneckInputError(f"cannot write {out}: {exc.strerror}") from None
+        _write(out, encoded.data)
         h, w = encoded.bitstream.image_size
         lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {encoder.rate}, "
                      f"{encoded.entropy_params} entropy parameters)")
     if args.server:
-        lines.append(_ask(args, encoder, encoded))
+        with _client(args) as client:
+            lines.append(_ask(args, client, encoded, _labelled(args.support, encoder) or None))
     elif encoder.random_weights:
         lines.append(RANDOM_WEIGHTS_NOTE)
     return "\n".join(lines)
