@@ -502,16 +502,15 @@ class Pipeline:
         request, so only the requests that raise fail."""
         clock = _Clock(self.device)
         y_hats: list[torch.Tensor] = []
-        spans: list[tuple[int, int, int]] = []  # per request: its rows, then its support's, in the batch
+        spans: list[tuple[int, int]] = []  # per request: where its rows, then its support's, are in the batch
         own: list[list[dict[str, float]]] = []
         support_ms: list[float | None] = []
         for request in requests:
             if not request.y_hats:
                 self.decode_request(request)
             start = len(y_hats)
-            y_hats += request.y_hats
-            y_hats += request.support_y_hats
-            spans.append((start, start + len(request.y_hats), len(y_hats)))
+            y_hats += [*request.y_hats, *request.support_y_hats]
+            spans.append((start, len(y_hats)))
             own.append([{"entropy_decode": ms} for ms in request.decode_ms])
             support_ms.append(request.support_decode_ms)
         clock.lap()
@@ -526,7 +525,7 @@ class Pipeline:
         for members in groups.values():
             tap = requests[members[0]].backend.spec.tap
             selected = self.select(features, tap)
-            rows = [selected[spans[i][0] : spans[i][2]] for i in members]
+            rows = [selected[slice(*spans[i])] for i in members]
             answered_all = self._group_answers([requests[i] for i in members], rows)
             backend_ms = clock.lap()
             for index, answered in zip(members, answered_all):
