@@ -11,6 +11,8 @@ def test_demo_round_trip_prints_answer_bpp_timings_and_says_weights_are_random()
     assert run.returncode == 0, run.stderr
     for expected in ("gateway http://127.0.0.1:", "answer", "RANDOM WEIGHTS", "bpp", "edge (ms)", "network (ms)", "server (ms)", "entropy_decode"):
         assert expected in run.stdout
+    server = next(line for line in run.stdout.splitlines() if line.startswith("server (ms)"))
+    assert server.endswith("(a batch of 1)") and "batch_size" not in server  # a count, not milliseconds
     answer = run.stdout.split("answer", 1)[1].split("\n")[0].strip()
     assert answer in ("cow", "horse", "dog", "beach", "city street")
 

@@ -38,7 +38,8 @@ def format_answer(encoded: EncodedImage, response: dict[str, Any], round_trip_ms
         f"bitstream    {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, rate {encoded.bitstream.rate}, {encoded.entropy_params} entropy parameters)",
         f"edge (ms)    {_ms(encoded.timings_ms)}",
         f"network (ms) {max(round_trip_ms - server['server_total'], 0.0):.1f} (round trip {round_trip_ms:.1f} less server time)",
-        f"server (ms)  {_ms(server)}",
+        f"server (ms)  {_ms({k: v for k, v in server.items() if k != 'batch_size'})}"
+        + (f" (a batch of {server['batch_size']:.0f})" if "batch_size" in server else ""),
         f"total (ms)   {sum(encoded.timings_ms.values()) + round_trip_ms:.1f}",
     ]
     if response.get("random_weights"):
