@@ -13,9 +13,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from .codec import EncodedLatents
 from .errors import ComneckInputError, ErrorCode
-from .image import padding_of
+from .latents import EncodedLatents
+from .photo import padding_of
 from .presets import RATE_LAMBDAS, RESIZE_POLICIES
 
 MAGIC = b"CNKB"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
@@ -24,6 +23,7 @@ from .errors import ComneckInputError, ErrorCode
 from .fixed_point import fixed_point_parameters
 from .fixed_point import install as install_fixed_point
 from .image import CODEC_STRIDE, check_image_tensor
+from .latents import EncodedLatents
 from .presets import CodecConfig
 from .provenance import WeightsInfo
 from .safe_decoding import checked_streams
@@ -93,33 +93,6 @@ def skip_redecoding(model: nn.Module) -> None:
 
 #: g_a downsamples by 16: y has H/16 x W/16 positions; z (after h_a) H/64 x W/64.
 LATENT_STRIDE = 16
-
-
-@dataclass(frozen=True)
-class EncodedLatents:
-    """Entropy-coded latents of a batch: CompressAI's strings, indexed [stream][batch item].
-
-    ELIC writes ``2 * groups + 1`` streams: an anchor and a non-anchor (checkerboard)
-    pass per channel group, then the hyper-latent z. mbt2018-mean writes two: y, then z.
-    """
-
-    strings: list[list[bytes]]
-    padded_size: tuple[int, int]
-    #: True: the entropy parameters were evaluated in fixed point (:mod:`comneck.fixed_point`),
-    #: so any machine decodes the same symbols; False: CompressAI's float path.
-    fixed_point: bool = False
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.strings[0])
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(len(s) for stream in self.strings for s in stream)
-
-    def item(self, index: int) -> "EncodedLatents":
-        """The latents of one image of the batch."""
-        return EncodedLatents([[stream[index]] for stream in self.strings], self.padded_size, self.fixed_point)
 
 
 class LearnedCodec(nn.Module):
