@@ -5,7 +5,8 @@
 # when .venv already holds the dev set.
 # `make lock` updates the lock files to pyproject.toml's ranges, keeping every pin that still fits;
 # `make lock UPGRADE=1` moves every package to its newest allowed release (then run `make test`).
-# Both also write requirements/{edge,server}-cpu.txt: the same pins with PyTorch's CPU-only build.
+# Both also write requirements/{edge,server}-cpu.txt: the same pins with PyTorch's CPU-only build
+# (requirements/edge-lite.txt, the ONNX Runtime edge, holds no torch and needs no such variant).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.comneck-installed
 DEMO_STAMP := $(VENV)/.comneck-demo-installed
 LOCK_TOOL := .venv-lock
 UV_VERSION := 0.13.9
-LOCK_SETS := edge server train llm eval dev
+LOCK_SETS := edge edge-lite server train llm eval dev
 UV_COMPILE = $(LOCK_TOOL)/bin/uv pip compile pyproject.toml --universal --python-version 3.10 \
 	--no-emit-package comneck --custom-compile-command "make lock" --quiet
 

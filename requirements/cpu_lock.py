@@ -6,6 +6,7 @@ index. A resolver cannot reach that index here, so the CPU files are written fro
 themselves: the same pins, torch and torchvision as the ``+cpu`` pair of the same versions
 (macOS wheels on PyPI are CPU-only already), and without the packages that only the CUDA build
 needs. ``make lock`` runs this; ``tests/test_lock.py`` checks the files match the locks.
+The ``edge-lite`` set (the ONNX Runtime edge) holds no torch, so it needs no CPU variant.
 
     python requirements/cpu_lock.py
 """

@@ -1,5 +1,6 @@
 """The lock (requirements/*.txt) matches pyproject.toml: `make lock` was run after the ranges changed."""
 
+import fnmatch
 import re
 import tomllib
 from importlib.metadata import version
@@ -11,7 +12,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-SETS = ["edge", "server", "train", "llm", "eval", "dev"]
+SETS = ["edge", "edge-lite", "server", "train", "llm", "eval", "dev"]  # dev last: the others are resolved inside it
 
 
 def pins(name: str) -> dict[str, list[str]]:
@@ -56,8 +57,38 @@ def test_every_set_agrees_with_dev(name):
 
 def test_the_tests_run_on_the_locked_versions():
     dev = pins("dev")
-    for package in ("torch", "torchvision", "compressai", "open-clip-torch", "transformers", "numpy"):
+    for package in ("torch", "torchvision", "compressai", "open-clip-torch", "transformers", "numpy", "onnx", "onnxruntime"):
         assert version(package).split("+")[0] in dev[package], package
+
+
+#: What the ONNX edge (edge-lite) must not install: PyTorch, its CUDA libraries and what only the torch codec or the cloud needs.
+NOT_ON_THE_LITE_EDGE = ("torch", "torchvision", "compressai", "safetensors", "transformers", "torch-geometric", "open-clip-torch",
+                        "triton", "nvidia-*", "cuda-*")
+
+
+def _heavy(names) -> list[str]:
+    return sorted(n for n in map(canonicalize_name, names) if any(fnmatch.fnmatch(n, pattern) for pattern in NOT_ON_THE_LITE_EDGE))
+
+
+def test_the_lite_edge_installs_no_torch():
+    """requirements/edge-lite.txt (every package of the install, pinned) and the edge-lite extra with the base
+    dependencies hold neither PyTorch nor anything that needs it; onnxruntime runs the encoder."""
+    assert _heavy(pins("edge-lite")) == [], "requirements/edge-lite.txt"
+    assert _heavy(req.name for req in requirements("edge-lite")) == [], "pyproject.toml: dependencies + edge-lite"
+    assert {"onnxruntime", "numpy", "pillow", "httpx", "msgpack"} <= set(pins("edge-lite"))
+    assert _heavy(["torch", "nvidia-cudnn-cu12", "torch_geometric"]) == ["nvidia-cudnn-cu12", "torch", "torch-geometric"]  # the check bites
+
+
+def test_every_torch_side_has_the_codec():
+    """The codec's packages (torch, compressai, safetensors) left the base dependencies for the codec extra:
+    every set that had them still has them."""
+    codec = {canonicalize_name(Requirement(text).name) for text in PROJECT["optional-dependencies"]["codec"]}
+    assert {"torch", "torchvision", "compressai", "safetensors"} <= codec
+    assert not codec & {canonicalize_name(Requirement(text).name) for text in PROJECT["dependencies"]}
+    for name in SETS:
+        if name != "edge-lite":
+            assert codec <= {canonicalize_name(req.name) for req in requirements(name)}, name
+            assert codec <= set(pins(name)), f"requirements/{name}.txt"
 
 
 def test_make_demo_installs_only_what_the_demo_runs(tmp_path):
