@@ -13,7 +13,7 @@ PACKAGE = ROOT / "shared" / "comneck"
 
 #: Every module of the core package, lowest first: a module may import only modules before it.
 LAYERS = [
-    "version", "errors", "checkpoints", "unet", "zero_shot", "presets", "yaml_config", "provenance", "photo", "latents", "bitstream", "image", "safe_decoding", "fixed_point", "codec", "neck", "clip_split",
+    "version", "errors", "rans_encoder", "checkpoints", "unet", "zero_shot", "presets", "yaml_config", "provenance", "photo", "latents", "bitstream", "image", "safe_decoding", "fixed_point", "codec", "neck", "clip_split",
     "weights_folder", "importers", "importers.reading", "importers.fitting", "importers.elic", "importers.compressai_zoo", "importers.sources", "importers.clip",
     "models",
     "backends.base", "backends.c_abstractor", "backends.registry", "backends.clip_zero_shot", "backends.engines.base",
