@@ -13,9 +13,9 @@ PACKAGE = ROOT / "shared" / "comneck"
 
 #: Every module of the core package, lowest first: a module may import only modules before it.
 LAYERS = [
-    "version", "errors", "rans_encoder", "checkpoints", "unet", "zero_shot", "presets", "yaml_config", "provenance", "photo", "latents", "bitstream", "image", "safe_decoding", "fixed_point", "codec", "neck", "clip_split",
+    "version", "errors", "rans_encoder", "checkpoints", "unet", "zero_shot", "presets", "yaml_config", "provenance", "photo", "latents", "edge_format", "bitstream", "image", "safe_decoding", "fixed_point", "fixed_point_onnx", "codec", "neck", "clip_split",
     "weights_folder", "importers", "importers.reading", "importers.fitting", "importers.elic", "importers.compressai_zoo", "importers.sources", "importers.clip",
-    "models",
+    "models", "edge_export",
     "backends.base", "backends.c_abstractor", "backends.registry", "backends.clip_zero_shot", "backends.engines.base",
     "backends.engines.hf", "backends.engines.vllm", "backends.engines", "backends.sp_tokenizer", "backends.hf_checkpoint", "backends.meta_checkpoint",
     "backends.v2l_fewshot", "backends.shikra", "backends.honeybee", "backends.llava", "backends.llama_adapter", "backends.v2l", "backends.vllm_export", "backends",

@@ -15,7 +15,7 @@ from typing import Any
 
 # Each name is imported on first use (PEP 562), so that ``comneck-edge --help`` and the HTTP
 # client do not wait seconds for torch.
-_HOMES = {"EdgeEncoder": "encoder", "EncodedImage": "encoder", "encode": "encoder",
+_HOMES = {"EdgeEncoder": "encoder", "EncodedImage": "encoded", "encode": "encoder",
           "GatewayClient": "client", "GatewayError": "client"}
 __all__ = sorted(_HOMES)
 

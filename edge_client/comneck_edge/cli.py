@@ -1,6 +1,7 @@
 """``comneck-edge``: encode photos to ComNeck bitstreams on the device, ask a gateway, decode for viewing.
 
     comneck-edge encode photo.jpg -o photo.cnk [--preset tiny] [--rate 1..4] [--resize paper]
+    comneck-edge encode photo.jpg --onnx edge-folder        (ONNX Runtime, no PyTorch: comneck export-edge)
     comneck-edge encode photo.jpg --server http://gateway:8000 --prompt "Labels: cat, dog"
     comneck-edge encode query.jpg --server URL --task fewshot --support cat.jpg=cat --support dog.jpg=dog
     comneck-edge support-set register pets cat.jpg=cat dog.jpg=dog --server URL   (then --support-set pets)
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -61,6 +63,14 @@ def _add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the entropy parameters are computed: fixed point, the same on every machine (default), or "
         "CompressAI's float networks, which a decoder on other hardware may read differently (docs/bitstream.md)",
     )
+    parser.add_argument(
+        "--runtime", default="auto", choices=("auto", "torch", "onnx"),
+        help="torch: PyTorch and CompressAI (the edge extra); onnx: ONNX Runtime and numpy, no PyTorch, over the folder --onnx "
+        "names (the edge-lite extra; docs/edge.md); auto (default): onnx when --onnx is given or PyTorch is not installed",
+    )
+    parser.add_argument("--onnx", metavar="FOLDER", default=os.environ.get("COMNECK_EDGE_ONNX") or None,
+                        help="the ONNX edge's folder, written by `comneck export-edge WEIGHTS -o FOLDER` "
+                        "(default: the COMNECK_EDGE_ONNX environment variable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (enc, dec):
         p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     for p in (enc, dec, sup):
-        p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
+        p.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default: tiny; with --onnx, the folder's, "
+                       "and another one is refused)")
         p.add_argument("--codec-weights", help="ELIC weights, the same as the gateway's: our safetensors, a weights folder (`comneck convert`, a training export), a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")
     return parser
 

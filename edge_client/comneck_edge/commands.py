@@ -7,24 +7,26 @@ answer without importing torch and the codec (seconds on a small device).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError
-from comneck.image import padding_of, to_image, unpad
-from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
 from comneck.presets import get_preset
+from comneck.provenance import RANDOM_WEIGHTS_NOTE
 
 from .client import GatewayClient
-from .encoder import EdgeEncoder, EncodedImage
+from .encoded import EncodedImage
+from .onnx_edge import OnnxEdgeEncoder
 from .report import format_answer
+
+if TYPE_CHECKING:
+    from .encoder import EdgeEncoder
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -48,13 +50,53 @@ def _fresh(path: Path, force: bool) -> Path:
     return path
 
 
-def _encoder(args: argparse.Namespace) -> EdgeEncoder:
+def _has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _runtime(args: argparse.Namespace) -> str:
+    """``--runtime``: ``auto`` is the ONNX edge when an ONNX folder is given or PyTorch is absent."""
+    if args.runtime == "onnx" and not args.onnx:
+        raise ComneckInputError("--runtime onnx needs --onnx FOLDER (or COMNECK_EDGE_ONNX), a folder `comneck export-edge` wrote")
+    if args.runtime == "torch" and args.onnx:
+        raise ComneckInputError("--onnx FOLDER is for the ONNX runtime; drop it (or COMNECK_EDGE_ONNX) to encode with --runtime torch")
+    if args.runtime != "auto":
+        return args.runtime
+    if args.onnx:
+        return "onnx"
+    if not _has_torch():
+        raise ComneckInputError("PyTorch is not installed: encode with the ONNX edge, --onnx FOLDER (written by `comneck export-edge`), "
+                                "or install the torch edge: pip install 'comneck[edge]'")
+    return "torch"
+
+
+def _onnx_encoder(args: argparse.Namespace) -> OnnxEdgeEncoder:
+    """The ONNX edge over ``--onnx``, refused when it was exported for another preset, rate or weights than the flags name."""
+    if args.entropy_params != "fixed":
+        raise ComneckInputError("the ONNX edge writes fixed-point entropy parameters only: drop --entropy-params float")
+    encoder = OnnxEdgeEncoder(args.onnx, resize=args.resize)
+    fingerprint = None
+    if args.codec_weights:
+        if not _has_torch():
+            raise ComneckInputError("--codec-weights needs PyTorch to read the weights; the ONNX folder carries its own: drop --codec-weights")
+        from comneck.models import build_codec
+
+        fingerprint = build_codec(get_preset(args.preset or encoder.preset_name), args.codec_weights).fingerprint()
+    encoder.check(args.preset, args.rate, fingerprint)
+    return encoder
+
+
+def _encoder(args: argparse.Namespace) -> EdgeEncoder | OnnxEdgeEncoder:
     """The encoder the encoding flags describe (``encode`` and ``support-set register`` share them)."""
-    return EdgeEncoder(args.preset, rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
+    if _runtime(args) == "onnx":
+        return _onnx_encoder(args)
+    from .encoder import EdgeEncoder
+
+    return EdgeEncoder(args.preset or "tiny", rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
                        fixed_point=args.entropy_params == "fixed")
 
 
-def _labelled(pairs: list[str], encoder: EdgeEncoder) -> list[tuple[bytes, str]]:
+def _labelled(pairs: list[str], encoder: EdgeEncoder | OnnxEdgeEncoder) -> list[tuple[bytes, str]]:
     """``PHOTO=LABEL`` pairs -> (bitstream, label), each photo encoded as the query is."""
     out = []
     for pair in pairs:
@@ -147,7 +189,7 @@ def encode_folder(args: argparse.Namespace) -> str:
             if client is not None:
                 client.close()
     params = "fixed-point" if encoder.fixed_point else "float"
-    lines.append(f"{len(photos)} photos, preset {args.preset}, rate {encoder.rate}, {params} entropy parameters")
+    lines.append(f"{len(photos)} photos, preset {encoder.preset_name}, rate {encoder.rate}, {params} entropy parameters")
     if encoder.random_weights and not args.server:
         lines.append(RANDOM_WEIGHTS_NOTE)
     return "\n".join(lines)
@@ -166,7 +208,7 @@ def encode(args: argparse.Namespace) -> str:
     if out is not None:
         _write(out, encoded.data)
         h, w = encoded.bitstream.image_size
-        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {args.preset}, rate {encoder.rate}, "
+        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {encoder.preset_name}, rate {encoder.rate}, "
                      f"{encoded.entropy_params} entropy parameters)")
     if args.server:
         with _client(args) as client:
@@ -183,7 +225,14 @@ def decode(args: argparse.Namespace) -> str:
         raise ComneckInputError(f"cannot read {args.bitstream}: {exc.strerror}") from None
     _fresh(Path(args.output), args.force)
     stream = Bitstream.from_bytes(data)
-    codec = build_codec(get_preset(args.preset), args.codec_weights)
+    if not _has_torch():
+        raise ComneckInputError("decoding runs the synthesis g_s with PyTorch, which is not installed: pip install 'comneck[edge]'")
+    import torch
+
+    from comneck.image import padding_of, to_image, unpad
+    from comneck.models import build_codec
+
+    codec = build_codec(get_preset(args.preset or "tiny"), args.codec_weights)
     stream.check_codec(codec.config.arch, codec.fingerprint())
     with torch.inference_mode():
         x_hat = codec.synthesize(codec.entropy_decode(stream.latents))

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from comneck.bitstream import Bitstream, Source
-from comneck.errors import ComneckInputError
-from comneck.image import ResizePolicy, check_image_tensor, load_image, pad_to_stride, resize_for_codec, to_tensor
-from comneck.models import build_codec
-from comneck.presets import Preset, check_rate, get_preset
+from comneck.image import ResizePolicy, check_image_tensor, pad_to_stride
+from comneck.models import build_codec, codec_rate
+from comneck.presets import Preset, get_preset
 
-
-@dataclass
-class EncodedImage:
-    """One image's bitstream (parsed and serialised) and how long encoding took."""
-
-    bitstream: Bitstream
-    data: bytes  # the container as sent: docs/bitstream.md
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def bpp(self) -> float:
-        """Bits per pixel of the image the codec saw, from the container's real byte count."""
-        h, w = self.bitstream.image_size
-        return 8.0 * len(self.data) / (h * w)
-
-    @property
-    def entropy_params(self) -> str:
-        """How the container's entropy parameters were computed: ``fixed-point`` or ``float``."""
-        return "fixed-point" if self.bitstream.latents.fixed_point else "float"
+from .encoded import EncodedImage, prepare_photo
 
 
 class EdgeEncoder:
@@ -50,21 +30,19 @@ class EdgeEncoder:
         self.resize = resize
         self.fixed_point = fixed_point
         self.codec = build_codec(self.preset, codec_weights)
-        trained = self.codec.trained_rate
-        if rate is not None and trained is not None and check_rate(rate) != trained:
-            raise ComneckInputError(f"rate {rate} given, but the codec weights ({Path(self.codec.weights_info.source).name}) are rate {trained}")
-        self.rate = check_rate(rate if rate is not None else trained or 1)
+        self.rate = codec_rate(self.codec, rate)
         self.fingerprint = self.codec.fingerprint()
         self.random_weights = codec_weights is None
+
+    @property
+    def preset_name(self) -> str:
+        return self.preset.name
 
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
         """Decode a photo, apply the resize policy, encode; the container records the photo's
         size and the policy, so a gateway can map boxes back to the photo."""
-        start = time.perf_counter()
-        photo = load_image(source)
-        x = to_tensor(resize_for_codec(photo, self.resize, self.preset.image_size))
-        prep_ms = (time.perf_counter() - start) * 1e3
-        encoded = self.encode_tensor(x, Source((photo.height, photo.width), self.resize))
+        x, photo, prep_ms = prepare_photo(source, self.resize, self.preset.image_size)
+        encoded = self.encode_tensor(torch.from_numpy(x), photo)
         encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
         return encoded
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .encoder import EncodedImage
+from .encoded import EncodedImage
 
 
 def _ms(timings: dict[str, float]) -> str:

@@ -1,4 +1,4 @@
-"""``comneck``: the researcher's command line (complexity report, weight conversion)."""
+"""``comneck``: the researcher's command line (complexity report, weight conversion, ONNX edge export)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,27 @@ def _convert_llama_adapter(args: argparse.Namespace) -> str:
             f"permuted for transformers, the caption adapter)\nserve: comneck-server --backend llama-adapter-v1={args.output}")
 
 
+def _export_edge(args: argparse.Namespace) -> str:
+    """``comneck export-edge [WEIGHTS] -o FOLDER``: the codec's encoding half for the ONNX edge."""
+    from .edge_export import export_edge
+    from .models import RANDOM_WEIGHTS_NOTE, build_codec, codec_rate
+    from .weights_folder import check_target
+
+    check_target(args.output, args.force)
+    preset = get_preset(args.preset)
+    codec = build_codec(preset, args.weights)
+    rate = codec_rate(codec, args.rate)
+    manifest = export_edge(codec, preset, rate, args.output, random_weights=args.weights is None, force=args.force)
+    if args.json:
+        return json.dumps(manifest, indent=2)
+    lines = [f"wrote {args.output}: analysis.onnx (g_a, h_a), {len(manifest['params'])} fixed-point parameter networks, tables.npz, "
+             f"edge.json (preset {preset.name}, {manifest['arch']}, rate {rate}, fingerprint {manifest['fingerprint']})",
+             f"encode without torch: comneck-edge encode photo.jpg --onnx {args.output}"]
+    if args.weights is None:
+        lines.append(RANDOM_WEIGHTS_NOTE)
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comneck",
@@ -131,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
     cv.add_argument("--json", action="store_true", help="print the manifest as JSON")
     cv.set_defaults(func=_convert)
+    ex = sub.add_parser(
+        "export-edge",
+        help="the codec's encoding half as ONNX files, for comneck-edge on a device without PyTorch",
+        description="Write FOLDER/analysis.onnx (g_a and h_a, float32), FOLDER/params/*.onnx (the entropy-parameter "
+        "networks in exact fixed point), FOLDER/tables.npz (rANS tables) and FOLDER/edge.json (preset, codec, rate, "
+        "fingerprint). `comneck-edge encode PHOTO --onnx FOLDER` then writes the containers the gateway decodes, "
+        "with ONNX Runtime and numpy alone. See docs/edge.md.",
+    )
+    ex.add_argument("weights", type=Path, nargs="?", help="codec weights (any form `comneck convert` reads, or its output folder); "
+                    "default: the preset's seeded random weights")
+    ex.add_argument("-o", "--output", type=Path, required=True, help="folder to write (must be new or empty unless --force)")
+    ex.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="network sizes the weights fit (default: tiny)")
+    ex.add_argument("--rate", type=int, choices=(1, 2, 3, 4), help="rate index the containers name (default: the weights' own, else 1)")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
+    ex.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    ex.set_defaults(func=_export_edge)
     return parser
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import ComneckInputError
-from .photo import (  # noqa: F401  (re-exported: the torch side's callers import them from here)
+from .photo import (
     CODEC_STRIDE,
     PAD_FILLS,
     SAMPLE_PHOTOS,
@@ -26,6 +26,10 @@ from .photo import (  # noqa: F401  (re-exported: the torch side's callers impor
     sample_photo,
     to_array,
 )
+
+#: This module's own names and the photo names it re-exports (callers on the torch side import them from here).
+__all__ = ["CODEC_STRIDE", "PAD_FILLS", "SAMPLE_PHOTOS", "Padding", "ResizePolicy", "check_image_tensor", "frame_to_photo", "load_image",
+           "pad_to_stride", "padding_of", "resize_for_codec", "sample_photo", "to_image", "to_tensor", "unpad"]
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

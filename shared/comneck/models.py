@@ -19,10 +19,10 @@ from .importers.elic import is_derived
 from .importers.fitting import fit, key_problems
 from .importers.reading import read_weights
 from .importers.sources import CodecSource, codec_from, neck_from, read_codec, read_neck
-from .presets import ELIC_ARCHS, PRESETS, Preset, check_final_norm
+from .presets import ELIC_ARCHS, PRESETS, Preset, check_final_norm, check_rate
+from .provenance import RANDOM_WEIGHTS_NOTE
 from .weights_folder import MANIFEST, read_manifest
 
-RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (no checkpoint loaded): outputs show the data path works, not model quality"
 
 
 def random_weights_note(parts: tuple[str, ...]) -> str:
@@ -74,6 +74,16 @@ def build_codec(preset: Preset, weights: str | Path | CodecSource | None = None,
     codec.apply_context_masks()
     codec.update_entropy_tables()
     return codec
+
+
+def codec_rate(codec: LearnedCodec, rate: int | None = None) -> int:
+    """The rate index a container of ``codec`` names: ``rate``, else the one its weights were
+    trained for, else 1; a ``rate`` that contradicts the weights is refused, since the container
+    would misreport it."""
+    trained = codec.trained_rate
+    if rate is not None and trained is not None and check_rate(rate) != trained:
+        raise ComneckInputError(f"rate {rate} given, but the codec weights ({Path(codec.weights_info.source).name}) are rate {trained}")
+    return check_rate(rate if rate is not None else trained or 1)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from .presets import RATE_LAMBDAS
 
+#: Printed with every output of seeded random weights, so no one mistakes it for a model's.
+RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS (no checkpoint loaded): outputs show the data path works, not model quality"
+
 
 @dataclass(frozen=True)
 class WeightsInfo:

@@ -1,0 +1,42 @@
+"""What both edges (torch and ONNX) hand back for a photo, and the photo preparation they share:
+no torch here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from comneck.bitstream import Bitstream, Source
+from comneck.photo import ResizePolicy, load_image, resize_for_codec, to_array
+
+
+@dataclass
+class EncodedImage:
+    """One image's bitstream (parsed and serialised) and how long encoding took."""
+
+    bitstream: Bitstream
+    data: bytes  # the container as sent: docs/bitstream.md
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bpp(self) -> float:
+        """Bits per pixel of the image the codec saw, from the container's real byte count."""
+        h, w = self.bitstream.image_size
+        return 8.0 * len(self.data) / (h * w)
+
+    @property
+    def entropy_params(self) -> str:
+        """How the container's entropy parameters were computed: ``fixed-point`` or ``float``."""
+        return "fixed-point" if self.bitstream.latents.fixed_point else "float"
+
+
+def prepare_photo(source: str | Path | bytes, resize: ResizePolicy, size: int) -> tuple[np.ndarray, Source, float]:
+    """Decode a photo and apply the resize policy -> (image [1, 3, H, W] float32 in [0, 1], the
+    photo's size and policy for the container, milliseconds taken)."""
+    start = time.perf_counter()
+    photo = load_image(source)
+    x = to_array(resize_for_codec(photo, resize, size))
+    return x, Source((photo.height, photo.width), resize), (time.perf_counter() - start) * 1e3
