@@ -36,6 +36,13 @@ def _positive_count(text: str) -> int:
     return value
 
 
+def _positive_bpp(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of bits per pixel, got {text}")
+    return value
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -68,9 +75,9 @@ def _add_encoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch: PyTorch and CompressAI (the edge extra); onnx: ONNX Runtime and numpy, no PyTorch, over the folder --onnx "
         "names (the edge-lite extra; docs/edge.md); auto (default): onnx when --onnx is given or PyTorch is not installed",
     )
-    parser.add_argument("--onnx", metavar="FOLDER", default=os.environ.get("COMNECK_EDGE_ONNX") or None,
-                        help="the ONNX edge's folder, written by `comneck export-edge WEIGHTS -o FOLDER` "
-                        "(default: the COMNECK_EDGE_ONNX environment variable)")
+    parser.add_argument("--onnx", metavar="FOLDER", action="append",
+                        help="the ONNX edge's folder, written by `comneck export-edge WEIGHTS -o FOLDER` (default: the "
+                        "COMNECK_EDGE_ONNX environment variable); repeat it for several rate points, with --max-bytes or --target-bpp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--jobs", type=_positive_count, default=1, metavar="N",
                      help="a folder: photos encoded (and, with --server, requests in flight) at a time (default: 1)")
     _add_encoding_arguments(enc)
+    budget = enc.add_mutually_exclusive_group()
+    budget.add_argument("--max-bytes", type=_positive_count, metavar="N",
+                        help="rate control: the highest rate point (--onnx or --codec-weights, repeated) whose container fits N bytes; "
+                        "a photo whose smallest container is larger is refused with that size")
+    budget.add_argument("--target-bpp", type=_positive_bpp, metavar="BPP",
+                        help="rate control by bits per pixel of the image the codec sees (the byte budget is BPP x pixels / 8)")
     ask = enc.add_argument_group("asking a gateway")
     ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")
     ask.add_argument("--prompt", help="question or instruction for the model (clip-zero-shot: 'Labels: a, b, c'); "
@@ -125,15 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, help="image file to write (format from the suffix, e.g. recon.png)")
     for p in (enc, dec):
         p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    weights_help = ("ELIC weights, the same as the gateway's: our safetensors, a weights folder (`comneck convert`, a training export), "
+                    "a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")
+    dec.add_argument("--codec-weights", help=weights_help)
+    for p in (enc, sup):
+        p.add_argument("--codec-weights", action="append", help=weights_help + "; repeat it for several rate points, with --max-bytes "
+                       "or --target-bpp (each file's rate known from its name or manifest)")
     for p in (enc, dec, sup):
         p.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default: tiny; with --onnx, the folder's, "
                        "and another one is refused)")
-        p.add_argument("--codec-weights", help="ELIC weights, the same as the gateway's: our safetensors, a weights folder (`comneck convert`, a training export), a release d1_1.pth.tar, an ELIC_LLM or CompressAI checkpoint; default: seeded random")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "onnx", False) is None and os.environ.get("COMNECK_EDGE_ONNX"):
+        args.onnx = [os.environ["COMNECK_EDGE_ONNX"]]
     from . import commands  # only now: torch and the codec take seconds to import
 
     run = {"encode": commands.encode, "decode": commands.decode, "support-set": commands.support_set}[args.command]

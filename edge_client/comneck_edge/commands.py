@@ -23,6 +23,7 @@ from comneck.provenance import RANDOM_WEIGHTS_NOTE
 from .client import GatewayClient
 from .encoded import EncodedImage
 from .onnx_edge import OnnxEdgeEncoder
+from .rate_control import RateLadder
 from .report import format_answer
 
 if TYPE_CHECKING:
@@ -70,33 +71,52 @@ def _runtime(args: argparse.Namespace) -> str:
     return "torch"
 
 
-def _onnx_encoder(args: argparse.Namespace) -> OnnxEdgeEncoder:
-    """The ONNX edge over ``--onnx``, refused when it was exported for another preset, rate or weights than the flags name."""
+def _onnx_encoder(args: argparse.Namespace, folder: str) -> OnnxEdgeEncoder:
+    """The ONNX edge over one ``--onnx`` folder, refused when it was exported for another preset, rate or weights than the flags name."""
     if args.entropy_params != "fixed":
         raise ComneckInputError("the ONNX edge writes fixed-point entropy parameters only: drop --entropy-params float")
-    encoder = OnnxEdgeEncoder(args.onnx, resize=args.resize)
+    encoder = OnnxEdgeEncoder(folder, resize=args.resize)
     fingerprint = None
     if args.codec_weights:
         if not _has_torch():
             raise ComneckInputError("--codec-weights needs PyTorch to read the weights; the ONNX folder carries its own: drop --codec-weights")
+        if len(args.codec_weights) > 1 or len(args.onnx) > 1:
+            raise ComneckInputError("--codec-weights checks one ONNX folder's weights: give one of each")
         from comneck.models import build_codec
 
-        fingerprint = build_codec(get_preset(args.preset or encoder.preset_name), args.codec_weights).fingerprint()
+        fingerprint = build_codec(get_preset(args.preset or encoder.preset_name), args.codec_weights[0]).fingerprint()
     encoder.check(args.preset, args.rate, fingerprint)
     return encoder
 
 
-def _encoder(args: argparse.Namespace) -> EdgeEncoder | OnnxEdgeEncoder:
-    """The encoder the encoding flags describe (``encode`` and ``support-set register`` share them)."""
+def _rate_points(args: argparse.Namespace) -> list[EdgeEncoder | OnnxEdgeEncoder]:
+    """One encoder per ``--onnx`` folder, or per ``--codec-weights`` file (the seeded codec when none)."""
     if _runtime(args) == "onnx":
-        return _onnx_encoder(args)
+        return [_onnx_encoder(args, folder) for folder in args.onnx]
     from .encoder import EdgeEncoder
 
-    return EdgeEncoder(args.preset or "tiny", rate=args.rate, resize=args.resize, codec_weights=args.codec_weights,
-                       fixed_point=args.entropy_params == "fixed")
+    weights = args.codec_weights or [None]
+    if len(weights) > 1 and args.rate is not None:
+        raise ComneckInputError("--rate names one rate point; several --codec-weights carry their own rates: drop --rate")
+    return [EdgeEncoder(args.preset or "tiny", rate=args.rate, resize=args.resize, codec_weights=w, fixed_point=args.entropy_params == "fixed")
+            for w in weights]
 
 
-def _labelled(pairs: list[str], encoder: EdgeEncoder | OnnxEdgeEncoder) -> list[tuple[bytes, str]]:
+def _encoder(args: argparse.Namespace) -> EdgeEncoder | OnnxEdgeEncoder | RateLadder:
+    """The encoder the encoding flags describe (``encode`` and ``support-set register`` share them): one
+    rate point, or with ``--max-bytes`` / ``--target-bpp`` the ladder of those given."""
+    max_bytes, target_bpp = getattr(args, "max_bytes", None), getattr(args, "target_bpp", None)
+    if max_bytes is not None and target_bpp is not None:
+        raise ComneckInputError("give one budget: --max-bytes or --target-bpp")
+    points = _rate_points(args)
+    if max_bytes is None and target_bpp is None:
+        if len(points) > 1:
+            raise ComneckInputError("several rate points (--onnx or --codec-weights given more than once) go with --max-bytes or --target-bpp")
+        return points[0]
+    return RateLadder(points, max_bytes, target_bpp)
+
+
+def _labelled(pairs: list[str], encoder: EdgeEncoder | OnnxEdgeEncoder | RateLadder) -> list[tuple[bytes, str]]:
     """``PHOTO=LABEL`` pairs -> (bitstream, label), each photo encoded as the query is."""
     out = []
     for pair in pairs:
@@ -175,6 +195,8 @@ def encode_folder(args: argparse.Namespace) -> str:
         if targets:
             _write(targets[index], encoded.data)
         line = f"{targets[index] if targets else photos[index].name}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp"
+        if encoded.rate_choice:
+            line += f", {encoded.rate_choice}"
         if client is not None:
             line += "\n" + _ask(args, client, encoded, support)
         return line
@@ -189,7 +211,9 @@ def encode_folder(args: argparse.Namespace) -> str:
             if client is not None:
                 client.close()
     params = "fixed-point" if encoder.fixed_point else "float"
-    lines.append(f"{len(photos)} photos, preset {encoder.preset_name}, rate {encoder.rate}, {params} entropy parameters")
+    rates = (f"rate points {', '.join(str(p.rate) for p in encoder.points)}, the highest that fits each photo"
+             if isinstance(encoder, RateLadder) else f"rate {encoder.rate}")
+    lines.append(f"{len(photos)} photos, preset {encoder.preset_name}, {rates}, {params} entropy parameters")
     if encoder.random_weights and not args.server:
         lines.append(RANDOM_WEIGHTS_NOTE)
     return "\n".join(lines)
@@ -208,8 +232,10 @@ def encode(args: argparse.Namespace) -> str:
     if out is not None:
         _write(out, encoded.data)
         h, w = encoded.bitstream.image_size
-        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {encoder.preset_name}, rate {encoder.rate}, "
-                     f"{encoded.entropy_params} entropy parameters)")
+        lines.append(f"{out}: {len(encoded.data)} bytes, {encoded.bpp:.4f} bpp ({w}x{h}, preset {encoder.preset_name}, "
+                     f"rate {encoded.bitstream.rate}, {encoded.entropy_params} entropy parameters)")
+    if encoded.rate_choice:
+        lines.append(f"rate control: {encoded.rate_choice}")
     if args.server:
         with _client(args) as client:
             lines.append(_ask(args, client, encoded, _labelled(args.support, encoder) or None))
@@ -232,7 +258,7 @@ def decode(args: argparse.Namespace) -> str:
     from comneck.image import padding_of, to_image, unpad
     from comneck.models import build_codec
 
-    codec = build_codec(get_preset(args.preset or "tiny"), args.codec_weights)
+    codec = build_codec(get_preset(args.preset or "tiny"), args.codec_weights)  # decode's flag names one file
     stream.check_codec(codec.config.arch, codec.fingerprint())
     with torch.inference_mode():
         x_hat = codec.synthesize(codec.entropy_decode(stream.latents))

@@ -20,6 +20,8 @@ class EncodedImage:
     bitstream: Bitstream
     data: bytes  # the container as sent: docs/bitstream.md
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: With rate control (comneck_edge.rate_control): which rate point was chosen, and why.
+    rate_choice: str | None = None
 
     @property
     def bpp(self) -> float:

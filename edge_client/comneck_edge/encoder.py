@@ -6,6 +6,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from comneck.bitstream import Bitstream, Source
@@ -38,13 +39,21 @@ class EdgeEncoder:
     def preset_name(self) -> str:
         return self.preset.name
 
+    @property
+    def image_size(self) -> int:
+        return self.preset.image_size
+
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
         """Decode a photo, apply the resize policy, encode; the container records the photo's
         size and the policy, so a gateway can map boxes back to the photo."""
         x, photo, prep_ms = prepare_photo(source, self.resize, self.preset.image_size)
-        encoded = self.encode_tensor(torch.from_numpy(x), photo)
+        encoded = self.encode_array(x, photo)
         encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
         return encoded
+
+    def encode_array(self, x: np.ndarray, source: Source | None = None) -> EncodedImage:
+        """:meth:`encode_tensor` of a float32 array [1, 3, H, W] (what the ONNX edge and rate control pass)."""
+        return self.encode_tensor(torch.from_numpy(x), source)
 
     def encode_tensor(self, x: torch.Tensor, source: Source | None = None) -> EncodedImage:
         """Encode one image [1, 3, H, W] in [0, 1]; it is padded to multiples of 64 first.
