@@ -88,11 +88,14 @@ def mixed_symbols(rng: np.random.Generator, indexes: np.ndarray, lengths: np.nda
     return symbols.astype(np.int32)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gaussian_conditional_tables_give_compressai_bytes(gaussian, seed):
-    cdfs, lengths, offsets = gaussian
+@pytest.mark.parametrize(("tables", "seed", "per_channel"), [("gaussian", 0, False), ("gaussian", 1, False), ("gaussian", 2, False),
+                                                              ("bottleneck", 4, True)])
+def test_compressais_tables_give_compressais_bytes(request, tables, seed, per_channel):
+    """Gaussian-conditional tables with random indexes; the entropy bottleneck's channel by channel, as compress() orders them."""
+    cdfs, lengths, offsets = request.getfixturevalue(tables)
     rng = np.random.default_rng(seed)
-    indexes = rng.integers(0, len(lengths), 20_000).astype(np.int32)
+    indexes = (np.repeat(np.arange(len(lengths), dtype=np.int32), 500) if per_channel
+               else rng.integers(0, len(lengths), 20_000).astype(np.int32))
     symbols = mixed_symbols(rng, indexes, lengths, offsets)
     ours = encode_with_indexes(symbols, indexes, cdfs, lengths, offsets)
     assert ours == compressai_bytes(symbols, indexes, cdfs, lengths, offsets)
@@ -108,16 +111,6 @@ def test_lists_give_the_same_bytes_as_arrays(gaussian):
     # rows cut to their own lengths: CompressAI's padding is not needed
     as_lists[2] = [row[:size] for row, size in zip(as_lists[2], as_lists[3])]
     assert encode_with_indexes(*as_lists) == encode_with_indexes(symbols, indexes, cdfs, lengths, offsets)
-
-
-def test_entropy_bottleneck_tables_give_compressai_bytes(bottleneck):
-    cdfs, lengths, offsets = bottleneck
-    rng = np.random.default_rng(4)
-    indexes = np.repeat(np.arange(len(lengths), dtype=np.int32), 500)  # channel by channel, as compress() does
-    symbols = mixed_symbols(rng, indexes, lengths, offsets)
-    ours = encode_with_indexes(symbols, indexes, cdfs, lengths, offsets)
-    assert ours == compressai_bytes(symbols, indexes, cdfs, lengths, offsets)
-    assert compressai_decoded(ours, indexes, cdfs, lengths, offsets) == symbols.tolist()
 
 
 def test_no_escape_at_all(bottleneck):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -42,3 +43,23 @@ def prepare_photo(source: str | Path | bytes, resize: ResizePolicy, size: int) -
     photo = load_image(source)
     x = to_array(resize_for_codec(photo, resize, size))
     return x, Source((photo.height, photo.width), resize), (time.perf_counter() - start) * 1e3
+
+
+class ArrayEncoder(Protocol):
+    """An edge encoder of prepared images (the torch edge, the ONNX edge, a rate ladder)."""
+
+    resize: ResizePolicy
+
+    @property
+    def image_size(self) -> int: ...
+
+    def encode_array(self, x: np.ndarray, source: Source | None = None) -> EncodedImage: ...
+
+
+def encode_photo(encoder: ArrayEncoder, source: str | Path | bytes) -> EncodedImage:
+    """Decode a photo, apply the encoder's resize policy, encode; the container records the
+    photo's size and the policy, so a gateway can map boxes back to the photo."""
+    x, photo, prep_ms = prepare_photo(source, encoder.resize, encoder.image_size)
+    encoded = encoder.encode_array(x, photo)
+    encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
+    return encoded

@@ -14,7 +14,7 @@ from comneck.image import ResizePolicy, check_image_tensor, pad_to_stride
 from comneck.models import build_codec, codec_rate
 from comneck.presets import Preset, get_preset
 
-from .encoded import EncodedImage, prepare_photo
+from .encoded import EncodedImage, encode_photo
 
 
 class EdgeEncoder:
@@ -46,10 +46,7 @@ class EdgeEncoder:
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
         """Decode a photo, apply the resize policy, encode; the container records the photo's
         size and the policy, so a gateway can map boxes back to the photo."""
-        x, photo, prep_ms = prepare_photo(source, self.resize, self.preset.image_size)
-        encoded = self.encode_array(x, photo)
-        encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
-        return encoded
+        return encode_photo(self, source)
 
     def encode_array(self, x: np.ndarray, source: Source | None = None) -> EncodedImage:
         """:meth:`encode_tensor` of a float32 array [1, 3, H, W] (what the ONNX edge and rate control pass)."""

@@ -31,7 +31,7 @@ from comneck.latents import EncodedLatents
 from comneck.photo import ResizePolicy, pad_array
 from comneck.rans_encoder import encode_with_indexes
 
-from .encoded import EncodedImage, prepare_photo
+from .encoded import EncodedImage, encode_photo
 
 
 def _unembed(x: np.ndarray, parity: str) -> np.ndarray:
@@ -115,10 +115,7 @@ class OnnxEdgeEncoder:
 
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
         """Decode a photo, apply the resize policy, encode (as :meth:`EdgeEncoder.encode_file`)."""
-        x, photo, prep_ms = prepare_photo(source, self.resize, self.image_size)
-        encoded = self.encode_array(x, photo)
-        encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
-        return encoded
+        return encode_photo(self, source)
 
     def encode_array(self, x: np.ndarray, source: Source | None = None) -> EncodedImage:
         """Encode one image [1, 3, H, W] float32 in [0, 1]; it is padded to multiples of 64 first."""

@@ -20,7 +20,7 @@ import numpy as np
 from comneck.bitstream import Source
 from comneck.errors import ComneckInputError
 
-from .encoded import EncodedImage, prepare_photo
+from .encoded import EncodedImage, encode_photo
 
 
 class RatePoint(Protocol):
@@ -79,10 +79,7 @@ class RateLadder:
 
     def encode_file(self, source: str | Path | bytes) -> EncodedImage:
         """Decode a photo, apply the resize policy, encode at the highest rate point that fits."""
-        x, photo, prep_ms = prepare_photo(source, self.resize, self.image_size)
-        encoded = self.encode_array(x, photo)
-        encoded.timings_ms = {"preprocess": prep_ms, **encoded.timings_ms}
-        return encoded
+        return encode_photo(self, source)
 
     def encode_array(self, x: np.ndarray, source: Source | None = None) -> EncodedImage:
         """Encode one image [1, 3, H, W] at the highest rate point whose container fits the budget."""
