@@ -1,11 +1,16 @@
 """What fixed-point entropy parameters cost against CompressAI's float path: bytes and time.
 
 Encodes N images (the bundled photos, cropped and flipped, as bench_determinism.py makes them)
-both ways with the same codec, and decodes each container, one image per call. Prints per image
-the payload bytes of each path and the difference, then the totals and the median encode and
-decode times of each path (run in turn, so both see the same machine state).
+both ways with the same codec, and decodes each container, one image per call. The two paths are
+interleaved: every round times each image with both, the order alternating (float first, then
+fixed point first), so a machine that gets slower or faster during the run weighs on both alike.
+Prints per image the payload bytes of each path and the difference, then per step (encode at the
+edge, entropy decode in the gateway) the median time of each path with its spread (10th-90th
+percentile over all images and rounds), the ratio of the medians, and the median of the paired
+ratios (fixed point / float for the same image in the same round) with their spread.
 
-    .venv/bin/python benchmarks/bench_entropy_params.py [--preset tiny] [--images 16] [--runs 3] [--codec-weights FILE]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_entropy_params.py [--preset tiny] [--images 16] [--runs 5]
+        [--codec-weights FILE]
 """
 
 from __future__ import annotations
@@ -20,47 +25,63 @@ from bench_determinism import images
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
 from comneck.presets import PRESETS
 
+STEPS = ("encode", "decode")
 
-def timed(fn, runs: int) -> tuple[object, float]:
-    """``fn()``'s result and its median wall time in ms over ``runs`` calls."""
-    times, result = [], None
-    for _ in range(runs):
-        start = time.perf_counter()
-        result = fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return result, statistics.median(times)
+
+def spread(values: list[float]) -> str:
+    """``median [p10-p90]`` of ``values``."""
+    deciles = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values * 9
+    return f"{statistics.median(values):.1f} [{deciles[0]:.1f}-{deciles[-1]:.1f}]"
+
+
+def ratio_spread(values: list[float]) -> str:
+    deciles = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values * 9
+    return f"{statistics.median(values):.3f} [{deciles[0]:.3f}-{deciles[-1]:.3f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per image and path (median)")
+    parser.add_argument("--runs", type=int, default=5, help="rounds over the images; each times both paths once per image")
     parser.add_argument("--codec-weights", help="ELIC weights (any form build_codec reads); default: seeded random")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     codec = build_codec(preset, args.codec_weights)
     x = images(preset, args.images)
     weights = f"weights {args.codec_weights}" if args.codec_weights else RANDOM_WEIGHTS_NOTE
-    print(f"preset {preset.name}, {args.images} images, {torch.get_num_threads()} threads; {weights}")
+    print(f"preset {preset.name}, {args.images} images, {args.runs} rounds, {torch.get_num_threads()} threads; {weights}")
+    for fixed in (False, True):  # warm up both paths (weights converted, buffers allocated)
+        codec.entropy_decode(codec.analyze(x[:1], fixed)[0])
+    times: dict[tuple[str, bool], list[float]] = {(step, fixed): [] for step in STEPS for fixed in (False, True)}
+    paired: dict[str, list[float]] = {step: [] for step in STEPS}
+    size: dict[tuple[int, bool], int] = {}
+    for run in range(args.runs):
+        for i in range(args.images):
+            item, sample = x[i : i + 1], {}
+            for fixed in (False, True) if (run + i) % 2 == 0 else (True, False):
+                start = time.perf_counter()
+                latents, _ = codec.analyze(item, fixed)
+                middle = time.perf_counter()
+                codec.entropy_decode(latents)
+                end = time.perf_counter()
+                sample["encode", fixed], sample["decode", fixed] = (middle - start) * 1e3, (end - middle) * 1e3
+                size[i, fixed] = latents.num_bytes
+            for step in STEPS:
+                times[step, False].append(sample[step, False])
+                times[step, True].append(sample[step, True])
+                paired[step].append(sample[step, True] / sample[step, False])
     print(f"{'image':>5} {'float B':>8} {'fixed B':>8} {'diff':>7}")
-    size = {True: 0, False: 0}
-    times: dict[tuple[str, bool], list[float]] = {(step, fixed): [] for step in ("encode", "decode") for fixed in (False, True)}
     for i in range(args.images):
-        item = x[i : i + 1]
-        row = {}
-        for fixed in (False, True):
-            (latents, _), encode_ms = timed(lambda: codec.analyze(item, fixed), args.runs)
-            _, decode_ms = timed(lambda: codec.entropy_decode(latents), args.runs)
-            row[fixed] = latents.num_bytes
-            size[fixed] += latents.num_bytes
-            times["encode", fixed].append(encode_ms)
-            times["decode", fixed].append(decode_ms)
-        print(f"{i:>5} {row[False]:>8} {row[True]:>8} {100 * (row[True] - row[False]) / row[False]:>+6.2f}%")
-    print(f"total {size[False]:>8} {size[True]:>8} {100 * (size[True] - size[False]) / size[False]:>+6.2f}%")
-    for step in ("encode", "decode"):
+        plain, fixed_b = size[i, False], size[i, True]
+        print(f"{i:>5} {plain:>8} {fixed_b:>8} {100 * (fixed_b - plain) / plain:>+6.2f}%")
+    total = {fixed: sum(size[i, fixed] for i in range(args.images)) for fixed in (False, True)}
+    print(f"total {total[False]:>8} {total[True]:>8} {100 * (total[True] - total[False]) / total[False]:>+6.2f}%")
+    print("ms per image, median [10th-90th percentile]; ratio fixed point / float")
+    for step in STEPS:
         plain, fixed = statistics.median(times[step, False]), statistics.median(times[step, True])
-        print(f"{step} ms per image (median): float {plain:.1f}, fixed point {fixed:.1f} ({100 * (fixed - plain) / plain:+.0f}%)")
+        print(f"{step}: float {spread(times[step, False])}, fixed point {spread(times[step, True])}; "
+              f"ratio of medians {fixed / plain:.3f}, paired ratio {ratio_spread(paired[step])}")
 
 
 if __name__ == "__main__":

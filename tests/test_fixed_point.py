@@ -209,3 +209,139 @@ def test_a_deep_copy_converts_its_own_weights(tiny):
         assert torch.equal(h_s(x), FixedPointNet(h_s)(x))
     with torch.no_grad():
         assert torch.equal(h_s(x), type(h_s).forward(h_s, x))  # outside the block: the float network
+
+
+# The evaluation (matrix products on pre-scaled weights, skipped zero taps and channels) against the
+# straightforward one it replaced: the same bits wherever the sums can go.
+
+LIMIT = float(ACTIVATION_LIMIT * 2**FRACTION_BITS)
+
+
+def float64_reference(net: FixedPointNet, x: torch.Tensor) -> torch.Tensor:
+    """The previous evaluation, kept here as the reference: torch's float64 convolutions (cuDNN off)
+    on the integers, then the equations' rounding steps, one tensor operation each."""
+    a = torch.floor(x.double() * GRID + 0.5).clamp_(-LIMIT, LIMIT)
+    with torch.backends.cudnn.flags(enabled=False):
+        for layer in net._layers:
+            c = layer.conv
+            weight, bias, unscale = (t.to(x.device) for t in (layer.weight, layer.bias, layer.unscale))
+            if isinstance(c, nn.ConvTranspose2d):
+                acc = F.conv_transpose2d(a, weight, None, c.stride, c.padding, c.output_padding, c.groups, c.dilation)
+            else:
+                acc = F.conv2d(a, weight, None, c.stride, c.padding, c.dilation, c.groups)
+            a = torch.floor((acc + bias.view(1, -1, 1, 1)) * unscale + 0.5)
+            if layer.slope is not None:
+                a = torch.where(a < 0, torch.floor(a * layer.slope + 0.5), a)
+            a = a.clamp_(-LIMIT, LIMIT)
+    return (a / GRID).to(x.dtype)
+
+
+def adversarial(module: nn.Module, seed: int) -> nn.Module:
+    """Heavy-tailed weights and large biases: big weight integers in every output channel, and
+    with many inputs the scale set by the 2**52 bound rather than by the weights' 24 bits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * torch.exp(2 * torch.randn(p.shape, generator=g)))
+    return module.eval()
+
+
+def adversarial_nets() -> dict[str, nn.Module]:
+    return {
+        "wide_5x5": adversarial(nn.Conv2d(224, 6, 5, padding=2), 11),  # ELIC's channel context: 5600 terms a sum
+        "wide_1x1": adversarial(nn.Conv2d(1408, 8, 1), 12),  # ELIC's entropy-parameter layers
+        "strided_dilated": adversarial(nn.Conv2d(24, 8, 5, stride=2, padding=3, dilation=2), 13),
+        "masked": adversarial(CheckerboardMaskedConv2d(96, 12, 5, padding=2), 14),
+        "transposed": adversarial(nn.ConvTranspose2d(96, 8, 5, 2, 2, 1), 15),
+        "grouped": adversarial(nn.Conv2d(16, 8, 3, padding=1, groups=2), 16),
+        "stack": adversarial(nn.Sequential(nn.Conv2d(64, 48, 3, padding=1), nn.LeakyReLU(), nn.ConvTranspose2d(48, 16, 5, 2, 2, 1),
+                                           nn.ReLU(), nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)), 17),
+    }
+
+
+def extreme_inputs(module: nn.Module, net: FixedPointNet, size: int = 6) -> torch.Tensor:
+    """[3, in, size, size]: random values out to the limit and past it (clamped), the limit with
+    random signs, and the limit signed as output channel 0's weights so that its sum at the
+    centre adds every term: that sum is the layer's bound, near 2**52."""
+    first = module[0] if isinstance(module, nn.Sequential) else module
+    g = torch.Generator().manual_seed(first.in_channels)
+    x = torch.empty(3, first.in_channels, size, size)
+    x[0] = torch.randn(x[0].shape, generator=g) * ACTIVATION_LIMIT
+    x[1] = torch.where(torch.rand(x[1].shape, generator=g) < 0.5, -1.0, 1.0) * ACTIVATION_LIMIT
+    x[2] = x[1]
+    layer = net._layers[0]
+    if not isinstance(layer.conv, nn.ConvTranspose2d) and layer.conv.stride == (1, 1) and layer.conv.dilation == (1, 1):
+        (kh, kw), (ph, pw), c = layer.conv.kernel_size, layer.conv.padding, size // 2
+        signs = torch.sign(layer.weight[0]).float()  # [in / groups, kh, kw]
+        x[2, : signs.shape[0], c - ph : c - ph + kh, c - pw : c - pw + kw] = torch.where(signs < 0, -1.0, 1.0) * ACTIVATION_LIMIT
+    return x
+
+
+@pytest.mark.parametrize("name", list(adversarial_nets()))
+def test_the_evaluation_gives_the_straightforward_float64_bits_at_the_bounds(name):
+    module = adversarial_nets()[name]
+    net = FixedPointNet(module)
+    x = extreme_inputs(module, net)
+    out = net(x)
+    assert torch.equal(out, float64_reference(net, x))
+    if name not in ("strided_dilated", "grouped"):  # integer_reference's convolutions: stride 1, no dilation or groups
+        assert torch.equal(out.double(), integer_reference(net, x))
+    if name.startswith("wide"):  # the scale uses the room below 2**52, and the aligned input fills it
+        layer = net._layers[0]
+        bound = layer.weight.abs().flatten(1).sum(1) * LIMIT + layer.bias.abs()
+        assert float(bound.max()) > 2.0**50
+        assert float(out[2, 0].abs().max()) == ACTIVATION_LIMIT  # clamped: the sum went far past the grid
+    # leading and trailing input channels zero (left out of the product), and an all-zero input
+    partial = x.clone()
+    partial[:, : x.shape[1] // 3] = 0
+    partial[:, -2:] = 0
+    assert torch.equal(net(partial), float64_reference(net, partial))
+    zero = torch.zeros_like(x[:1])
+    assert torch.equal(net(zero), float64_reference(net, zero))
+
+
+def test_every_parameter_network_of_the_tiny_codec_gives_the_straightforward_bits(tiny_models):
+    g = torch.Generator().manual_seed(5)
+    for module in parameter_networks(tiny_models.codec.model):
+        net = module._comneck_fixed_point
+        first = module[0] if isinstance(module, nn.Sequential) else module
+        x = torch.randn(2, first.in_channels, 8, 8, generator=g)
+        anchors_only = x * 30
+        anchors_only[..., 0::2, 1::2] = 0  # a checkerboard context's second pass: the anchors known
+        anchors_only[..., 1::2, 0::2] = 0
+        leading_zeros = x.clone()
+        leading_zeros[:, : first.in_channels // 4] = 0  # the parameter layers' first pass: no spatial context yet
+        for inputs in (x, x * 1e4, anchors_only, leading_zeros, torch.zeros_like(x), x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(net(inputs), float64_reference(net, inputs))
+            assert torch.equal(net(inputs[1:]), float64_reference(net, inputs[1:]))
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-mbt2018-mean"])
+def test_containers_are_the_bytes_the_straightforward_evaluation_writes(preset_name, tiny_models, monkeypatch):
+    """The bundled photos encode to the same strings and y_hat, and decode to the same y_hat, as
+    with the straightforward float64 evaluation."""
+    codec = tiny_models.codec if preset_name == "tiny" else build_codec(get_preset(preset_name))
+    preset = get_preset(preset_name)
+    photos = sorted(sample_photo().parent.glob("*.png"))
+    x = torch.cat([pad_to_stride(to_tensor(resize_for_codec(load_image(p), "paper", preset.image_size)))[0] for p in photos])
+    fast = [codec.analyze(x[i : i + 1]) for i in range(len(photos))]
+    fast_decoded = [codec.entropy_decode(latents) for latents, _ in fast]
+    with monkeypatch.context() as patch:
+        patch.setattr(FixedPointNet, "__call__", float64_reference)
+        reference = [codec.analyze(x[i : i + 1]) for i in range(len(photos))]
+        reference_decoded = [codec.entropy_decode(latents) for latents, _ in reference]
+    for (latents, y_hat), (ref_latents, ref_y_hat), decoded, ref_decoded in zip(fast, reference, fast_decoded, reference_decoded):
+        assert latents.fixed_point and latents.strings == ref_latents.strings
+        assert torch.equal(y_hat, ref_y_hat) and torch.equal(decoded, ref_decoded) and torch.equal(decoded, y_hat)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_gives_the_cpu_bits(tiny_models):
+    cases = [(module, extreme_inputs(module, FixedPointNet(module))) for module in adversarial_nets().values()]
+    cases += [(m, torch.randn(2, (m[0] if isinstance(m, nn.Sequential) else m).in_channels, 8, 8) * 20)
+              for m in parameter_networks(tiny_models.codec.model)]
+    for module, x in cases:
+        net = FixedPointNet(module)
+        cpu = net(x)
+        assert torch.equal(net(x.cuda()).cpu(), cpu)
+        assert torch.equal(float64_reference(net, x.cuda()).cpu(), cpu)

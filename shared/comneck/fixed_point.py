@@ -6,17 +6,48 @@ Their float results depend on summation order (threads, batch, BLAS, oneDNN, CPU
 scale that lands on the other side of a table boundary on the decoder makes the rest of the
 stream garbage. Here the same trained weights are evaluated in fixed point instead, in the spirit
 of Ballé et al., "Integer networks for data compression with latent-variable models" (ICLR 2019),
-but converted at load time, so imported float weights work without retraining:
+but converted at load time, so imported float weights work without retraining.
+
+The equations (the specification; ``tests/test_fixed_point.py`` restates them in int64):
 
 * activations (inputs, hidden layers, outputs) are integers times ``2**-FRACTION_BITS``, clamped
   to ``+-ACTIVATION_LIMIT``: means and scales come out on that grid, so ``y_hat = symbol + mean``
-  is the same float everywhere;
-* each output channel's weights are integers times a power of two chosen so that no sum a layer
-  forms can reach ``2**52`` (checked per channel from the weights when the net is built);
-* a leaky ReLU's slope is rounded to a multiple of ``2**-SLOPE_BITS``, so its products are exact;
-* the convolutions run in float64 on those integers: every partial sum is an integer below
-  2**53, so float64 holds it exactly and any summation order gives the same bits. Rounding back
-  to the grid is a floor, exact too.
+  is the same float everywhere; an input is ``a = clamp(floor(x * 2**10 + 1/2))``;
+* each output channel's weights are integers ``W`` times a power of two ``2**-s``, ``s`` chosen so
+  that no sum a layer forms can reach ``2**52``: ``sum |W| * 2**23 + |b| < 2**52`` per output
+  channel, checked when the net is built (``2**23`` is the activation limit on the grid);
+* a layer's output is ``clamp(act(floor((W * a + b) * 2**-s + 1/2)))``, ``W * a`` the exact
+  integer convolution and ``b`` the bias integer; a leaky ReLU's slope is a multiple of
+  ``2**-SLOPE_BITS`` and rounds the same way, ``floor(a * slope + 1/2)``; ReLU is slope 0.
+
+How it is evaluated, and why that is exact by construction (:class:`_Kernel`):
+
+* every convolution is one matrix product in float64, built from copies and a BLAS ``dgemm``
+  (``torch.addmm`` / ``torch.matmul``): the input's patches are copied into columns (``unfold``,
+  or one strided slice per kernel tap), or, for a 1x1 convolution, the input is the matrix; a
+  transposed convolution multiplies first and adds the overlapping patches after (``fold``). No
+  convolution kernel runs, so no oneDNN / cuDNN / NNPACK algorithm (Winograd, FFT: they round even
+  on integers) can be chosen, on the CPU or on CUDA;
+* the weights and bias are stored pre-multiplied by their channel's ``2**-s`` (exact: a power of
+  two changes the exponent only). Every value the product forms, in any order, blocking, thread
+  split or fused multiply-add, is then ``P * 2**-s`` with ``P`` a sum of a subset of the integer
+  terms ``W_i * a_i`` and ``b``, so ``|P| <= sum |W| * 2**23 + |b| < 2**52``: float64 (53-bit
+  significand) holds every such value exactly, every addition and product is exact, and the
+  result is exactly ``(W * a + b) * 2**-s``, the value the equations round. ``fold`` adds subsets
+  of the same terms, so the same bound covers it;
+* taps whose weights are all zero (a checkerboard context convolution's mask) and input channels
+  that are entirely zero (the context's first pass, a leading block of zeros in the concatenated
+  input of the entropy-parameter layers) are left out: they add exact zeros (for finite inputs);
+  an all-zero input gives the bias alone;
+* the rounding steps are ``+1/2`` and ``floor`` on the same float64 values the equations state,
+  the clamps and ``a * slope`` are exact, so the output bits do not depend on the device, the
+  thread count, the batch or the memory layout.
+
+Float32 arithmetic cannot take over any of these products exactly: the weight integers fill up to
+24 bits and their sums reach ``2**28`` and more per output channel (so that the scale keeps the
+trained weights' precision), so even an activation of 1 on the grid makes sums past float32's
+``2**24``; splitting weights and activations into limbs small enough for float32 needs more
+products than float64 costs.
 
 Written here because no maintained library evaluates PyTorch convolutions in integer arithmetic
 on both CPU and CUDA (torch has no integer convolution kernels; quantised backends round their
@@ -57,6 +88,8 @@ _enabled: ContextVar[bool] = ContextVar("comneck_fixed_point", default=False)
 
 @dataclass(frozen=True)
 class _Layer:
+    """One layer's integers as the equations state them; :class:`_Kernel` evaluates them."""
+
     weight: torch.Tensor  # float64 integers, Conv2d / ConvTranspose2d layout
     bias: torch.Tensor  # float64 integers [out], on the weights' scale
     unscale: torch.Tensor  # float64 powers of two [1, out, 1, 1]: integers -> activation grid
@@ -65,23 +98,107 @@ class _Layer:
     #: multiple of 2**-SLOPE_BITS (0.0: ReLU)
     slope: float | None = None
 
-    def to(self, device: torch.device) -> "_Layer":
-        return _Layer(self.weight.to(device), self.bias.to(device), self.unscale.to(device), self.conv, self.slope)
-
     def activated(self, slope: float) -> "_Layer":
         """This layer followed by a (leaky) ReLU of negative slope ``slope``."""
         return _Layer(self.weight, self.bias, self.unscale, self.conv, slope)
 
-    def __call__(self, a: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        if isinstance(c, nn.ConvTranspose2d):
-            acc = F.conv_transpose2d(a, self.weight, None, c.stride, c.padding, c.output_padding, c.groups, c.dilation)
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class _Kernel:
+    """A :class:`_Layer` as one float64 matrix product on one device (see the module docstring):
+    weights [out, in x taps] (a transposed convolution: [out x taps, in]) and bias [out, 1], both
+    pre-multiplied by the output channel's power of two; only the taps with a nonzero weight."""
+
+    def __init__(self, layer: _Layer, device: torch.device) -> None:
+        c = layer.conv
+        self.slope = layer.slope
+        self.transposed = isinstance(c, nn.ConvTranspose2d)
+        self.kernel_size, self.stride = _pair(c.kernel_size), _pair(c.stride)
+        self.padding, self.dilation = _pair(c.padding), _pair(c.dilation)
+        self.output_padding = _pair(c.output_padding) if self.transposed else (0, 0)
+        scale = layer.unscale.view(-1)  # powers of two: multiplying by them is exact
+        self.out_channels = scale.numel()
+        self.bias = (layer.bias * scale).view(-1, 1).to(device)
+        self.grouped: torch.Tensor | None = None  # groups > 1: torch's own convolution, see __call__
+        self.taps: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, columns of the taps used; None: all
+        w = layer.weight
+        if self.transposed:  # [in, out, kh, kw] -> [out x kh x kw, in]
+            self.per_channel = 1
+            self.weight = (w * scale.view(1, -1, 1, 1)).flatten(1).t().contiguous().to(device)
+            return
+        w = w * scale.view(-1, 1, 1, 1)
+        if c.groups != 1:
+            self.grouped, self.groups, self.per_channel = w.to(device), c.groups, 0
+            return
+        used = (w != 0).flatten(0, 1).any(0)
+        if not bool(used.any()):
+            used[0, 0] = True  # an all-zero layer: one tap of zeros keeps the shapes
+        if bool(used.all()):
+            self.per_channel = used.numel()
+            self.weight = w.flatten(1).contiguous().to(device)
         else:
-            acc = F.conv2d(a, self.weight, None, c.stride, c.padding, c.dilation, c.groups)
-        a = torch.floor((acc + self.bias.view(1, -1, 1, 1)) * self.unscale + 0.5)
-        if self.slope is not None:  # a * slope is exact: an integer below 2**24 times k * 2**-16
-            a = torch.where(a < 0, torch.floor(a * self.slope + 0.5), a)
-        return a.clamp_(-_LIMIT, _LIMIT)
+            rows, cols = used.nonzero(as_tuple=True)  # row-major, as w[:, :, used] orders them
+            self.taps = (rows.to(device), cols.to(device))
+            self.per_channel = rows.numel()
+            self.weight = w[:, :, used].flatten(1).contiguous().to(device)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        if self.transposed:
+            (oh, ow) = self.output_padding
+            return (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1, (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _columns(self, a: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+        """The input's patches as columns [N, in x taps, ho x wo]: one strided view of the padded
+        input, copied once (exact)."""
+        n, c = a.shape[:2]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            return a.reshape(n, c, ho * wo)
+        padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+        s = padded.stride()
+        patches = padded.as_strided((n, c, kh, kw, ho, wo), (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3]))
+        if self.taps is not None:
+            patches = patches[:, :, self.taps[0], self.taps[1]]  # [N, in, taps, ho, wo]
+        return patches.reshape(n, -1, ho * wo)
+
+    def __call__(self, a: torch.Tensor, channels: tuple[int, int] | None = None) -> torch.Tensor:
+        """The layer on grid integers ``a`` [N, in, H, W]; ``channels``: the input channels
+        ``[first, last)`` outside which ``a`` is all zero (None: all of them)."""
+        n, _, h, w = a.shape
+        ho, wo = self.output_size(h, w)
+        weight = self.weight if self.grouped is None else None
+        if channels is not None and self.grouped is None:
+            first, last = channels
+            a = a[:, first:last]
+            weight = self.weight[:, first:last] if self.transposed else self.weight[:, first * self.per_channel : last * self.per_channel]
+        if a.shape[1] == 0:  # an all-zero input: the bias alone
+            acc = self.bias.view(1, -1, 1, 1).expand(n, -1, ho, wo).clone()
+        elif self.grouped is not None:  # not in the codecs here; cuDNN off: its kernels may round
+            with torch.backends.cudnn.flags(enabled=False):
+                acc = F.conv2d(a, self.grouped, None, self.stride, self.padding, self.dilation, self.groups)
+            acc = acc.add_(self.bias.view(1, -1, 1, 1))
+        elif self.transposed:  # multiply every input pixel by its kernel, add the overlaps
+            acc = F.fold(torch.matmul(weight, a.reshape(n, a.shape[1], h * w)), (ho, wo), self.kernel_size, self.dilation,
+                         self.padding, self.stride)
+            acc = acc.add_(self.bias.view(1, -1, 1, 1))
+        else:
+            cols = self._columns(a, ho, wo)
+            if n == 1:
+                acc = torch.addmm(self.bias, weight, cols[0]).view(1, -1, ho, wo)
+            else:
+                acc = torch.matmul(weight, cols).add_(self.bias).view(n, -1, ho, wo)
+        acc = acc.add_(0.5).floor_()  # acc was (W * a + b) * 2**-s, exactly
+        if self.slope is None:
+            return acc.clamp_(-_LIMIT, _LIMIT)
+        if self.slope == 0.0:  # ReLU: floor(a * 0 + 1/2) = 0 for a < 0
+            return acc.clamp_(0.0, _LIMIT)
+        # a * slope is exact: an integer below 2**24 times k * 2**-16
+        return torch.where(acc < 0, (acc * self.slope).add_(0.5).floor_(), acc).clamp_(-_LIMIT, _LIMIT)
 
 
 def dyadic_slope(slope: float) -> float:
@@ -133,19 +250,24 @@ class FixedPointNet:
             else:
                 raise ValueError("fixed-point entropy parameters support Conv2d, ConvTranspose2d, ReLU and LeakyReLU layers "
                                  f"(an activation after a convolution), not {type(child).__name__} there")
-        self._on_device: dict[torch.device, list[_Layer]] = {torch.device("cpu"): self._layers}
+        self._on_device: dict[torch.device, list[_Kernel]] = {}
+
+    def kernels(self, device: torch.device) -> list[_Kernel]:
+        """The layers' matrix forms on ``device`` (built on first use, then kept)."""
+        kernels = self._on_device.get(device)
+        if kernels is None:
+            kernels = self._on_device[device] = [_Kernel(layer, device) for layer in self._layers]
+        return kernels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (any float dtype) -> the network's output on the grid, in ``x``'s dtype."""
-        layers = self._on_device.get(x.device)
-        if layers is None:
-            layers = self._on_device[x.device] = [layer.to(x.device) for layer in self._layers]
-        a = torch.floor(x.double() * _SCALE + 0.5).clamp_(-_LIMIT, _LIMIT)
-        # cuDNN may pick FFT or Winograd kernels, which round; the native kernels are im2col + GEMM.
-        with torch.backends.cudnn.flags(enabled=False):
-            for layer in layers:
-                a = layer(a)
-        return (a / _SCALE).to(x.dtype)
+        kernels = self.kernels(x.device)
+        a = x.to(torch.float64, copy=True).mul_(_SCALE).add_(0.5).floor_().clamp_(-_LIMIT, _LIMIT)
+        used = a.ne(0).any(0).flatten(1).any(1).nonzero().view(-1).tolist()  # input channels not all zero
+        channels = (used[0], used[-1] + 1) if used else (0, 0)
+        for i, kernel in enumerate(kernels):
+            a = kernel(a, channels if i == 0 and channels != (0, a.shape[1]) else None)
+        return a.mul_(1.0 / _SCALE).to(x.dtype)
 
 
 def parameter_networks(model: nn.Module) -> list[nn.Module]:
