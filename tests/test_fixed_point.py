@@ -296,6 +296,11 @@ def test_the_evaluation_gives_the_straightforward_float64_bits_at_the_bounds(nam
     partial[:, : x.shape[1] // 3] = 0
     partial[:, -2:] = 0
     assert torch.equal(net(partial), float64_reference(net, partial))
+    for colour in (0, 1):  # zero on one checkerboard colour (a context's second pass): a masked layer reads the other
+        checkered = x.clone()
+        checkered[..., 0::2, colour::2] = 0
+        checkered[..., 1::2, 1 - colour :: 2] = 0
+        assert torch.equal(net(checkered), float64_reference(net, checkered))
     zero = torch.zeros_like(x[:1])
     assert torch.equal(net(zero), float64_reference(net, zero))
 

@@ -23,31 +23,41 @@ The equations (the specification; ``tests/test_fixed_point.py`` restates them in
 How it is evaluated, and why that is exact by construction (:class:`_Kernel`):
 
 * every convolution is one matrix product in float64, built from copies and a BLAS ``dgemm``
-  (``torch.addmm`` / ``torch.matmul``): the input's patches are copied into columns (``unfold``,
-  or one strided slice per kernel tap), or, for a 1x1 convolution, the input is the matrix; a
-  transposed convolution multiplies first and adds the overlapping patches after (``fold``). No
-  convolution kernel runs, so no oneDNN / cuDNN / NNPACK algorithm (Winograd, FFT: they round even
-  on integers) can be chosen, on the CPU or on CUDA;
+  (``torch.addmm`` / ``torch.matmul``): the zero-padded input's patches are one strided view,
+  copied once into columns (im2col), or, for a 1x1 convolution, the input is the matrix; a
+  transposed convolution multiplies every input pixel by its kernel first and adds the
+  overlapping patches after (``fold``, col2im). No convolution kernel runs, so no oneDNN /
+  cuDNN / NNPACK algorithm (Winograd and FFT round, even on integers) can be picked, on the CPU
+  or on CUDA. (Grouped convolutions, in none of the codecs here, run torch's float64
+  convolution with cuDNN off: im2col and a matrix product too.)
 * the weights and bias are stored pre-multiplied by their channel's ``2**-s`` (exact: a power of
   two changes the exponent only). Every value the product forms, in any order, blocking, thread
   split or fused multiply-add, is then ``P * 2**-s`` with ``P`` a sum of a subset of the integer
   terms ``W_i * a_i`` and ``b``, so ``|P| <= sum |W| * 2**23 + |b| < 2**52``: float64 (53-bit
-  significand) holds every such value exactly, every addition and product is exact, and the
-  result is exactly ``(W * a + b) * 2**-s``, the value the equations round. ``fold`` adds subsets
-  of the same terms, so the same bound covers it;
-* taps whose weights are all zero (a checkerboard context convolution's mask) and input channels
-  that are entirely zero (the context's first pass, a leading block of zeros in the concatenated
-  input of the entropy-parameter layers) are left out: they add exact zeros (for finite inputs);
-  an all-zero input gives the bias alone;
-* the rounding steps are ``+1/2`` and ``floor`` on the same float64 values the equations state,
-  the clamps and ``a * slope`` are exact, so the output bits do not depend on the device, the
-  thread count, the batch or the memory layout.
+  significand) holds every such value exactly, so every product and addition is exact and the
+  result is exactly ``(W * a + b) * 2**-s``, the value the equations round. ``fold`` adds
+  subsets of the same terms, so the same bound covers it;
+* what adds exact zeros (for finite inputs) is left out: taps whose weights are all zero (a
+  checkerboard context convolution's mask), input channels outside the first and last that are
+  not all zero (the context's first pass; the context part of the entropy-parameter layers'
+  input in the first pass), and, for a layer whose used taps all have offsets (i + j) of one
+  parity, the outputs of the checkerboard colour that reads only zeros when the input is zero
+  on the other colour (the context's second pass): those are the bias alone, as is everything
+  for an all-zero input;
+* the rounding steps are ``+1/2`` and ``floor`` on the same float64 values the equations state;
+  the clamps and ``a * slope`` are exact. So the output bits do not depend on the device, the
+  thread count, the batch or the memory layout, and equal the straightforward evaluation's
+  (torch's float64 convolutions on the integers, which ``tests/test_fixed_point.py`` keeps as
+  the reference).
 
-Float32 arithmetic cannot take over any of these products exactly: the weight integers fill up to
-24 bits and their sums reach ``2**28`` and more per output channel (so that the scale keeps the
-trained weights' precision), so even an activation of 1 on the grid makes sums past float32's
-``2**24``; splitting weights and activations into limbs small enough for float32 needs more
-products than float64 costs.
+Why not float32, which runs these products 2-3x faster on a CPU: the weight integers fill 17 to 24
+bits (the scale keeps the trained weights' precision) and their sums ``sum |W|`` reach ``2**28``
+and more per output channel, so a single activation of 1 on the grid already makes sums past
+``2**24``, the last integer float32 holds exactly. No layer qualifies, whatever the activation
+bound; splitting weights and activations into limbs whose sums (up to 5600 terms) stay below
+``2**24`` needs six or more float32 products per float64 one. Winograd transforms, exact in
+float64 on integers while sums stay below ``2**53``, grow the sums by about ``2**14`` for the 5x5
+layers, past ``2**53`` at ordinary activations.
 
 Written here because no maintained library evaluates PyTorch convolutions in integer arithmetic
 on both CPU and CUDA (torch has no integer convolution kernels; quantised backends round their
@@ -120,10 +130,12 @@ class _Kernel:
         self.padding, self.dilation = _pair(c.padding), _pair(c.dilation)
         self.output_padding = _pair(c.output_padding) if self.transposed else (0, 0)
         scale = layer.unscale.view(-1)  # powers of two: multiplying by them is exact
-        self.out_channels = scale.numel()
         self.bias = (layer.bias * scale).view(-1, 1).to(device)
         self.grouped: torch.Tensor | None = None  # groups > 1: torch's own convolution, see __call__
         self.taps: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, columns of the taps used; None: all
+        #: all used taps at offsets (i + j) of this parity (stride 1, no dilation): an input that is
+        #: zero on one checkerboard colour then reaches only the outputs of one colour
+        self.tap_parity: int | None = None
         w = layer.weight
         if self.transposed:  # [in, out, kh, kw] -> [out x kh x kw, in]
             self.per_channel = 1
@@ -132,6 +144,7 @@ class _Kernel:
         w = w * scale.view(-1, 1, 1, 1)
         if c.groups != 1:
             self.grouped, self.groups, self.per_channel = w.to(device), c.groups, 0
+            self.weight = self.grouped
             return
         used = (w != 0).flatten(0, 1).any(0)
         if not bool(used.any()):
@@ -139,11 +152,14 @@ class _Kernel:
         if bool(used.all()):
             self.per_channel = used.numel()
             self.weight = w.flatten(1).contiguous().to(device)
-        else:
-            rows, cols = used.nonzero(as_tuple=True)  # row-major, as w[:, :, used] orders them
-            self.taps = (rows.to(device), cols.to(device))
-            self.per_channel = rows.numel()
-            self.weight = w[:, :, used].flatten(1).contiguous().to(device)
+            return
+        rows, cols = used.nonzero(as_tuple=True)  # row-major, as w[:, :, used] orders them
+        self.taps = (rows.to(device), cols.to(device))
+        self.per_channel = rows.numel()
+        self.weight = w[:, :, used].flatten(1).contiguous().to(device)
+        parities = set(((rows + cols) % 2).tolist())
+        if len(parities) == 1 and self.stride == (1, 1) and self.dilation == (1, 1):
+            self.tap_parity = parities.pop()
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
@@ -152,8 +168,25 @@ class _Kernel:
             return (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1, (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
-    def _columns(self, a: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
-        """The input's patches as columns [N, in x taps, ho x wo]: one strided view of the padded
+    def reached_colour(self, zero_colour: int) -> int:
+        """The checkerboard colour (positions with (y + x) % 2 equal to it) of the outputs that an
+        input zero on colour ``zero_colour`` still reaches: output (y, x) reads input
+        (y + i - ph, x + j - pw), of colour (y + x + tap_parity - ph - pw) % 2; the outputs of the
+        other colour read only zeros."""
+        return (1 - zero_colour + self.tap_parity - sum(self.padding)) % 2
+
+    @staticmethod
+    def colour_view(t: torch.Tensor, colour: int) -> torch.Tensor:
+        """The positions of ``colour`` in ``t`` [..., H, W] (H, W even) as a view [..., 2, H/2, W/2]:
+        (y, x) = (2u + v, 2w + (colour + v) % 2) for v in {0, 1}, an offset linear in v."""
+        *lead, h, w = t.shape
+        *strides, sy, sx = t.stride()
+        step = sy + sx if colour == 0 else sy - sx
+        return t.as_strided((*lead, 2, h // 2, w // 2), (*strides, step, 2 * sy, 2 * sx), t.storage_offset() + colour * sx)
+
+    def _columns(self, a: torch.Tensor, ho: int, wo: int, colour: int | None) -> torch.Tensor:
+        """The input's patches as columns [N, in x taps, ho x wo] (or only the outputs of
+        checkerboard ``colour``, in :meth:`colour_view` order): one strided view of the padded
         input, copied once (exact)."""
         n, c = a.shape[:2]
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
@@ -162,16 +195,20 @@ class _Kernel:
         padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
         s = padded.stride()
         patches = padded.as_strided((n, c, kh, kw, ho, wo), (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3]))
+        if colour is not None:
+            patches = self.colour_view(patches, colour)
         if self.taps is not None:
-            patches = patches[:, :, self.taps[0], self.taps[1]]  # [N, in, taps, ho, wo]
-        return patches.reshape(n, -1, ho * wo)
+            patches = patches[:, :, self.taps[0], self.taps[1]]  # [N, in, taps, ...]
+        return patches.reshape(n, c * self.per_channel, -1)
 
-    def __call__(self, a: torch.Tensor, channels: tuple[int, int] | None = None) -> torch.Tensor:
-        """The layer on grid integers ``a`` [N, in, H, W]; ``channels``: the input channels
-        ``[first, last)`` outside which ``a`` is all zero (None: all of them)."""
+    def __call__(self, a: torch.Tensor, channels: tuple[int, int] | None = None, zero_colour: int | None = None) -> torch.Tensor:
+        """The layer on grid integers ``a`` [N, in, H, W]. What is known of ``a`` (from the
+        network's input, see :meth:`FixedPointNet.__call__`): ``channels``, the input channels
+        ``[first, last)`` outside which it is all zero (None: all); ``zero_colour``, the
+        checkerboard colour on which it is all zero (None: neither)."""
         n, _, h, w = a.shape
         ho, wo = self.output_size(h, w)
-        weight = self.weight if self.grouped is None else None
+        weight = self.weight
         if channels is not None and self.grouped is None:
             first, last = channels
             a = a[:, first:last]
@@ -187,11 +224,19 @@ class _Kernel:
                          self.padding, self.stride)
             acc = acc.add_(self.bias.view(1, -1, 1, 1))
         else:
-            cols = self._columns(a, ho, wo)
+            colour = None
+            if zero_colour is not None and self.tap_parity is not None and ho % 2 == 0 and wo % 2 == 0:
+                colour = self.reached_colour(zero_colour)
+            cols = self._columns(a, ho, wo, colour)
             if n == 1:
-                acc = torch.addmm(self.bias, weight, cols[0]).view(1, -1, ho, wo)
+                part = torch.addmm(self.bias, weight, cols[0]).unsqueeze(0)
             else:
-                acc = torch.matmul(weight, cols).add_(self.bias).view(n, -1, ho, wo)
+                part = torch.matmul(weight, cols).add_(self.bias)
+            if colour is None:
+                acc = part.view(n, -1, ho, wo)
+            else:  # the outputs of the other colour read only zeros: the bias alone
+                acc = self.bias.view(1, -1, 1, 1).expand(n, -1, ho, wo).clone()
+                self.colour_view(acc, colour).copy_(part.view(n, -1, 2, ho // 2, wo // 2))
         acc = acc.add_(0.5).floor_()  # acc was (W * a + b) * 2**-s, exactly
         if self.slope is None:
             return acc.clamp_(-_LIMIT, _LIMIT)
@@ -262,11 +307,19 @@ class FixedPointNet:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (any float dtype) -> the network's output on the grid, in ``x``'s dtype."""
         kernels = self.kernels(x.device)
-        a = x.to(torch.float64, copy=True).mul_(_SCALE).add_(0.5).floor_().clamp_(-_LIMIT, _LIMIT)
-        used = a.ne(0).any(0).flatten(1).any(1).nonzero().view(-1).tolist()  # input channels not all zero
+        first = kernels[0]
+        # What the first layer may leave out: input channels and a checkerboard colour where x is
+        # all zero (so its grid integers are too; NaN counts as nonzero).
+        used = x.abs().amax((0, 2, 3)).nonzero().view(-1).tolist() if x.numel() else []
         channels = (used[0], used[-1] + 1) if used else (0, 0)
-        for i, kernel in enumerate(kernels):
-            a = kernel(a, channels if i == 0 and channels != (0, a.shape[1]) else None)
+        zero_colour = None
+        if first.tap_parity is not None and used:
+            zero_colour = next((colour for colour in (0, 1) if not (bool(x[..., 0::2, colour::2].any()) or
+                                                                    bool(x[..., 1::2, 1 - colour::2].any()))), None)
+        a = x.to(torch.float64, copy=True).mul_(_SCALE).add_(0.5).floor_().clamp_(-_LIMIT, _LIMIT)
+        a = first(a, channels if channels != (0, a.shape[1]) else None, zero_colour)
+        for kernel in kernels[1:]:
+            a = kernel(a)
         return a.mul_(1.0 / _SCALE).to(x.dtype)
 
 
