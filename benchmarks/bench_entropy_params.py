@@ -5,12 +5,14 @@ both ways with the same codec, and decodes each container, one image per call. T
 interleaved: every round times each image with both, the order alternating (float first, then
 fixed point first), so a machine that gets slower or faster during the run weighs on both alike.
 Prints per image the payload bytes of each path and the difference, then per step (encode at the
-edge, entropy decode in the gateway) the median time of each path with its spread (10th-90th
+edge, entropy decode in the gateway) the median wall time of each path with its spread (10th-90th
 percentile over all images and rounds), the ratio of the medians, and the median of the paired
-ratios (fixed point / float for the same image in the same round) with their spread.
+ratios (fixed point / float for the same image in the same round) with their spread; then the
+same for the process's CPU time (all threads), which a machine shared with other work disturbs
+less than the wall time.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_entropy_params.py [--preset tiny] [--images 16] [--runs 5]
-        [--codec-weights FILE]
+        [--threads N] [--codec-weights FILE]
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--runs", type=int, default=5, help="rounds over the images; each times both paths once per image")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--codec-weights", help="ELIC weights (any form build_codec reads); default: seeded random")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     codec = build_codec(preset, args.codec_weights)
     x = images(preset, args.images)
@@ -53,24 +58,27 @@ def main() -> None:
     print(f"preset {preset.name}, {args.images} images, {args.runs} rounds, {torch.get_num_threads()} threads; {weights}")
     for fixed in (False, True):  # warm up both paths (weights converted, buffers allocated)
         codec.entropy_decode(codec.analyze(x[:1], fixed)[0])
-    times: dict[tuple[str, bool], list[float]] = {(step, fixed): [] for step in STEPS for fixed in (False, True)}
-    paired: dict[str, list[float]] = {step: [] for step in STEPS}
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    times: dict[tuple[str, str, bool], list[float]] = {(clock, step, fixed): [] for clock in clocks for step in STEPS for fixed in (False, True)}
+    paired: dict[tuple[str, str], list[float]] = {(clock, step): [] for clock in clocks for step in STEPS}
     size: dict[tuple[int, bool], int] = {}
     for run in range(args.runs):
         for i in range(args.images):
             item, sample = x[i : i + 1], {}
             for fixed in (False, True) if (run + i) % 2 == 0 else (True, False):
-                start = time.perf_counter()
+                start = {clock: now() for clock, now in clocks.items()}
                 latents, _ = codec.analyze(item, fixed)
-                middle = time.perf_counter()
+                middle = {clock: now() for clock, now in clocks.items()}
                 codec.entropy_decode(latents)
-                end = time.perf_counter()
-                sample["encode", fixed], sample["decode", fixed] = (middle - start) * 1e3, (end - middle) * 1e3
+                end = {clock: now() for clock, now in clocks.items()}
+                for clock in clocks:
+                    sample[clock, "encode", fixed] = (middle[clock] - start[clock]) * 1e3
+                    sample[clock, "decode", fixed] = (end[clock] - middle[clock]) * 1e3
                 size[i, fixed] = latents.num_bytes
-            for step in STEPS:
-                times[step, False].append(sample[step, False])
-                times[step, True].append(sample[step, True])
-                paired[step].append(sample[step, True] / sample[step, False])
+            for key in paired:
+                times[(*key, False)].append(sample[(*key, False)])
+                times[(*key, True)].append(sample[(*key, True)])
+                paired[key].append(sample[(*key, True)] / sample[(*key, False)])
     print(f"{'image':>5} {'float B':>8} {'fixed B':>8} {'diff':>7}")
     for i in range(args.images):
         plain, fixed_b = size[i, False], size[i, True]
@@ -78,10 +86,10 @@ def main() -> None:
     total = {fixed: sum(size[i, fixed] for i in range(args.images)) for fixed in (False, True)}
     print(f"total {total[False]:>8} {total[True]:>8} {100 * (total[True] - total[False]) / total[False]:>+6.2f}%")
     print("ms per image, median [10th-90th percentile]; ratio fixed point / float")
-    for step in STEPS:
-        plain, fixed = statistics.median(times[step, False]), statistics.median(times[step, True])
-        print(f"{step}: float {spread(times[step, False])}, fixed point {spread(times[step, True])}; "
-              f"ratio of medians {fixed / plain:.3f}, paired ratio {ratio_spread(paired[step])}")
+    for clock, step in paired:
+        plain, fixed = statistics.median(times[clock, step, False]), statistics.median(times[clock, step, True])
+        print(f"{step} ({clock}): float {spread(times[clock, step, False])}, fixed point {spread(times[clock, step, True])}; "
+              f"ratio of medians {fixed / plain:.3f}, paired ratio {ratio_spread(paired[clock, step])}")
 
 
 if __name__ == "__main__":
