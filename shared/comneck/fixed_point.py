@@ -136,6 +136,8 @@ class _Kernel:
         #: all used taps at offsets (i + j) of this parity (stride 1, no dilation): an input that is
         #: zero on one checkerboard colour then reaches only the outputs of one colour
         self.tap_parity: int | None = None
+        #: a 1x1 convolution's weights transposed, for activations held as rows [positions, in]
+        self.pointwise_weight: torch.Tensor | None = None
         w = layer.weight
         if self.transposed:  # [in, out, kh, kw] -> [out x kh x kw, in]
             self.per_channel = 1
@@ -152,6 +154,8 @@ class _Kernel:
         if bool(used.all()):
             self.per_channel = used.numel()
             self.weight = w.flatten(1).contiguous().to(device)
+            if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+                self.pointwise_weight = self.weight.t().contiguous()  # [in, out], see rows()
             return
         rows, cols = used.nonzero(as_tuple=True)  # row-major, as w[:, :, used] orders them
         self.taps = (rows.to(device), cols.to(device))
@@ -237,7 +241,21 @@ class _Kernel:
             else:  # the outputs of the other colour read only zeros: the bias alone
                 acc = self.bias.view(1, -1, 1, 1).expand(n, -1, ho, wo).clone()
                 self.colour_view(acc, colour).copy_(part.view(n, -1, 2, ho // 2, wo // 2))
-        acc = acc.add_(0.5).floor_()  # acc was (W * a + b) * 2**-s, exactly
+        return self._round(acc)
+
+    def rows(self, a: torch.Tensor, channels: tuple[int, int] | None = None) -> torch.Tensor:
+        """A 1x1 convolution on activations held as rows, ``a`` [positions, in] -> [positions, out]:
+        the same products as :meth:`__call__`'s, transposed (BLAS runs this shape faster)."""
+        weight = self.pointwise_weight
+        if channels is not None:
+            a, weight = a[:, channels[0] : channels[1]], weight[channels[0] : channels[1]]
+        if a.shape[1] == 0:
+            return self._round(self.bias.view(1, -1).expand(a.shape[0], -1).clone())
+        return self._round(torch.addmm(self.bias.view(1, -1), a, weight))
+
+    def _round(self, acc: torch.Tensor) -> torch.Tensor:
+        """``acc`` = (W * a + b) * 2**-s, exactly -> the layer's output on the grid (in place)."""
+        acc = acc.add_(0.5).floor_()
         if self.slope is None:
             return acc.clamp_(-_LIMIT, _LIMIT)
         if self.slope == 0.0:  # ReLU: floor(a * 0 + 1/2) = 0 for a < 0
@@ -278,6 +296,11 @@ def _integer_layer(conv: nn.Conv2d | nn.ConvTranspose2d) -> _Layer:
     return _Layer(weight_int, b_int, torch.exp2(-shift).view(1, -1, 1, 1), conv)
 
 
+def _to_grid(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x`` -> its grid integers, in place: clamp(floor(x * 2**10 + 1/2))."""
+    return x.mul_(_SCALE).add_(0.5).floor_().clamp_(-_LIMIT, _LIMIT)
+
+
 class FixedPointNet:
     """A Conv2d / ConvTranspose2d / ReLU / LeakyReLU network (a ``Sequential`` or one convolution)
     evaluated in fixed point: same input, same output bits, on any device, thread count or batch.
@@ -316,8 +339,15 @@ class FixedPointNet:
         if first.tap_parity is not None and used:
             zero_colour = next((colour for colour in (0, 1) if not (bool(x[..., 0::2, colour::2].any()) or
                                                                     bool(x[..., 1::2, 1 - colour::2].any()))), None)
-        a = x.to(torch.float64, copy=True).mul_(_SCALE).add_(0.5).floor_().clamp_(-_LIMIT, _LIMIT)
-        a = first(a, channels if channels != (0, a.shape[1]) else None, zero_colour)
+        known = channels if channels != (0, x.shape[1]) else None
+        if all(kernel.pointwise_weight is not None for kernel in kernels):  # 1x1 layers only: positions as rows
+            n, _, h, w = x.shape
+            a = x.permute(0, 2, 3, 1).to(torch.float64, memory_format=torch.contiguous_format, copy=True).view(n * h * w, -1)
+            a = first.rows(_to_grid(a), known)
+            for kernel in kernels[1:]:
+                a = kernel.rows(a)
+            return a.mul_(1.0 / _SCALE).view(n, h, w, -1).permute(0, 3, 1, 2).to(x.dtype, memory_format=torch.contiguous_format)
+        a = first(_to_grid(x.to(torch.float64, copy=True)), known, zero_colour)
         for kernel in kernels[1:]:
             a = kernel(a)
         return a.mul_(1.0 / _SCALE).to(x.dtype)
