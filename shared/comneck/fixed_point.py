@@ -51,13 +51,13 @@ How it is evaluated, and why that is exact by construction (:class:`_Kernel`):
   the reference).
 
 Why not float32, which runs these products 2-3x faster on a CPU: the weight integers fill 17 to 24
-bits (the scale keeps the trained weights' precision) and their sums ``sum |W|`` reach ``2**28``
-and more per output channel, so a single activation of 1 on the grid already makes sums past
-``2**24``, the last integer float32 holds exactly. No layer qualifies, whatever the activation
-bound; splitting weights and activations into limbs whose sums (up to 5600 terms) stay below
-``2**24`` needs six or more float32 products per float64 one. Winograd transforms, exact in
-float64 on integers while sums stay below ``2**53``, grow the sums by about ``2**14`` for the 5x5
-layers, past ``2**53`` at ordinary activations.
+bits (the scale keeps the trained weights' precision) and ``sum |W|`` is ``2**26.5`` and more per
+output channel in ELIC's networks, so the sums' bound, ``sum |W|`` times the largest activation,
+passes ``2**24`` (where float32 stops holding integers) once an activation is one grid step: no
+layer qualifies, at any activation bound. Splitting weights and activations into limbs whose sums
+(up to 5600 terms) stay below ``2**24`` needs six or more float32 products per float64 one.
+Winograd transforms, exact in float64 on integers while sums stay below ``2**53``, grow the sums
+by about ``2**14`` for the 5x5 layers, past ``2**53`` at activations of order 1.
 
 Written here because no maintained library evaluates PyTorch convolutions in integer arithmetic
 on both CPU and CUDA (torch has no integer convolution kernels; quantised backends round their
