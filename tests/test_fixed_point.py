@@ -311,6 +311,7 @@ def test_the_evaluation_gives_the_straightforward_float64_bits_at_the_bounds(nam
         assert torch.equal(net(checkered), float64_reference(net, checkered))
     zero = torch.zeros_like(x[:1])
     assert torch.equal(net(zero), float64_reference(net, zero))
+    assert torch.equal(net(x[:0]), float64_reference(net, x[:0]))  # an empty batch
 
 
 def test_every_parameter_network_of_the_tiny_codec_gives_the_straightforward_bits(tiny_models):

@@ -24,7 +24,8 @@ How it is evaluated, and why that is exact by construction (:class:`_Kernel`):
 
 * every convolution is one matrix product in float64, built from copies and a BLAS ``dgemm``
   (``torch.addmm`` / ``torch.matmul``): the zero-padded input's patches are one strided view,
-  copied once into columns (im2col), or, for a 1x1 convolution, the input is the matrix; a
+  copied once into columns (im2col), or, for a 1x1 convolution, the input is the matrix (in a
+  network of 1x1 layers only, with the positions as rows: the same products, transposed); a
   transposed convolution multiplies every input pixel by its kernel first and adds the
   overlapping patches after (``fold``, col2im). No convolution kernel runs, so no oneDNN /
   cuDNN / NNPACK algorithm (Winograd and FFT round, even on integers) can be picked, on the CPU
@@ -203,7 +204,7 @@ class _Kernel:
             patches = self.colour_view(patches, colour)
         if self.taps is not None:
             patches = patches[:, :, self.taps[0], self.taps[1]]  # [N, in, taps, ...]
-        return patches.reshape(n, c * self.per_channel, -1)
+        return patches.reshape(n, c * self.per_channel, ho * wo if colour is None else ho * wo // 2)
 
     def __call__(self, a: torch.Tensor, channels: tuple[int, int] | None = None, zero_colour: int | None = None) -> torch.Tensor:
         """The layer on grid integers ``a`` [N, in, H, W]. What is known of ``a`` (from the
@@ -218,7 +219,7 @@ class _Kernel:
             a = a[:, first:last]
             weight = self.weight[:, first:last] if self.transposed else self.weight[:, first * self.per_channel : last * self.per_channel]
         if a.shape[1] == 0:  # an all-zero input: the bias alone
-            acc = self.bias.view(1, -1, 1, 1).expand(n, -1, ho, wo).clone()
+            acc = self.bias.view(1, -1, 1, 1).expand(n, self.bias.shape[0], ho, wo).clone()
         elif self.grouped is not None:  # not in the codecs here; cuDNN off: its kernels may round
             with torch.backends.cudnn.flags(enabled=False):
                 acc = F.conv2d(a, self.grouped, None, self.stride, self.padding, self.dilation, self.groups)
@@ -236,11 +237,12 @@ class _Kernel:
                 part = torch.addmm(self.bias, weight, cols[0]).unsqueeze(0)
             else:
                 part = torch.matmul(weight, cols).add_(self.bias)
+            out = self.bias.shape[0]
             if colour is None:
-                acc = part.view(n, -1, ho, wo)
+                acc = part.view(n, out, ho, wo)
             else:  # the outputs of the other colour read only zeros: the bias alone
-                acc = self.bias.view(1, -1, 1, 1).expand(n, -1, ho, wo).clone()
-                self.colour_view(acc, colour).copy_(part.view(n, -1, 2, ho // 2, wo // 2))
+                acc = self.bias.view(1, out, 1, 1).expand(n, out, ho, wo).clone()
+                self.colour_view(acc, colour).copy_(part.view(n, out, 2, ho // 2, wo // 2))
         return self._round(acc)
 
     def rows(self, a: torch.Tensor, channels: tuple[int, int] | None = None) -> torch.Tensor:
@@ -342,11 +344,12 @@ class FixedPointNet:
         known = channels if channels != (0, x.shape[1]) else None
         if all(kernel.pointwise_weight is not None for kernel in kernels):  # 1x1 layers only: positions as rows
             n, _, h, w = x.shape
-            a = x.permute(0, 2, 3, 1).to(torch.float64, memory_format=torch.contiguous_format, copy=True).view(n * h * w, -1)
+            a = x.permute(0, 2, 3, 1).to(torch.float64, memory_format=torch.contiguous_format, copy=True).view(n * h * w, x.shape[1])
             a = first.rows(_to_grid(a), known)
             for kernel in kernels[1:]:
                 a = kernel.rows(a)
-            return a.mul_(1.0 / _SCALE).view(n, h, w, -1).permute(0, 3, 1, 2).to(x.dtype, memory_format=torch.contiguous_format)
+            a = a.mul_(1.0 / _SCALE).view(n, h, w, a.shape[1]).permute(0, 3, 1, 2)
+            return a.to(x.dtype, memory_format=torch.contiguous_format)
         a = first(_to_grid(x.to(torch.float64, copy=True)), known, zero_colour)
         for kernel in kernels[1:]:
             a = kernel(a)
