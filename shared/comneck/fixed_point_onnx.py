@@ -9,8 +9,9 @@ reason the torch path is: every operand is an integer, every partial sum an inte
 (checked per channel when the network is built), so float64 holds each one exactly and neither
 the GEMM's blocking nor the order of the taps' ``Sum`` can change a bit. GEMMs do not use
 Winograd or Strassen, which would round. The elementwise steps after it (bias, power-of-two
-unscale, floor, leaky slope, clamp) are the same IEEE operations, in the same order, as
-:class:`comneck.fixed_point._Layer` applies, each exact on these values.
+unscale, floor, leaky slope, clamp) are the IEEE operations the equations in
+:mod:`comneck.fixed_point` state, in their order, each exact on these values (the torch path folds
+the bias and the power of two into its matrix product: the same exact values).
 
 A transposed convolution of stride s (whose output is s times its input, as CompressAI's
 ``deconv`` gives) is split into its s x s output phases; each phase is an ordinary sum of shifted
