@@ -219,3 +219,19 @@ def test_runtime_onnx_needs_a_folder(capsys, monkeypatch):
     monkeypatch.delenv("COMNECK_EDGE_ONNX", raising=False)
     assert edge_main(["encode", str(sample_photo()), "--runtime", "onnx"]) == 2
     assert "--runtime onnx needs --onnx FOLDER" in capsys.readouterr().err
+
+
+def test_a_folder_of_other_weights_is_refused_by_fingerprint(tiny_folder, tmp_path, capsys):
+    """--codec-weights names the weights the gateway serves: a folder exported from others is refused."""
+    from comneck.checkpoints import save_state_dict
+
+    codec = build_codec(get_preset("tiny"))
+    with torch.no_grad():
+        next(codec.model.g_a.parameters()).add_(0.01)  # other weights, same shapes
+    weights = tmp_path / "codec.safetensors"
+    save_state_dict(codec.model, weights)
+    status = edge_main(["encode", str(sample_photo()), "-o", str(tmp_path / "out.cnk"), "--onnx", str(tiny_folder),
+                        "--codec-weights", str(weights)])
+    err = capsys.readouterr().err
+    assert status == 2 and f"holds codec weights {json.loads((tiny_folder / 'edge.json').read_text())['fingerprint']}" in err, err
+    assert "export these weights with `comneck export-edge`" in err
