@@ -32,7 +32,8 @@ def assert_batch_equals_singles(answer: Callable[[slice], list[BackendAnswer]], 
     """``answer(items)`` answers the batch's ``items`` (a slice of its features, prompts and per-item
     options). The whole batch must answer each item as a call with that item alone does: the same
     text and details (token ids, finish reason, ...), and log-probabilities equal to float
-    tolerance (the batch is left-padded). Returns the batch's answers."""
+    tolerance, 1e-4 (the batch is left-padded: float32 sums over other lengths, which moved a
+    log-probability by more than 1e-5 on a CI run). Returns the batch's answers."""
     batch = answer(slice(None))
     assert len(batch) == size
     for i, got in enumerate(batch):
@@ -44,5 +45,5 @@ def assert_batch_equals_singles(answer: Callable[[slice], list[BackendAnswer]], 
         for a, b in zip(ours or [], theirs or []):
             assert [a["token_id"], *(t["token_id"] for t in a["top_logprobs"])] == [b["token_id"], *(t["token_id"] for t in b["top_logprobs"])]
             assert [a["logprob"], *(t["logprob"] for t in a["top_logprobs"])] == pytest.approx(
-                [b["logprob"], *(t["logprob"] for t in b["top_logprobs"])], abs=1e-5)
+                [b["logprob"], *(t["logprob"] for t in b["top_logprobs"])], abs=1e-4)
     return batch
