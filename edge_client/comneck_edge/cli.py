@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from comneck.errors import run_command
@@ -22,24 +23,22 @@ from comneck.version import __version__
 from .client import DEFAULT_RETRIES
 
 
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+def _positive(unit: str) -> Callable[[str], float]:
+    """An argparse type: a positive number of ``unit``."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, got {text}")
+        return value
+
+    parse.__name__ = f"number of {unit}"  # argparse names the type this way when the text is no number
+    return parse
 
 
 def _positive_count(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
-
-
-def _positive_bpp(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of bits per pixel, got {text}")
     return value
 
 
@@ -52,7 +51,7 @@ def _count(text: str) -> int:
 
 def _add_gateway_arguments(group: Any) -> None:
     """How to reach a gateway: shared by ``encode --server`` and ``support-set``."""
-    group.add_argument("--timeout", type=_positive_seconds, default=60.0, help="seconds to wait for each HTTP answer (default 60)")
+    group.add_argument("--timeout", type=_positive("seconds"), default=60.0, help="seconds to wait for each HTTP answer (default 60)")
     group.add_argument(
         "--retries", type=_count, default=DEFAULT_RETRIES,
         help=f"retries on 429/503, after Retry-After plus a jittered exponential backoff (default {DEFAULT_RETRIES})",
@@ -105,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-bytes", type=_positive_count, metavar="N",
                         help="rate control: the highest rate point (--onnx or --codec-weights, repeated) whose container fits N bytes; "
                         "a photo whose smallest container is larger is refused with that size")
-    budget.add_argument("--target-bpp", type=_positive_bpp, metavar="BPP",
+    budget.add_argument("--target-bpp", type=_positive("bits per pixel"), metavar="BPP",
                         help="rate control by bits per pixel of the image the codec sees (the byte budget is BPP x pixels / 8)")
     ask = enc.add_argument_group("asking a gateway")
     ask.add_argument("--server", metavar="URL", help="gateway base URL, e.g. http://127.0.0.1:8000")

@@ -20,24 +20,18 @@ import numpy as np
 from comneck.bitstream import Source
 from comneck.errors import ComneckInputError
 
-from .encoded import EncodedImage, encode_photo
+from .encoded import ArrayEncoder, EncodedImage, encode_photo
 
 
-class RatePoint(Protocol):
+class RatePoint(ArrayEncoder, Protocol):
     """What a rate point offers (:class:`~comneck_edge.encoder.EdgeEncoder`, :class:`~comneck_edge.onnx_edge.OnnxEdgeEncoder`)."""
 
     rate: int
-    resize: str
     fixed_point: bool
     random_weights: bool
 
     @property
     def preset_name(self) -> str: ...
-
-    @property
-    def image_size(self) -> int: ...
-
-    def encode_array(self, x: np.ndarray, source: Source | None = None) -> EncodedImage: ...
 
 
 class RateLadder:
