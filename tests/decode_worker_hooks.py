@@ -22,7 +22,7 @@ from comneck.codec import LearnedCodec
 from comneck_server import decode_workers
 
 
-def serve(conn, preset, weights, fingerprint, *, control: Path, slow_s: float = 0.0) -> None:
+def serve(conn, preset, codecs, *, control: Path, slow_s: float = 0.0) -> None:
     """The real worker loop behind the control folder's gate, with decoding steered as above."""
     while not (control / "gate").exists():
         time.sleep(0.02)
@@ -40,4 +40,4 @@ def serve(conn, preset, weights, fingerprint, *, control: Path, slow_s: float = 
         return decode(codec, latents)
 
     LearnedCodec.entropy_decode = steered
-    decode_workers._serve(conn, preset, weights, fingerprint)
+    decode_workers._serve(conn, preset, codecs)

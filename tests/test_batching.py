@@ -254,9 +254,11 @@ def test_a_gateway_starts_one_decode_worker_per_core_by_default(monkeypatch):
     started: list[int] = []
 
     class Counted:
-        def __init__(self, preset, weights, fingerprint, workers, *args):
+        def __init__(self, preset, codecs, workers, *args):
             started.append(workers)
-            self.decode = build_codec(preset, weights).entropy_decode
+            (weights,) = codecs.values()
+            codec = build_codec(preset, weights)
+            self.decode = lambda stream: codec.entropy_decode(stream.latents)
 
         def close(self) -> None:
             pass

@@ -6,6 +6,7 @@ Workers are real processes and the kills real signals (``os.kill``); ``decode_wo
 test hold a start open, keep a request in the decoder or make it crash. Every wait ends within
 ``WAIT_S``, so a broken pool fails a test instead of hanging it."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -65,19 +66,19 @@ def encoded(tiny):
 
 
 @pytest.fixture(scope="module")
-def latents(encoded):
-    return encoded.bitstream.latents
+def stream(encoded):
+    return encoded.bitstream
 
 
 @pytest.fixture(scope="module")
-def expected(latents, tiny_models):
+def expected(stream, tiny_models):
     """y_hat decoded in this process: what every worker must answer."""
-    return tiny_models.codec.entropy_decode(latents)
+    return tiny_models.codec.entropy_decode(stream.latents)
 
 
 @pytest.fixture(scope="module")
 def workers(tiny, tiny_models):
-    pool = DecodeWorkers(tiny, None, tiny_models.codec_fingerprint, workers=1, timeout_s=WAIT_S)
+    pool = DecodeWorkers(tiny, {tiny_models.codec_fingerprint: None}, workers=1, timeout_s=WAIT_S)
     yield pool
     pool.close()
 
@@ -94,37 +95,37 @@ def control(tmp_path_factory) -> Path:
 def steered(tiny, tiny_models, control):
     """A one-worker pool whose workers the tests steer through ``control``."""
     serve = partial(decode_worker_hooks.serve, control=control, slow_s=SLOW_S)
-    pool = DecodeWorkers(tiny, None, tiny_models.codec_fingerprint, workers=1, timeout_s=WAIT_S, max_failures=MAX_FAILURES, serve=serve)
+    pool = DecodeWorkers(tiny, {tiny_models.codec_fingerprint: None}, workers=1, timeout_s=WAIT_S, max_failures=MAX_FAILURES, serve=serve)
     yield pool
     pool.close()
 
 
-def test_workers_decode_what_the_gateway_process_decodes(workers, latents, expected):
-    assert torch.equal(workers.decode(latents), expected)
-    cut = type(latents)([*latents.strings[:-1], [b"\x00"]], (256, 256))
+def test_workers_decode_what_the_gateway_process_decodes(workers, stream, expected):
+    assert torch.equal(workers.decode(stream), expected)
+    cut = dataclasses.replace(stream, latents=type(stream.latents)([*stream.latents.strings[:-1], [b"\x00"]], (256, 256)))
     with pytest.raises(ComneckInputError) as info:
         workers.decode(cut)
     assert info.value.code == "corrupt_bitstream"  # refusals come back with their code
 
 
-def test_a_worker_killed_while_idle_is_replaced_before_the_next_request(workers, latents, expected):
+def test_a_worker_killed_while_idle_is_replaced_before_the_next_request(workers, stream, expected):
     (pid,) = workers.pids()
     os.kill(pid, signal.SIGKILL)
     replacement = new_pid(workers, {pid})  # started by its supervisor, not by a request
-    assert torch.equal(workers.decode(latents), expected)
+    assert torch.equal(workers.decode(stream), expected)
     assert workers.pids() == [replacement]
 
 
-def test_an_overrun_is_refused_and_the_worker_replaced(workers, latents, expected):
+def test_an_overrun_is_refused_and_the_worker_replaced(workers, stream, expected):
     (pid,) = workers.pids()
     limit, workers.timeout_s = workers.timeout_s, 1e-4
     try:
         with pytest.raises(ComneckInputError) as info:
-            workers.decode(latents)
+            workers.decode(stream)
     finally:
         workers.timeout_s = limit
     assert info.value.code == "decode_timeout"
-    assert torch.equal(workers.decode(latents), expected) and pid not in workers.pids()
+    assert torch.equal(workers.decode(stream), expected) and pid not in workers.pids()
 
 
 @pytest.mark.parametrize(
@@ -137,7 +138,7 @@ def test_an_overrun_is_refused_and_the_worker_replaced(workers, latents, expecte
         (["crash", "crash"], ErrorCode.CORRUPT_BITSTREAM),  # the stream crashed two decoders by their own fault: 400
     ],
 )
-def test_a_request_whose_worker_dies_is_tried_once_more(steered, control, latents, expected, deaths, refusal):
+def test_a_request_whose_worker_dies_is_tried_once_more(steered, control, stream, expected, deaths, refusal):
     for marker in control.glob("decoding.*"):
         marker.unlink()
     for i, death in enumerate(deaths):
@@ -145,7 +146,7 @@ def test_a_request_whose_worker_dies_is_tried_once_more(steered, control, latent
             (control / f"crash.{i}").touch()  # the i-th decode crashes in native code
     handled: set[Path] = set()
     with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(steered.decode, latents)
+        answer = pool.submit(steered.decode, stream)
         died = []
         for death in deaths:
             died.append(pid := in_decoder(control, handled))
@@ -165,10 +166,10 @@ def test_a_request_whose_worker_dies_is_tried_once_more(steered, control, latent
         assert getattr(info.value, "retry_after", None) == (2 if refusal == ErrorCode.DECODE_UNAVAILABLE else None)
     assert len(set(died)) == len(deaths) and not set(died) & set(steered.pids())
     assert not list(control.glob("crash.*"))
-    assert torch.equal(steered.decode(latents), expected)  # and the next request is answered as before
+    assert torch.equal(steered.decode(stream), expected)  # and the next request is answered as before
 
 
-def test_a_worker_killed_while_starting_is_started_again(steered, control, latents, expected):
+def test_a_worker_killed_while_starting_is_started_again(steered, control, stream, expected):
     (pid,) = steered.pids()
     (control / "gate").unlink()  # starts from now on wait at the gate: before they report ready
     try:
@@ -178,7 +179,7 @@ def test_a_worker_killed_while_starting_is_started_again(steered, control, laten
         new_pid(steered, {pid, starting})
     finally:
         (control / "gate").touch()
-    assert torch.equal(steered.decode(latents), expected)
+    assert torch.equal(steered.decode(stream), expected)
 
 
 def test_failed_starts_in_a_row_turn_readiness_503_and_back(steered, control, encoded, tiny_pipeline, monkeypatch):
@@ -239,7 +240,7 @@ def test_a_fault_of_its_own_is_told_from_a_kill_from_outside(exitcode, own_fault
 
 def test_a_worker_whose_codec_differs_stops_the_start(tiny):
     with pytest.raises(RuntimeError, match="differs from the gateway's"):
-        DecodeWorkers(tiny, None, bytes(8), workers=1, max_failures=1)
+        DecodeWorkers(tiny, {bytes(8): None}, workers=1, max_failures=1)
 
 
 def test_a_process_that_exits_without_closing_its_pool_stops_the_workers_quietly():
@@ -247,6 +248,6 @@ def test_a_process_that_exits_without_closing_its_pool_stops_the_workers_quietly
     takes their ends for deaths and starts new workers into the exiting interpreter."""
     script = ("from comneck.models import build_codec; from comneck.presets import PRESETS; "
               "from comneck_server.decode_workers import DecodeWorkers; "
-              "tiny = PRESETS['tiny']; DecodeWorkers(tiny, None, build_codec(tiny).fingerprint())")
+              "tiny = PRESETS['tiny']; DecodeWorkers(tiny, {build_codec(tiny).fingerprint(): None})")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT_S)
     assert run.returncode == 0 and run.stderr == "", run.stderr

@@ -1,8 +1,9 @@
 """Entropy decoding in supervised worker processes, so that a fault in native decoding code costs
 at most one request, never the gateway.
 
-Each worker builds the gateway's codec itself (same preset and weights; its fingerprint is
-checked) and decodes one container at a time. Decoding inside a worker is the same checked
+Each worker builds the gateway's codecs itself, one per rate point served (same preset and
+weights; their fingerprints are checked), and decodes one container at a time with the codec
+whose fingerprint the container carries. Decoding inside a worker is the same checked
 decoding (``comneck.safe_decoding``) as everywhere else: the processes are the second line of
 defence, not the first.
 
@@ -29,7 +30,7 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from comneck.bitstream import Bitstream
 from comneck.codec import EncodedLatents
 from comneck.errors import ComneckInputError, ErrorCode
 from comneck.presets import Preset
@@ -54,19 +56,24 @@ _REAP_S = 10.0  # how long a request waits for its dead worker's exit status
 #: how a process ends when its own code fails: native faults and abort() (glibc's heap checks)
 _FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS})
 
-#: a worker's loop: (connection, preset, codec weights, codec fingerprint) -> None
-Serve = Callable[[Connection, Preset, Path | None, bytes], None]
+#: the codecs a worker builds: their weights (None: seeded) by the fingerprint the gateway's copy has
+Codecs = Mapping[bytes, Path | None]
+#: a worker's loop: (connection, preset, codecs) -> None
+Serve = Callable[[Connection, Preset, Codecs], None]
 
 
-def _serve(conn: Connection, preset: Preset, weights: Path | None, fingerprint: bytes) -> None:
-    """A worker's loop: build the codec, then decode (strings, padded size, fixed point) -> y_hat
-    until told to stop."""
+def _serve(conn: Connection, preset: Preset, codecs: Codecs) -> None:
+    """A worker's loop: build the codecs, then decode (fingerprint, strings, padded size, fixed
+    point) -> y_hat until told to stop."""
     from comneck.models import build_codec
 
-    codec = build_codec(preset, weights)
-    if codec.fingerprint() != fingerprint:
-        conn.send(("fatal", "the worker's codec differs from the gateway's (weights changed on disk?)"))
-        return
+    built = {}
+    for fingerprint, weights in codecs.items():
+        codec = build_codec(preset, weights)
+        if codec.fingerprint() != fingerprint:
+            conn.send(("fatal", f"the worker's codec from {weights or 'seeded weights'} differs from the gateway's (weights changed on disk?)"))
+            return
+        built[fingerprint] = codec
     conn.send(("ready", None))
     while True:
         try:
@@ -76,7 +83,8 @@ def _serve(conn: Connection, preset: Preset, weights: Path | None, fingerprint: 
         if request is None:
             return
         try:
-            y_hat = codec.entropy_decode(EncodedLatents(*request))
+            fingerprint, *latents = request
+            y_hat = built[fingerprint].entropy_decode(EncodedLatents(*latents))
             conn.send(("ok", y_hat.numpy()))
         except ComneckInputError as exc:
             conn.send(("refused", (str(exc.code), str(exc))))
@@ -126,13 +134,14 @@ class _WorkerDied(Exception):
 class DecodeWorkers:
     """A pool of ``workers`` supervised decoding processes behind :meth:`decode` (thread-safe)."""
 
-    def __init__(self, preset: Preset, weights: Path | None, fingerprint: bytes, workers: int = 1, timeout_s: float = 30.0,
+    def __init__(self, preset: Preset, codecs: Codecs, workers: int = 1, timeout_s: float = 30.0,
                  max_failures: int = 5, serve: Serve = _serve) -> None:
         """Start the workers and wait until each is ready; RuntimeError (the gateway does not start)
-        after ``max_failures`` failed starts in a row. ``serve`` is the workers' loop (tests put in
-        one that decodes slowly, crashes on demand or holds its start)."""
+        after ``max_failures`` failed starts in a row. ``codecs``: the weights of each rate point's
+        codec by its fingerprint. ``serve`` is the workers' loop (tests put in one that decodes
+        slowly, crashes on demand or holds its start)."""
         self._context = multiprocessing.get_context("spawn")  # no forked copies of the gateway's threads and models
-        self._serve, self._args = serve, (preset, weights, fingerprint)
+        self._serve, self._args = serve, (preset, dict(codecs))
         self.timeout_s, self.max_failures = timeout_s, max_failures
         self._lock = threading.Condition()
         self._idle: list[_Worker] = []
@@ -249,11 +258,13 @@ class DecodeWorkers:
             log.warning("decode worker %s %s; starting another", worker.process.pid, how_it_ended(worker.exitcode))
 
     # -- requests ---------------------------------------------------------------------------
-    def decode(self, latents: EncodedLatents) -> torch.Tensor:
-        """y_hat of one container, decoded in a worker. A worker that dies mid-request costs a
-        second try on another worker or a fresh one; then 400 ``corrupt_bitstream`` if both died
-        by their own fault, else 503 ``decode_unavailable``. An overrun answers 422 ``decode_timeout``."""
-        request = (latents.strings, latents.padded_size, latents.fixed_point)
+    def decode(self, stream: Bitstream) -> torch.Tensor:
+        """y_hat of one checked container (its codec served here), decoded in a worker. A worker that
+        dies mid-request costs a second try on another worker or a fresh one; then 400
+        ``corrupt_bitstream`` if both died by their own fault, else 503 ``decode_unavailable``. An
+        overrun answers 422 ``decode_timeout``."""
+        latents = stream.latents
+        request = (stream.fingerprint, latents.strings, latents.padded_size, latents.fixed_point)
         exits = []
         for _ in range(2):
             try:

@@ -30,8 +30,10 @@ from comneck.backends import GenerationOptions, SupportExample
 from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError, ErrorCode
 from comneck.image import to_image
+from comneck.models import build_cloud_models
 from comneck.pipeline import Answer, Pipeline, Support
 from comneck.presets import RATE_LAMBDAS
+from comneck.provenance import WeightsInfo
 
 from .batcher import Batcher, BatchInfo
 from .decode_workers import DecodeWorkers
@@ -115,11 +117,15 @@ class Gateway:
             neck_weights=files.neck, clip_weights=files.clip, backends=settings.backend_args, max_side=settings.max_image_side,
             lazy_backends=settings.lazy_backends, clip_final_norm=settings.clip_final_norm,
         )
+        codecs = {pipeline.models.codec_fingerprint: files.codec}
+        for point in settings.rate_point_files:
+            models = build_cloud_models(pipeline.models.preset, point, settings.clip_final_norm, beside=pipeline.models)
+            pipeline.add_rate_point(models)
+            codecs[models.codec_fingerprint] = point.codec
         workers = None
         count = cores() if settings.decode_workers is None else settings.decode_workers
         if count:
-            workers = DecodeWorkers(pipeline.preset, files.codec, pipeline.models.codec_fingerprint, count,
-                                    settings.decode_timeout_s, settings.decode_worker_max_failures)
+            workers = DecodeWorkers(pipeline.preset, codecs, count, settings.decode_timeout_s, settings.decode_worker_max_failures)
             pipeline.entropy_decode = workers.decode
         gateway = cls(pipeline, settings, workers)
         gateway.warm_up()
@@ -137,14 +143,23 @@ class Gateway:
     def backends(self) -> dict:
         return self.pipeline.backends
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether any rate point served holds random weights (each answer says whether its own did)."""
+        return any(models.random_weights for models in self.pipeline.points.values())
+
     def warm_up(self) -> None:
-        """Run decode, neck and CLIP tail once on a grey image so the first request pays no one-off costs."""
+        """Run decode, neck and CLIP tail once on a grey image, coded by every rate point, so the first
+        request pays no one-off costs."""
         side = self.models.preset.image_size
-        codec = self.models.codec
-        latents, _ = codec.analyze(torch.full((1, 3, side, side), 0.5))
-        stream = Bitstream(codec.config.arch, codec.trained_rate or 1, self.models.codec_fingerprint, (side, side), latents)
+        streams = []
+        for fingerprint, models in self.pipeline.points.items():
+            latents, _ = models.codec.analyze(torch.full((1, 3, side, side), 0.5))
+            streams.append(Bitstream(models.codec.config.arch, models.codec.trained_rate or 1, fingerprint, (side, side), latents))
         taps = [backend.spec.tap for backend in self.backends.values()]
-        self._on_model_thread(lambda: self.pipeline.features(self.pipeline.decode([self.pipeline.check(stream)]), taps))
+        codecs = [stream.fingerprint for stream in streams]
+        self._on_model_thread(lambda: self.pipeline.features(self.pipeline.decode([self.pipeline.check(s) for s in streams]), taps,
+                                                             codecs=codecs))
 
     def model_list(self) -> dict:
         """``GET /v1/models`` in OpenAI's list shape (``object: list``, one ``data`` entry per backend,
@@ -258,7 +273,10 @@ class Gateway:
             "codec": {
                 "arch": self.models.codec.config.arch,
                 "fingerprint": self.models.codec_fingerprint.hex(),
-                "weights": {"layout": info.layout, "scenario": info.scenario, "rate": info.rate} if info else None,
+                "weights": _weights(info),
+                # every codec (and its neck) served: a container of any of them is answered
+                "rate_points": [{"fingerprint": fp.hex(), "weights": _weights(m.codec.weights_info), "random_weights": m.random_weights}
+                                for fp, m in self.pipeline.points.items()],
                 "rates": {str(k): v for k, v in RATE_LAMBDAS.items()},
                 "entropy_params": ["fixed-point", "float"],  # both decode; docs/bitstream.md
                 "input_size": [preset.image_size, preset.image_size],
@@ -288,7 +306,12 @@ class Gateway:
             ],
             "device": self.settings.device,
             "dtype": self.settings.dtype,
-            "random_weights": self.models.random_weights,
+            "random_weights": self.random_weights,
             "random_parts": list(self.models.random_parts),
             "note": self.models.note,
         }
+
+
+def _weights(info: WeightsInfo | None) -> dict | None:
+    """What a codec's weights say of themselves (None: seeded random)."""
+    return {"layout": info.layout, "scenario": info.scenario, "rate": info.rate} if info else None

@@ -43,6 +43,12 @@ class ServerSettings(BaseSettings):
     clip_weights: Path | None = Field(
         None, description="CLIP weights: our/open_clip safetensors or .pt (OpenAI TorchScript too), Hugging Face CLIP, a weights folder"
     )
+    rate_weights: Annotated[list[Path], NoDecode] = Field(
+        [], description="another rate point to serve beside --weights: a weights folder or release checkpoint "
+        "d{1,2,3}_{1..4}.pth.tar holding its codec and neck; repeat for more (COMNECK_RATE_WEIGHTS: comma-separated). A "
+        "container is decoded by the codec whose fingerprint it carries and goes through that point's neck; CLIP and backends "
+        "are shared, so a device may pick its rate (comneck-edge --max-bytes) and one gateway answers it",
+    )
     clip_final_norm: Literal["once", "twice"] | None = Field(
         None, description="CLIP's final LayerNorm: once (standard CLIP) or twice (the paper's official code, which trained "
         "the released necks); default: what the weights record (a release checkpoint or its converted folder: twice), "
@@ -110,7 +116,7 @@ class ServerSettings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="uvicorn log level")
 
-    @field_validator("backend", "backends", "api_keys", mode="before")
+    @field_validator("backend", "backends", "api_keys", "rate_weights", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -155,6 +161,13 @@ class ServerSettings(BaseSettings):
 
         return WeightFiles.bundle(self.weights, self.codec_weights, self.neck_weights, self.clip_weights)
 
+    @property
+    def rate_point_files(self) -> list[WeightFiles]:
+        """Each further rate point's codec and neck (its CLIP is the main one's)."""
+        from comneck.models import WeightFiles
+
+        return [WeightFiles.bundle(path) for path in self.rate_weights]
+
 
 # --help names each flag's environment variable beside it (flags and variables set the same thing).
 for _name, _field in ServerSettings.model_fields.items():
@@ -162,7 +175,7 @@ for _name, _field in ServerSettings.model_fields.items():
 
 #: pydantic-settings names a flag's value by its Python type (``--port int``, ``--backend list[str]``);
 #: --help shows what a user types instead: these, else by type, else the flag's name in capitals.
-_METAVARS = {"backend": "NAME[=WEIGHTS]", "backends": "NAMES", "api_keys": "KEYS", "support_store": "memory|URL"}
+_METAVARS = {"backend": "NAME[=WEIGHTS]", "backends": "NAMES", "api_keys": "KEYS", "support_store": "memory|URL", "rate_weights": "PATH"}
 _TYPE_METAVARS = {"Path": "PATH", "int": "N", "float": "SECONDS"}
 
 

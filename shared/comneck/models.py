@@ -184,11 +184,13 @@ class ComneckModels:
 
 
 def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles(), clip_final_norm: str | None = None,
-                       split_block: int | None = None) -> ComneckModels:
+                       split_block: int | None = None, beside: ComneckModels | None = None) -> ComneckModels:
     """Codec, neck and CLIP split of a preset, from weight files where given. The CLIP split's final
     norm is ``clip_final_norm`` when given (the operator's word), else what the neck's weights record
     (:func:`neck_record`), else the preset's; the blocks the neck skips likewise (``split_block``,
-    the record, the preset's 2): the models' preset says which."""
+    the record, the preset's 2): the models' preset says which. ``beside``: another rate point's
+    models, whose CLIP (and what of it is random) these share instead of building their own
+    (``weights.clip`` is then ignored)."""
     record = neck_record(weights.neck)
     skipped = split_block if split_block is not None else record.split_block
     if skipped is not None and skipped != preset.split_block:
@@ -197,8 +199,14 @@ def build_cloud_models(preset: Preset, weights: WeightFiles = WeightFiles(), cli
     from .neck import TransformNeck
 
     neck = seeded(preset.seed + 1, TransformNeck, preset.neck)
-    clip = seeded(preset.seed + 2, build_clip, preset.clip)
-    random_parts = [part for part in ("codec", "neck", "clip") if getattr(weights, part) is None]
+    random_parts = [part for part in ("codec", "neck") if getattr(weights, part) is None]
+    if beside is not None:
+        clip = beside.clip_model
+        random_parts += [part for part in beside.random_parts if part.startswith("clip")]
+        weights = replace(weights, clip=None)
+    else:
+        clip = seeded(preset.seed + 2, build_clip, preset.clip)
+        random_parts += ["clip"] if weights.clip is None else []
     codec_weights: Path | CodecSource | None = weights.codec
     if weights.neck is not None and weights.neck == weights.codec and Path(weights.neck).is_file():
         release = read_weights(weights.neck, "release")  # one file holds both: read it once

@@ -11,6 +11,10 @@ public, for callers that need one part:
 * :meth:`Pipeline.features` runs the neck and CLIP tail once for a whole batch on the device;
 * :meth:`Pipeline.answer` does all of it and asks a backend, batched after decoding.
 
+One pipeline may serve several rate points (:meth:`Pipeline.add_rate_point`): each container is
+decoded by the codec whose fingerprint it carries and goes through that point's neck; the CLIP
+tail and the backends are shared, and one batch may mix points.
+
 The image is never reconstructed on this path (g_s runs only in :meth:`Pipeline.reconstruct`).
 """
 
@@ -28,9 +32,9 @@ from torch import nn
 from .backends import (TASKS, Backend, BackendAnswer, BackendSpec, FewShotBackend, GenerationOptions, ImageInfo, SupportExample, check_choices, check_support_labels,
                        check_backend, load_backend, parse_backend_arg)
 from .backends.registry import BackendArg, check_options, get_spec
-from .bitstream import DEFAULT_MAX_SIDE, Bitstream, Source
+from .bitstream import DEFAULT_MAX_SIDE, Bitstream, BitstreamError, Source
 from .clip_split import ClipFeatures, ClipSplit, ClipTap, clip_input
-from .codec import LATENT_STRIDE, EncodedLatents
+from .codec import LATENT_STRIDE
 from .errors import ComneckInputError, ErrorCode
 from .image import check_image_tensor, padding_of, unpad
 from .models import ComneckModels, WeightFiles, build_cloud_models
@@ -165,7 +169,7 @@ class _Clock:
         return elapsed
 
 
-def latent_features(neck: nn.Module, clip: ClipSplit, y_hat: torch.Tensor, hidden_blocks: Iterable[int] = (),
+def latent_features(neck: Callable[[torch.Tensor], torch.Tensor], clip: ClipSplit, y_hat: torch.Tensor, hidden_blocks: Iterable[int] = (),
                     timings: dict[str, float] | None = None) -> ClipFeatures:
     """y_hat -> neck tokens -> CLIP tail: the one composition of the cloud path's networks, used
     for serving (:meth:`Pipeline.features`) and training (the student). ``timings`` (if given)
@@ -196,9 +200,11 @@ class Pipeline:
     def __init__(self, models: ComneckModels, max_side: int = DEFAULT_MAX_SIDE) -> None:
         self.models = models
         self.max_side = max_side
-        #: decodes one container's latents (checked decoding in this process; the gateway may put
-        #: worker processes here so a fault in native code costs one request)
-        self.entropy_decode: Callable[[EncodedLatents], torch.Tensor] = models.codec.entropy_decode
+        #: the rate points served, by codec fingerprint: ``models`` first (:meth:`add_rate_point`)
+        self.points: dict[bytes, ComneckModels] = {models.codec_fingerprint: models}
+        #: decodes one checked container's latents (checked decoding in this process, by the codec of
+        #: its rate point; the gateway may put worker processes here so a fault in native code costs one request)
+        self.entropy_decode: Callable[[Bitstream], torch.Tensor] = self._decode_here
         self.backends: dict[str, Backend] = {}
         #: backends registered lazily: checked at start-up, loaded by the first request that needs them
         self.pending: dict[str, BackendArg] = {}
@@ -265,6 +271,28 @@ class Pipeline:
         other._order, other.failed = self._order, self.failed
         return other
 
+    def add_rate_point(self, models: ComneckModels) -> None:
+        """Serve another rate point's codec and neck beside this pipeline's: its containers are
+        decoded by its codec and go through its neck, then through the CLIP tail and backends every
+        point shares. ``models`` must be of this preset, skip as many CLIP blocks and run the same
+        final norm over a CLIP of equal weights (``build_cloud_models(..., beside=)`` shares it), and
+        hold codec weights not served yet; else refused in one line (``bad_weights``)."""
+        fingerprint = models.codec_fingerprint
+        problem = (
+            f"they are for preset {models.preset.name}, this pipeline serves {self.preset.name}"
+            if models.preset.name != self.preset.name else
+            f"their neck skips {models.preset.split_block} CLIP blocks, this pipeline's {self.preset.split_block}"
+            if models.preset.split_block != self.preset.split_block else
+            f"their neck runs CLIP's final norm {models.clip_final_norm}, this pipeline's {self.models.clip_final_norm} "
+            "(set it with clip_final_norm)" if models.clip_final_norm != self.models.clip_final_norm else
+            "their CLIP holds other weights than this pipeline's: build both from the same CLIP weights"
+            if not same_weights(self.models.clip_model, models.clip_model) else
+            f"their codec weights ({fingerprint.hex()}) are served already" if fingerprint in self.points else None
+        )
+        if problem:
+            raise ComneckInputError(f"cannot serve these rate point weights beside the others: {problem}", ErrorCode.BAD_WEIGHTS)
+        self.points[fingerprint] = replace(models, clip_model=self.models.clip_model, clip=self.models.clip).to(self.device, self.dtype)
+
     @property
     def preset(self) -> Preset:
         return self.models.preset
@@ -323,10 +351,22 @@ class Pipeline:
         return backend
 
     # -- the steps -------------------------------------------------------------------------
+    def point(self, stream: Bitstream) -> ComneckModels:
+        """The rate point whose codec coded ``stream``; ``codec_mismatch`` if none did."""
+        found = self.points.get(stream.fingerprint)
+        if found is None and len(self.points) > 1:
+            served = ", ".join(f"{f'rate {m.codec.trained_rate}' if m.codec.trained_rate else 'seeded codec'} ({fp.hex()})"
+                               for fp, m in self.points.items())
+            raise BitstreamError(ErrorCode.CODEC_MISMATCH, f"bitstream codec weights {stream.fingerprint.hex()} are none of the "
+                                 f"rate points served here: {served}")
+        found = found or self.models
+        stream.check_codec(found.preset.codec.arch, found.codec_fingerprint)
+        return found
+
     def check(self, stream: Bitstream) -> Bitstream:
-        """Refuse a container of another codec (``codec_mismatch``) or a latent grid the neck was not
-        built for (``unsupported_size``), before any decoding."""
-        stream.check_codec(self.preset.codec.arch, self.models.codec_fingerprint)
+        """Refuse a container of a codec not served here (``codec_mismatch``) or a latent grid the
+        neck was not built for (``unsupported_size``), before any decoding."""
+        self.point(stream)
         side = self.preset.neck.grid * LATENT_STRIDE
         if stream.latents.padded_size != (side, side):
             h, w = stream.image_size
@@ -344,15 +384,40 @@ class Pipeline:
 
     def decode(self, streams: Sequence[Bitstream]) -> list[torch.Tensor]:
         """Checked containers -> y_hat per item [1, M, h, w], entropy-decoded on the CPU in float32."""
-        return [self.entropy_decode(stream.latents) for stream in streams]
+        return [self.entropy_decode(stream) for stream in streams]
+
+    def _decode_here(self, stream: Bitstream) -> torch.Tensor:
+        return self.points[stream.fingerprint].codec.entropy_decode(stream.latents)
 
     @torch.inference_mode()
-    def features(self, y_hats: Sequence[torch.Tensor], taps: Iterable[ClipTap] = (), timings: dict[str, float] | None = None) -> ClipFeatures:
+    def features(self, y_hats: Sequence[torch.Tensor], taps: Iterable[ClipTap] = (), timings: dict[str, float] | None = None,
+                 codecs: Sequence[bytes] | None = None) -> ClipFeatures:
         """One neck + CLIP-tail pass over the batch on the pipeline's device, keeping the hidden
-        blocks ``taps`` read; ``timings`` (if given) gets ``neck`` and ``clip_tail`` in ms."""
+        blocks ``taps`` read; ``codecs``: the codec fingerprint of each item (each rate point's items
+        go through its own neck; None: this pipeline's own); ``timings`` (if given) gets ``neck`` and
+        ``clip_tail`` in ms."""
         blocks = {b for tap in taps if (b := tap.block_index(self.models.clip.num_blocks)) is not None}
         y = torch.cat(list(y_hats)).to(device=self.device, dtype=self.dtype)
-        return latent_features(self.models.neck, self.models.clip, y, blocks, timings)
+        return latent_features(self._necks(codecs), self.models.clip, y, blocks, timings)
+
+    def _necks(self, codecs: Sequence[bytes] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The neck of a batch whose items came from ``codecs``: the one neck when they share a rate
+        point, else one pass of each point's neck over its items, their tokens put back in order."""
+        points = list(dict.fromkeys(codecs or [self.models.codec_fingerprint]))
+        if len(points) == 1:
+            return self.points[points[0]].neck
+
+        def necks(y: torch.Tensor) -> torch.Tensor:
+            tokens: torch.Tensor | None = None
+            for fingerprint in points:
+                rows = torch.tensor([i for i, c in enumerate(codecs or ()) if c == fingerprint], device=y.device)
+                part = self.points[fingerprint].neck(y[rows])
+                if tokens is None:
+                    tokens = part.new_empty((y.shape[0], *part.shape[1:]))
+                tokens[rows] = part
+            return cast(torch.Tensor, tokens)
+
+        return necks
 
     def select(self, features: ClipFeatures, tap: ClipTap) -> torch.Tensor:
         """What ``tap`` reads from the batch's features."""
@@ -461,7 +526,7 @@ class Pipeline:
         """Decode, one neck + tail pass and the few-shot backend's description of each image: the work
         of :meth:`describe_support`, for any slice of the support (the gateway runs long ones in pieces)."""
         chosen = self.backends[backend]
-        features = self.features(self.decode(streams), [chosen.spec.tap])
+        features = self.features(self.decode(streams), [chosen.spec.tap], codecs=[s.fingerprint for s in streams])
         return _few_shot(chosen).describe(self.select(features, chosen.spec.tap))
 
     def decode_request(self, request: Request) -> Request:
@@ -502,6 +567,7 @@ class Pipeline:
         request, so only the requests that raise fail."""
         clock = _Clock(self.device)
         y_hats: list[torch.Tensor] = []
+        codecs: list[bytes] = []  # per row: its rate point
         spans: list[tuple[int, int]] = []  # per request: where its rows, then its support's, are in the batch
         own: list[list[dict[str, float]]] = []
         support_ms: list[float | None] = []
@@ -510,12 +576,13 @@ class Pipeline:
                 self.decode_request(request)
             start = len(y_hats)
             y_hats += [*request.y_hats, *request.support_y_hats]
+            codecs += [s.fingerprint for s in [*request.streams, *(request.support.streams if request.support is not None else [])]]
             spans.append((start, len(y_hats)))
             own.append([{"entropy_decode": ms} for ms in request.decode_ms])
             support_ms.append(request.support_decode_ms)
         clock.lap()
         shared: dict[str, float] = {}
-        features = self.features(y_hats, {r.backend.spec.tap for r in requests}, shared)
+        features = self.features(y_hats, {r.backend.spec.tap for r in requests}, shared, codecs)
         clock.lap()
         groups: dict[tuple[str, str, int], list[int]] = {}
         for index, request in enumerate(requests):  # few-shot requests each have their own episode
@@ -606,9 +673,10 @@ class Pipeline:
                                              f"this one was framed with --resize {image.source.resize}")
         h, w = image.size
         rate = request.streams[i].rate if request.streams else 0
+        models = self.points[request.streams[i].fingerprint] if request.streams else self.models
         return Answer(
             answer.text, answer.details, request.backend.spec.name, request.task, request.sizes[i], 8.0 * request.sizes[i] / (h * w),
-            (h, w), rate, self.models.random_weights or request.backend.random_weights, self.models.note, timings,
+            (h, w), rate, models.random_weights or request.backend.random_weights, models.note, timings,
         )
 
     @torch.inference_mode()
@@ -616,6 +684,5 @@ class Pipeline:
         """g_s on the decoded latents, cropped to the original size: [1, 3, H, W] in [0, 1] (for people;
         the answer path never runs it). Any grid the codec can decode is accepted."""
         stream = Bitstream.from_bytes(data, max_side=self.max_side) if isinstance(data, bytes) else data
-        stream.check_codec(self.preset.codec.arch, self.models.codec_fingerprint)
-        x_hat = self.models.codec.synthesize(self.decode([stream])[0])
+        x_hat = self.point(stream).codec.synthesize(self.decode([stream])[0])
         return unpad(x_hat, padding_of(*stream.image_size))

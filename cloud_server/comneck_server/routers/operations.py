@@ -36,7 +36,7 @@ def router(ctx: AppContext) -> APIRouter:
         loaded = ctx.ready_gateway()
         if loaded.workers is not None:
             loaded.workers.check()  # 503 decode_unavailable while no decode worker can start
-        return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.models.random_weights,
+        return respond(request, {"status": "ready", "preset": loaded.models.preset.name, "random_weights": loaded.random_weights,
                                  "backends": {name: loaded.pipeline.state(name) for name in loaded.pipeline.specs},
                                  "support_store": loaded.support_sets.state()})
 
