@@ -3,7 +3,9 @@ the strings it has just written, for y_hat and z_hat) against ours (which comput
 
 For each preset, on the bundled photo at the preset's codec input: the analysis forward alone
 (g_a + h_a), then a whole encode (``LearnedCodec.analyze``: g_a, h_a, entropy parameters, rANS) with
-CompressAI's compress and with ours, fixed-point and float entropy parameters. The timings
+CompressAI's compress and with ours, fixed-point and float entropy parameters; and the
+entropy-parameter networks alone, in float, replaying the calls one encode makes: forward plus
+those networks is the floor of any encode that runs the codec's networks on this CPU. The timings
 alternate call by call (A B C A B C ...); medians over ``--runs`` with their spread (min-max), and
 each encode as a multiple of the analysis forward. Both encodes write the same bytes (checked
 here too). Random weights: the time is real.
@@ -23,7 +25,7 @@ import torch
 from compressai.latent_codecs import GaussianConditionalLatentCodec, HyperLatentCodec
 
 from comneck.codec import LearnedCodec
-from comneck.fixed_point import fixed_point_parameters
+from comneck.fixed_point import fixed_point_parameters, parameter_networks
 from comneck.image import load_image, pad_to_stride, resize_for_codec, sample_photo, to_tensor
 from comneck.models import build_codec
 from comneck.presets import get_preset
@@ -36,6 +38,19 @@ def compressais(codec: LearnedCodec) -> torch.nn.Module:
         if isinstance(module, (GaussianConditionalLatentCodec, HyperLatentCodec)):
             del module.compress
     return model
+
+
+def network_calls(codec: LearnedCodec, x: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """Each entropy-parameter network call of one float encode of ``x``, with its input."""
+    calls: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [net.register_forward_hook(lambda net, inputs, _: calls.append((net, inputs[0].clone())))
+             for net in parameter_networks(codec.model)]
+    try:
+        codec.analyze(x, False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
 
 
 def main() -> int:
@@ -63,7 +78,14 @@ def main() -> int:
         def ours(fixed: bool) -> Callable[[], list]:
             return lambda: codec.analyze(x, fixed)[0].strings
 
-        cases = {"analysis forward (g_a + h_a)": forward}
+        calls = network_calls(codec, x)
+
+        def networks() -> None:
+            with fixed_point_parameters(False), torch.inference_mode():
+                for net, inputs in calls:
+                    net(inputs)
+
+        cases = {"analysis forward (g_a + h_a)": forward, f"entropy-parameter networks alone, float ({len(calls)} calls)": networks}
         for fixed in (True, False):
             label = "fixed point" if fixed else "float"
             assert theirs(fixed)() == ours(fixed)(), "the two encodes wrote different bytes"
@@ -75,12 +97,14 @@ def main() -> int:
                 start = time.perf_counter()
                 fn()
                 times[case].append((time.perf_counter() - start) * 1e3)
-        base = statistics.median(times["analysis forward (g_a + h_a)"][1:])
+        medians = {case: statistics.median(found[1:]) for case, found in times.items()}
+        base = medians["analysis forward (g_a + h_a)"]
         print(f"\npreset {name} ({preset.image_size} px)")
         for case, found in times.items():
             found = found[1:]
-            median = statistics.median(found)
-            print(f"  {case:<40} {median:9.2f} ({min(found):.2f}-{max(found):.2f})  {median / base:5.2f}x the forward")
+            print(f"  {case:<50} {medians[case]:9.2f} ({min(found):.2f}-{max(found):.2f})  {medians[case] / base:5.2f}x the forward")
+        floor = sum(medians[case] for case in list(cases)[:2])
+        print(f"  floor of an encode (forward + float networks)    {floor:9.2f}              {floor / base:5.2f}x the forward")
     return 0
 
 

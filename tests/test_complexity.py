@@ -1,10 +1,10 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_main
 
+from comneck.cli import main as comneck_main
 from comneck.complexity import PAPER_TABLE3, complexity_report, count_macs
 from comneck.presets import PRESETS
 
@@ -71,16 +71,12 @@ def test_counter_sees_scaled_dot_product_attention_on_every_kernel(device):
 
 
 def test_cli_json_and_errors():
-    run = subprocess.run(
-        [sys.executable, "-m", "comneck.cli", "complexity", "--json", "--preset", "tiny"],
-        capture_output=True, text=True, check=True,
-    )
+    run = run_main(comneck_main, "complexity", "--json", "--preset", "tiny")  # in this process (cli_runner says why)
+    assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert {"neck", "g_a", "g_s", "unet", "clip_head", "clip_tail"} <= report.keys()
     assert all(isinstance(v["params"], int) and isinstance(v["kmac_per_pixel"], float) for v in report.values())
-    bad = subprocess.run(
-        [sys.executable, "-m", "comneck.cli", "complexity", "--size", "100"], capture_output=True, text=True
-    )
+    bad = run_main(comneck_main, "complexity", "--size", "100")
     assert bad.returncode == 2
     assert "multiple of 64" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -1,6 +1,10 @@
 import subprocess
 import sys
 
+from cli_runner import run_main
+
+from comneck_server.demo import main as demo_main
+
 
 def run_demo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "comneck_server.demo", *args], capture_output=True, text=True)
@@ -21,7 +25,7 @@ def test_demo_reports_bad_input_in_one_line(tmp_path):
     bad = tmp_path / "photo.jpg"
     bad.write_bytes(b"\x00" * 10)
     for args in (["--image", str(bad)], ["--image", str(tmp_path / "nope.png")], ["--rate", "9"], ["--rate", "0"]):
-        run = run_demo(*args)
+        run = run_main(demo_main, *args)  # in this process (cli_runner says why)
         assert run.returncode == 2
         assert run.stderr.startswith("comneck-demo: error:") and run.stderr.count("\n") == 1
         assert "Traceback" not in run.stderr

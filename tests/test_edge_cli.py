@@ -3,11 +3,15 @@ import subprocess
 import sys
 
 import pytest
+from cli_runner import run_main
 from PIL import Image
+
+from comneck_edge.cli import main
 
 
 def edge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "comneck_edge.cli", *args], capture_output=True, text=True)
+    """``comneck-edge ARGS``, run in this process (cli_runner says why)."""
+    return run_main(main, *args)
 
 
 @pytest.fixture(scope="module")

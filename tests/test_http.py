@@ -1,5 +1,5 @@
-"""A real gateway (``comneck-server`` under uvicorn on 127.0.0.1) driven by the real edge CLI
-and by raw HTTP: round trips in msgpack and multipart, and every bad-input case; and the
+"""A real gateway (``comneck-server`` under uvicorn on 127.0.0.1) driven by the edge CLI (its
+``main``, in this process) and by raw HTTP: round trips in msgpack and multipart, and every bad-input case; and the
 in-process app under uvicorn on raw sockets, with short upload limits, for stalled, slow,
 ambiguous and aborted uploads."""
 
@@ -10,7 +10,6 @@ import os
 import select
 import socket
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -22,10 +21,12 @@ import pytest
 from comneck.bitstream import Bitstream
 from comneck.image import sample_photo
 from comneck_edge import EdgeEncoder
+from comneck_edge.cli import main as edge_main
 from comneck_server.app import create_app
 from comneck_server.demo import free_port, local_gateway
 from comneck_server.gateway import Gateway
 from comneck_server.settings import ServerSettings
+from cli_runner import run_main
 from in_thread import serving
 
 API_KEY = "test-key"
@@ -55,7 +56,7 @@ def edge(*args: str, key: str | None = API_KEY) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "COMNECK_API_KEY"}
     if key:
         env["COMNECK_API_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "comneck_edge.cli", *args], capture_output=True, text=True, env=env)
+    return run_main(edge_main, *args, env=env)  # in this process (cli_runner says why)
 
 
 def one_line_error(run: subprocess.CompletedProcess, *expected: str) -> None:

@@ -9,12 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_main
 from PIL import Image
 
 from comneck.clip_split import ClipSplit
 from comneck.errors import ComneckInputError
 from comneck.image import sample_photo
 from comneck.models import build_codec
+from comneck.train.cli import main as train_main
 from comneck.train.config import load_config
 from comneck.train.objectives import stage_plan
 from comneck.train.trainer import Trainer
@@ -164,8 +166,9 @@ def test_the_export_is_a_weights_folder_the_gateway_and_edge_load(dataset, tmp_p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
-def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "comneck.train.cli", *args], capture_output=True, text=True, env=env)
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    """``comneck-train ARGS``, run in this process (cli_runner says why)."""
+    return run_main(train_main, *args)
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import run_main
 
-from comneck.train.cli import resume_command
+from comneck.train.cli import main, resume_command
 from comneck.train.config import load_config
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny_cpu_d1.yaml")
@@ -20,6 +21,11 @@ TINY = str(Path(__file__).parents[1] / "configs" / "tiny_cpu_d1.yaml")
 
 def train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "comneck.train.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def refusal(*args: str) -> subprocess.CompletedProcess:
+    """``comneck-train ARGS`` that must be refused before any work, run in this process (cli_runner says why)."""
+    return run_main(main, *args)
 
 
 def refused(run: subprocess.CompletedProcess, *words: str) -> None:
@@ -52,26 +58,26 @@ def test_amp_takes_yaml_booleans_and_words(tmp_path, word, mode):
 def test_amp_off_from_the_command_line_and_a_bad_amp_word(tmp_path):
     run = train(TINY, "--amp", "off", "--output", str(tmp_path), "--stop-after-steps", "1")
     assert run.returncode == 0 and "(amp off)" in run.stderr, run.stderr[-2000:]
-    refused(train(TINY, "--amp", "fast", "--output", str(tmp_path / "b")), "use off, bf16 or fp16")
+    refused(refusal(TINY, "--amp", "fast", "--output", str(tmp_path / "b")), "use off, bf16 or fp16")
 
 
 def test_a_missing_gpu_and_short_refusals(tmp_path):
     out = str(tmp_path / "out")
-    refused(train(TINY, "--device", "cuda:7" if __import__("torch").cuda.is_available() else "cuda", "--output", out), "cuda")
-    refused(train(TINY, "--output", out, "--set", "clip_pretrained=openai"), "has no pretrained weights")
-    run = train(TINY, "--output", out, "--preset", "paper", "--set", "clip_pretrained=nonsense")
+    refused(refusal(TINY, "--device", "cuda:7" if __import__("torch").cuda.is_available() else "cuda", "--output", out), "cuda")
+    refused(refusal(TINY, "--output", out, "--set", "clip_pretrained=openai"), "has no pretrained weights")
+    run = refusal(TINY, "--output", out, "--preset", "paper", "--set", "clip_pretrained=nonsense")
     refused(run, "choose one of openai,")
     assert len(run.stderr) < 400
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_an_earlier_run_needs_resume_or_force_and_resume_needs_a_checkpoint(tmp_path):
-    refused(train(TINY, "--output", str(tmp_path), "--resume"), "no checkpoint", "drop --resume")
+    refused(refusal(TINY, "--output", str(tmp_path), "--resume"), "no checkpoint", "drop --resume")
     first = train(TINY, "--output", str(tmp_path), "--stop-after-steps", "2")
     assert first.returncode == 0 and json.loads(first.stdout) == {"stopped_at": {"stage": 0, "epoch": 1, "step_in_epoch": 1, "global_step": 2}}
     assert banner(first.stderr)[-1] == f"comneck-train: stopped at step 2; resume with: comneck-train {TINY} --output {tmp_path} --resume"
     log = (tmp_path / "log.jsonl").read_text()
-    refused(train(TINY, "--output", str(tmp_path)), "holds an earlier run (checkpoints, log.jsonl)", "--resume", "--force")
+    refused(refusal(TINY, "--output", str(tmp_path)), "holds an earlier run (checkpoints, log.jsonl)", "--resume", "--force")
     assert (tmp_path / "log.jsonl").read_text() == log  # untouched
     again = train(TINY, "--output", str(tmp_path), "--force", "--stop-after-steps", "1")
     assert again.returncode == 0 and len((tmp_path / "log.jsonl").read_text().splitlines()) == 1  # afresh, not appended
