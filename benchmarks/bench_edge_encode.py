@@ -1,5 +1,6 @@
 """The edge's encode against its analysis forward: CompressAI's ``compress`` (which entropy-decodes
-the strings it has just written, for y_hat and z_hat) against ours (which computes them), in one run.
+the strings it has just written, for y_hat and z_hat, and hands the coder its padded CDF tables)
+against ours (which computes them, and codes from the tables' cut rows), in one run.
 
 For each preset, on the bundled photo at the preset's codec input: the analysis forward alone
 (g_a + h_a), then a whole encode (``LearnedCodec.analyze``: g_a, h_a, entropy parameters, rANS) with
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from compressai.entropy_models import GaussianConditional
 from compressai.latent_codecs import GaussianConditionalLatentCodec, HyperLatentCodec
 
 from comneck.codec import LearnedCodec
@@ -32,11 +34,14 @@ from comneck.presets import get_preset
 
 
 def compressais(codec: LearnedCodec) -> torch.nn.Module:
-    """The codec's model with CompressAI's own compress (decoding its strings again)."""
+    """The codec's model with CompressAI's own compress (decoding its strings again, and handing
+    the coder its padded CDF tables: comneck.cut_tables)."""
     model = copy.deepcopy(codec.model)
     for module in model.modules():
         if isinstance(module, (GaussianConditionalLatentCodec, HyperLatentCodec)):
             del module.compress
+        if isinstance(module, GaussianConditional):
+            del module.compress, module.decompress
     return model
 
 

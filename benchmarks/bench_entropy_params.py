@@ -1,13 +1,14 @@
 """What fixed-point entropy parameters cost against CompressAI's float path: bytes and time.
 
 Encodes N images (the bundled photos, cropped and flipped, as bench_determinism.py makes them)
-both ways with the same codec, and decodes each container, one image per call. The two paths are
-interleaved: every round times each image with both, the order alternating (float first, then
-fixed point first), so a machine that gets slower or faster during the run weighs on both alike.
+three ways with the same codec, and decodes each container, one image per call: float and fixed
+point as this project codes them (comneck.cut_tables), and float as CompressAI ships it (the same
+bytes, its padded CDF tables). The paths are interleaved: every round times each image with all
+three, the order rotating, so a machine that gets slower or faster during the run weighs on all alike.
 Prints per image the payload bytes of each path and the difference, then per step (encode at the
 edge, entropy decode in the gateway) the median wall time of each path with its spread (10th-90th
 percentile over all images and rounds), the ratio of the medians, and the median of the paired
-ratios (fixed point / float for the same image in the same round) with their spread; then the
+ratios (fixed point / a float path for the same image in the same round) with their spread; then the
 same for the process's CPU time (all threads), which a machine shared with other work disturbs
 less than the wall time.
 
@@ -18,11 +19,13 @@ less than the wall time.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 from bench_determinism import images
+from compressai.entropy_models import GaussianConditional
 
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
 from comneck.presets import PRESETS
@@ -56,41 +59,50 @@ def main() -> None:
     x = images(preset, args.images)
     weights = f"weights {args.codec_weights}" if args.codec_weights else RANDOM_WEIGHTS_NOTE
     print(f"preset {preset.name}, {args.images} images, {args.runs} rounds, {torch.get_num_threads()} threads; {weights}")
-    for fixed in (False, True):  # warm up both paths (weights converted, buffers allocated)
-        codec.entropy_decode(codec.analyze(x[:1], fixed)[0])
+    # the float path as CompressAI ships it: its compress/decompress hand the coder its padded CDF
+    # table on every call, which comneck.cut_tables spares both of our paths
+    shipped = copy.deepcopy(codec)
+    for module in shipped.model.modules():
+        if isinstance(module, GaussianConditional):
+            del module.compress, module.decompress
+    paths = {"float": (codec, False), "fixed point": (codec, True), "CompressAI float": (shipped, False)}
+    for model, fixed in paths.values():  # warm up every path (weights converted, buffers allocated)
+        model.entropy_decode(model.analyze(x[:1], fixed)[0])
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    times: dict[tuple[str, str, bool], list[float]] = {(clock, step, fixed): [] for clock in clocks for step in STEPS for fixed in (False, True)}
-    paired: dict[tuple[str, str], list[float]] = {(clock, step): [] for clock in clocks for step in STEPS}
-    size: dict[tuple[int, bool], int] = {}
+    times: dict[tuple[str, str, str], list[float]] = {(clock, step, path): [] for clock in clocks for step in STEPS for path in paths}
+    size: dict[tuple[int, str], int] = {}
+    names = list(paths)
     for run in range(args.runs):
         for i in range(args.images):
-            item, sample = x[i : i + 1], {}
-            for fixed in (False, True) if (run + i) % 2 == 0 else (True, False):
+            item = x[i : i + 1]
+            turn = (run + i) % len(names)
+            for path in names[turn:] + names[:turn]:  # the order rotates
+                model, fixed = paths[path]
                 start = {clock: now() for clock, now in clocks.items()}
-                latents, _ = codec.analyze(item, fixed)
+                latents, _ = model.analyze(item, fixed)
                 middle = {clock: now() for clock, now in clocks.items()}
-                codec.entropy_decode(latents)
+                model.entropy_decode(latents)
                 end = {clock: now() for clock, now in clocks.items()}
                 for clock in clocks:
-                    sample[clock, "encode", fixed] = (middle[clock] - start[clock]) * 1e3
-                    sample[clock, "decode", fixed] = (end[clock] - middle[clock]) * 1e3
-                size[i, fixed] = latents.num_bytes
-            for key in paired:
-                times[(*key, False)].append(sample[(*key, False)])
-                times[(*key, True)].append(sample[(*key, True)])
-                paired[key].append(sample[(*key, True)] / sample[(*key, False)])
+                    times[clock, "encode", path].append((middle[clock] - start[clock]) * 1e3)
+                    times[clock, "decode", path].append((end[clock] - middle[clock]) * 1e3)
+                size[i, path] = latents.num_bytes
+    assert all(size[i, "float"] == size[i, "CompressAI float"] for i in range(args.images)), "the float paths wrote different bytes"
     print(f"{'image':>5} {'float B':>8} {'fixed B':>8} {'diff':>7}")
     for i in range(args.images):
-        plain, fixed_b = size[i, False], size[i, True]
+        plain, fixed_b = size[i, "float"], size[i, "fixed point"]
         print(f"{i:>5} {plain:>8} {fixed_b:>8} {100 * (fixed_b - plain) / plain:>+6.2f}%")
-    total = {fixed: sum(size[i, fixed] for i in range(args.images)) for fixed in (False, True)}
-    print(f"total {total[False]:>8} {total[True]:>8} {100 * (total[True] - total[False]) / total[False]:>+6.2f}%")
-    print("ms per image, median [10th-90th percentile]; ratio fixed point / float")
-    for clock, step in paired:
-        plain, fixed = statistics.median(times[clock, step, False]), statistics.median(times[clock, step, True])
-        print(f"{step} ({clock}): float {spread(times[clock, step, False])}, fixed point {spread(times[clock, step, True])}; "
-              f"ratio of medians {fixed / plain:.3f}, paired ratio {ratio_spread(paired[clock, step])}")
-
+    total = {path: sum(size[i, path] for i in range(args.images)) for path in ("float", "fixed point")}
+    print(f"total {total['float']:>8} {total['fixed point']:>8} {100 * (total['fixed point'] - total['float']) / total['float']:>+6.2f}%")
+    print("ms per image, median [10th-90th percentile]; fixed point / each float path: ratio of medians, paired ratio")
+    for clock in clocks:
+        for step in STEPS:
+            fixed = times[clock, step, "fixed point"]
+            line = ", ".join(f"{path} {spread(times[clock, step, path])}" for path in names)
+            ratios = "; ".join(
+                f"/ {path}: {statistics.median(fixed) / statistics.median(times[clock, step, path]):.3f}, paired "
+                f"{ratio_spread([a / b for a, b in zip(fixed, times[clock, step, path])])}" for path in ("float", "CompressAI float"))
+            print(f"{step} ({clock}): {line}\n    fixed point {ratios}")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "shared" / "comneck"
 
 #: Every module of the core package, lowest first: a module may import only modules before it.
 LAYERS = [
-    "version", "errors", "rans_encoder", "checkpoints", "unet", "zero_shot", "presets", "yaml_config", "provenance", "photo", "latents", "edge_format", "bitstream", "image", "safe_decoding", "fixed_point", "fixed_point_onnx", "codec", "neck", "clip_split",
+    "version", "errors", "rans_encoder", "checkpoints", "unet", "zero_shot", "presets", "yaml_config", "provenance", "photo", "latents", "edge_format", "bitstream", "image", "safe_decoding", "cut_tables", "fixed_point", "fixed_point_onnx", "codec", "neck", "clip_split",
     "weights_folder", "importers", "importers.reading", "importers.fitting", "importers.elic", "importers.compressai_zoo", "importers.sources", "importers.clip",
     "models", "edge_export",
     "backends.base", "backends.c_abstractor", "backends.registry", "backends.clip_zero_shot", "backends.engines.base",

@@ -19,6 +19,7 @@ from compressai.models import Elic2022Chandelier, Elic2022Official, MeanScaleHyp
 from compressai.models.base import SimpleVAECompressionModel
 from torch import nn
 
+from .cut_tables import install as install_cut_tables
 from .errors import ComneckInputError, ErrorCode
 from .fixed_point import fixed_point_parameters
 from .fixed_point import install as install_fixed_point
@@ -104,6 +105,7 @@ class LearnedCodec(nn.Module):
         cfg = self.config
         self.model = _ARCHS[cfg.arch](cfg)
         skip_redecoding(self.model)
+        install_cut_tables(self.model)
         self.weights_info: WeightsInfo | None = None  # set by build_codec when weights are loaded
 
     @property
