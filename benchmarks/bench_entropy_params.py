@@ -2,8 +2,9 @@
 
 Encodes N images (the bundled photos, cropped and flipped, as bench_determinism.py makes them)
 three ways with the same codec, and decodes each container, one image per call: float and fixed
-point as this project codes them (comneck.cut_tables), and float as CompressAI ships it (the same
-bytes, its padded CDF tables). The paths are interleaved: every round times each image with all
+point as this project codes them (comneck.cut_tables, no re-decoding in compress), and float as
+CompressAI ships it (the same bytes; its compress decodes its strings again and its coder calls get
+the padded CDF tables). The paths are interleaved: every round times each image with all
 three, the order rotating, so a machine that gets slower or faster during the run weighs on all alike.
 Prints per image the payload bytes of each path and the difference, then per step (encode at the
 edge, entropy decode in the gateway) the median wall time of each path with its spread (10th-90th
@@ -19,13 +20,12 @@ less than the wall time.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
 from bench_determinism import images
-from compressai.entropy_models import GaussianConditional
+from bench_edge_encode import compressais
 
 from comneck.models import RANDOM_WEIGHTS_NOTE, build_codec
 from comneck.presets import PRESETS
@@ -59,13 +59,9 @@ def main() -> None:
     x = images(preset, args.images)
     weights = f"weights {args.codec_weights}" if args.codec_weights else RANDOM_WEIGHTS_NOTE
     print(f"preset {preset.name}, {args.images} images, {args.runs} rounds, {torch.get_num_threads()} threads; {weights}")
-    # the float path as CompressAI ships it: its compress/decompress hand the coder its padded CDF
-    # table on every call, which comneck.cut_tables spares both of our paths
-    shipped = copy.deepcopy(codec)
-    for module in shipped.model.modules():
-        if isinstance(module, GaussianConditional):
-            del module.compress, module.decompress
-    paths = {"float": (codec, False), "fixed point": (codec, True), "CompressAI float": (shipped, False)}
+    # the float path as CompressAI ships it: its compress decodes its own strings again, and its
+    # coder calls get the padded CDF table, which comneck.cut_tables spares both of our paths
+    paths = {"float": (codec, False), "fixed point": (codec, True), "CompressAI float": (compressais(codec), False)}
     for model, fixed in paths.values():  # warm up every path (weights converted, buffers allocated)
         model.entropy_decode(model.analyze(x[:1], fixed)[0])
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -113,6 +113,7 @@ def test_the_gateway_serves_every_rate_point_through_its_decode_workers(points, 
         described = gateway.describe()["codec"]
         assert [(p["weights"]["rate"], p["random_weights"]) for p in described["rate_points"]] == [(2, True), (4, True)]
         assert described["rate_points"][0]["fingerprint"] == described["fingerprint"]
+        assert gateway.describe()["random_parts"] == ["clip"] and gateway.random_weights  # over every point served
         with pytest.raises(ComneckInputError, match="none of the rate points served here") as refused:
             gateway.infer(containers[0], PROMPTS[0])  # the seeded codec is not served here
         assert refused.value.code == "codec_mismatch"

@@ -30,7 +30,7 @@ from comneck.backends import GenerationOptions, SupportExample
 from comneck.bitstream import Bitstream
 from comneck.errors import ComneckInputError, ErrorCode
 from comneck.image import to_image
-from comneck.models import build_cloud_models
+from comneck.models import build_cloud_models, random_weights_note
 from comneck.pipeline import Answer, Pipeline, Support
 from comneck.presets import RATE_LAMBDAS
 from comneck.provenance import WeightsInfo
@@ -144,9 +144,13 @@ class Gateway:
         return self.pipeline.backends
 
     @property
+    def random_parts(self) -> tuple[str, ...]:
+        """The networks that hold random weights in any rate point served (each answer says its own)."""
+        return tuple(dict.fromkeys(part for models in self.pipeline.points.values() for part in models.random_parts))
+
+    @property
     def random_weights(self) -> bool:
-        """Whether any rate point served holds random weights (each answer says whether its own did)."""
-        return any(models.random_weights for models in self.pipeline.points.values())
+        return bool(self.random_parts)
 
     def warm_up(self) -> None:
         """Run decode, neck and CLIP tail once on a grey image, coded by every rate point, so the first
@@ -307,8 +311,8 @@ class Gateway:
             "device": self.settings.device,
             "dtype": self.settings.dtype,
             "random_weights": self.random_weights,
-            "random_parts": list(self.models.random_parts),
-            "note": self.models.note,
+            "random_parts": list(self.random_parts),
+            "note": random_weights_note(self.random_parts),
         }
 
 
